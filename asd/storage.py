@@ -1,0 +1,169 @@
+"""Storage roots as URIs: local paths and ``s3://`` through one code path.
+
+Every stage reads and writes through :func:`filesystem` (an fsspec filesystem plus a
+path inside it), so the same code runs on ``./outputs/run`` and on
+``s3://bucket/prefix``. Object-store endpoints come from the standard AWS
+environment (``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, instance profiles or
+IRSA); nothing here takes keys.
+
+Writes are atomic for readers: :func:`atomic_write_bytes` writes to a staging name
+and renames (local) or relies on the single-PUT atomicity of an object (S3);
+directory-level stages publish a ``_SUCCESS`` marker last (:func:`publish`), and
+readers call :func:`is_published` before trusting a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+SUCCESS = "_SUCCESS"
+
+
+class StorageError(RuntimeError):
+    """Storage that is missing, unreachable or not usable, with the URI in the message."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fsspec filesystem, path inside it)`` for a local path or URL."""
+    uri = str(uri)
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(uri))
+    return fs, path
+
+
+def _storage_options(uri: str) -> dict[str, Any]:
+    if uri.startswith(("s3://", "s3a://")):
+        # s3fs caches listings by default; stages list what other processes just wrote.
+        opts: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": False}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
+    return {}
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The same location as a ``pyarrow.fs.FileSystem`` (for pyarrow and Ray Data I/O)."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path (always with '/')."""
+    uri = str(uri).rstrip("/")
+    parts = tuple(str(p).strip("/") for p in parts if str(p))
+    if not parts:
+        return uri
+    return posixpath.join(uri, *parts) if is_remote(uri) else os.path.join(uri, *parts)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of :func:`filesystem` for a path returned by ``fs.find``/``fs.ls``."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def check_reachable(uri: str, must_exist: bool = True) -> None:
+    """Fail early with a clear message when ``uri`` cannot be reached (or is missing)."""
+    try:
+        fs, path = filesystem(uri)
+        exists = fs.exists(path)
+    except Exception as exc:  # network, credentials, unknown protocol ...
+        raise StorageError(f"storage {uri!r} is unreachable: {type(exc).__name__}: {exc}") from exc
+    if must_exist and not exists:
+        raise StorageError(f"input {uri!r} does not exist")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def atomic_write_bytes(uri: str, data: bytes) -> str:
+    """Write ``data`` so that a reader sees the old content or the whole new one."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        fs.pipe_file(path, data)  # one PUT: atomic per object
+        return uri
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return uri
+
+
+def atomic_write_text(uri: str, text: str) -> str:
+    return atomic_write_bytes(uri, text.encode("utf-8"))
+
+
+def atomic_write_json(uri: str, obj: Any) -> str:
+    return atomic_write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_table(uri: str, table) -> str:
+    """Write one Arrow table as a Parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return atomic_write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def read_table(uri: str, columns: list[str] | None = None, filters=None):
+    """Read a Parquet file or directory (hive partitions not inferred) into an Arrow table."""
+    import pyarrow.dataset as ds
+
+    afs, path = arrow_filesystem(uri)
+    dataset = ds.dataset(path, filesystem=afs, format="parquet", partitioning=None)
+    return dataset.to_table(columns=columns, filter=filters)
+
+
+def publish(uri: str, info: dict | None = None) -> str:
+    """Mark a directory stage complete by writing its ``_SUCCESS`` file last."""
+    return atomic_write_json(join(uri, SUCCESS), info or {})
+
+
+def is_published(uri: str) -> bool:
+    return exists(join(uri, SUCCESS))
+
+
+def remove(uri: str, recursive: bool = True) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
