@@ -1,0 +1,1 @@
+"""Data layer: DCASE names and attributes, listing (local/s3), decoding, synthetic corpora."""
