@@ -1,0 +1,499 @@
+"""Cosine kNN anomaly scoring with separate source/target memory banks.
+
+DCASE 2023–2025 Task 2 style scoring: every clip is represented by an embedding, and
+the anomaly score of a test clip is its cosine k-nearest-neighbour distance to the
+embeddings of *normal* training clips of the same machine type and section.
+
+Because the target domain has very few training clips (about 10 per machine type
+against about 990 source clips), source and target clips are kept in two separate
+memory banks and the score is the **minimum** of the two kNN distances; a shared bank
+would let the many source clips drown the few target ones when ``k > 1`` and would
+make condensation discard them. The source bank may optionally be condensed to ``K``
+k-means centroids to cut memory and compute.
+
+Decision thresholds are fitted on leave-one-out training scores
+(:meth:`MemoryBank.train_scores`) with :func:`fit_threshold`: the DCASE baseline's
+gamma fit plus 90th percentile, or a plain empirical quantile.
+
+Everything here is plain numpy/torch (no Ray); :class:`MemoryBank` is a small
+picklable dataclass and also round-trips through :meth:`MemoryBank.to_arrays` /
+:meth:`MemoryBank.from_arrays` (``np.savez``-compatible).
+
+Conventions
+-----------
+* Embeddings are ``(n, d)`` arrays; they are L2-normalised internally, so callers may
+  pass raw embeddings. All-zero rows stay zero (cosine similarity 0 to everything,
+  i.e. distance 1).
+* Cosine distance is ``1 - cos`` clipped to ``[0, 2]``; scores are ``float32``.
+* An empty bank scores every query ``+inf`` (neutral for the min over banks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "source"
+TARGET = "target"
+DOMAINS = (SOURCE, TARGET)
+
+__all__ = [
+    "DOMAINS",
+    "MemoryBank",
+    "SOURCE",
+    "TARGET",
+    "fit_threshold",
+    "knn_distance",
+    "l2_normalize",
+    "score_groups",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """Return ``x`` as a C-contiguous 2-D float32 array, checking shape and finiteness."""
+    arr = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {arr.shape}")
+    if arr.size and not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """L2-normalise the rows of ``x`` and return them as a new float32 array.
+
+    Rows whose norm is below ``eps`` (e.g. all-zero rows) are divided by ``eps``
+    instead, so they stay (near) zero rather than becoming NaN. A 1-D input is
+    treated as a single vector and normalised as such.
+    """
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim == 1:
+        return l2_normalize(arr[None, :], eps)[0]
+    norms = np.linalg.norm(arr, axis=-1, keepdims=True)
+    return np.ascontiguousarray(arr / np.maximum(norms, np.float32(eps)), dtype=np.float32)
+
+
+def _normalize_domain(value: object) -> str:
+    """Map a domain label to ``"source"``/``"target"``; ``None`` (and NaN) mean source."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return SOURCE
+    if isinstance(value, bytes):
+        value = value.decode()
+    label = str(value).strip().lower()
+    if label not in DOMAINS:
+        raise ValueError(f"unknown domain {value!r}; expected 'source', 'target' or None")
+    return label
+
+
+def _domain_mask(domains: Sequence[str | None], n: int) -> np.ndarray:
+    """Boolean mask of target rows for ``n`` embeddings with the given domain labels."""
+    labels = [_normalize_domain(d) for d in domains]
+    if len(labels) != n:
+        raise ValueError(f"got {n} embeddings but {len(labels)} domain labels")
+    return np.array([lab == TARGET for lab in labels], dtype=bool)
+
+
+# ---------------------------------------------------------------------- kNN search
+def knn_distance(
+    queries: np.ndarray,
+    bank: np.ndarray,
+    k: int = 1,
+    chunk_size: int = 4096,
+    exclude_self: bool = False,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Mean cosine distance from each query to its ``k`` nearest bank rows.
+
+    Exact search: queries and bank are L2-normalised, then processed in chunks of
+    ``chunk_size`` queries with one ``(chunk, m)`` similarity matrix product each
+    (memory ``O(chunk_size * m)``) and :func:`torch.topk`.
+
+    Args:
+        queries: ``(n, d)`` embeddings (need not be normalised).
+        bank: ``(m, d)`` embeddings of normal training clips (need not be normalised).
+        k: number of neighbours averaged. If more than the available bank rows, all
+            available rows are used and a :class:`UserWarning` is issued.
+        chunk_size: queries per matrix product.
+        exclude_self: leave-one-out mode for training scores: ``queries`` are the
+            bank rows in the same order and query ``i`` never matches bank row ``i``
+            (identical duplicates at other indices still count).
+        device: torch device for the products, e.g. ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``(n,)`` float32 distances in ``[0, 2]``; ``+inf`` where no bank row is
+        available (empty bank, or a one-row bank with ``exclude_self``).
+    """
+    q = _as_matrix(queries, "queries")
+    b = _as_matrix(bank, "bank")
+    if q.shape[1] != b.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but the bank has {b.shape[1]}")
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if exclude_self and q.shape[0] != b.shape[0]:
+        raise ValueError(
+            "exclude_self=True needs the queries to be the bank rows in the same order, "
+            f"got {q.shape[0]} queries and {b.shape[0]} bank rows"
+        )
+    k, chunk_size = int(k), int(chunk_size)
+    n, m = q.shape[0], b.shape[0]
+    available = m - 1 if exclude_self else m
+    if n == 0:
+        return np.empty(0, dtype=np.float32)
+    if available <= 0:
+        return np.full(n, np.inf, dtype=np.float32)
+    if k > available:
+        warnings.warn(
+            f"k={k} exceeds the {available} available bank rows; using k={available}",
+            UserWarning,
+            stacklevel=2,
+        )
+        k = available
+
+    dev = torch.device(device)
+    out = np.empty(n, dtype=np.float32)
+    with torch.inference_mode():
+        bank_t = torch.from_numpy(l2_normalize(b)).to(dev)
+        q_norm = l2_normalize(q)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            sim = torch.from_numpy(q_norm[start:stop]).to(dev) @ bank_t.T  # (c, m)
+            if exclude_self:
+                rows = torch.arange(stop - start, device=dev)
+                sim[rows, rows + start] = -math.inf
+            top = torch.topk(sim, k, dim=1, largest=True, sorted=False).values
+            dist = (1.0 - top).clamp_(0.0, 2.0).mean(dim=1)
+            out[start:stop] = dist.cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------- memory bank
+@dataclass(eq=False)
+class MemoryBank:
+    """Separate source and target memory banks of one group (machine type, section).
+
+    Attributes:
+        source: ``(m_s, d)`` float32 L2-normalised source embeddings, or ``K`` k-means
+            centroids when condensed.
+        target: ``(m_t, d)`` float32 L2-normalised target embeddings; may be ``(0, d)``.
+        n_source_clips: number of source training clips the bank was built from
+            (equals ``len(source)`` unless condensed). ``None`` means ``len(source)``.
+
+    Build with :meth:`build`; the instance is picklable (Ray object store) and
+    round-trips through :meth:`to_arrays` / :meth:`from_arrays` (``np.savez``).
+    """
+
+    source: np.ndarray
+    target: np.ndarray
+    n_source_clips: int | None = None
+
+    def __post_init__(self) -> None:
+        self.source = _as_matrix(self.source, "source bank")
+        self.target = _as_matrix(self.target, "target bank")
+        if self.source.shape[1] != self.target.shape[1]:
+            raise ValueError(
+                f"source bank dimension {self.source.shape[1]} != "
+                f"target bank dimension {self.target.shape[1]}"
+            )
+        if self.n_source_clips is None:
+            self.n_source_clips = int(self.source.shape[0])
+        self.n_source_clips = int(self.n_source_clips)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        domains: Sequence[str | None],
+        condense_source: int | None = None,
+        seed: int = 0,
+    ) -> MemoryBank:
+        """Build the banks from normal training embeddings and their domain labels.
+
+        Args:
+            embeddings: ``(n, d)`` training embeddings (normalised here).
+            domains: ``n`` labels, ``"source"`` / ``"target"`` (case-insensitive);
+                ``None`` counts as source.
+            condense_source: if given, replace the source bank by this many k-means
+                centroids (computed on the normalised embeddings, then re-normalised).
+                Skipped when the source bank has at most that many rows. The target
+                bank is never condensed.
+            seed: k-means random state.
+        """
+        emb = l2_normalize(_as_matrix(embeddings, "embeddings"))
+        is_target = _domain_mask(domains, emb.shape[0])
+        source, target = emb[~is_target], emb[is_target]
+        n_source = int(source.shape[0])
+        if condense_source is not None:
+            n_clusters = int(condense_source)
+            if n_clusters < 1:
+                raise ValueError(f"condense_source must be >= 1, got {condense_source}")
+            if n_source > n_clusters:
+                source = _kmeans_centroids(source, n_clusters, seed)
+        return cls(
+            source=np.ascontiguousarray(source),
+            target=np.ascontiguousarray(target),
+            n_source_clips=n_source,
+        )
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.source.shape[1])
+
+    @property
+    def condensed(self) -> bool:
+        """Whether the source bank holds k-means centroids instead of the clips."""
+        return self.n_source_clips != self.source.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the two bank arrays."""
+        return int(self.source.nbytes + self.target.nbytes)
+
+    # ------------------------------------------------------------------- scoring
+    def score_by_bank(
+        self,
+        queries: np.ndarray,
+        k: int = 1,
+        chunk_size: int = 4096,
+        device: str = "cpu",
+    ) -> dict[str, np.ndarray]:
+        """kNN distance of each query to each bank: ``{"source": ..., "target": ...}``.
+
+        An empty bank gives ``+inf`` for every query.
+        """
+        return {
+            name: knn_distance(queries, bank, k=k, chunk_size=chunk_size, device=device)
+            for name, bank in ((SOURCE, self.source), (TARGET, self.target))
+        }
+
+    def score(
+        self,
+        queries: np.ndarray,
+        k: int = 1,
+        chunk_size: int = 4096,
+        device: str = "cpu",
+    ) -> np.ndarray:
+        """Anomaly scores: minimum over the (non-empty) banks of the kNN distance.
+
+        Returns ``(n,)`` float32; ``+inf`` only if both banks are empty.
+        """
+        by_bank = self.score_by_bank(queries, k=k, chunk_size=chunk_size, device=device)
+        return np.minimum(by_bank[SOURCE], by_bank[TARGET])
+
+    def train_scores(
+        self,
+        embeddings: np.ndarray,
+        domains: Sequence[str | None],
+        k: int = 1,
+        chunk_size: int = 4096,
+        device: str = "cpu",
+    ) -> np.ndarray:
+        """Leave-one-out anomaly scores of the training clips this bank was built from.
+
+        ``embeddings`` / ``domains`` must be the ones passed to :meth:`build` (same
+        clips, any order within a domain is fine). Each clip is scored against the
+        uncondensed training clips of its own domain except itself, and against this
+        bank's other-domain bank in full (i.e. a target clip meets the possibly
+        condensed source bank, exactly as a test clip would); the score is the minimum
+        of the two. Use the result with :func:`fit_threshold`.
+
+        Returns ``(n,)`` float32 scores in the order of ``embeddings``.
+        """
+        emb = l2_normalize(_as_matrix(embeddings, "embeddings"))
+        if emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dimension {emb.shape[1]}, bank has {self.dim}")
+        is_target = _domain_mask(domains, emb.shape[0])
+        n_target, n_source = int(is_target.sum()), int((~is_target).sum())
+        if n_target != self.target.shape[0] or n_source != self.n_source_clips:
+            raise ValueError(
+                f"train_scores got {n_source} source / {n_target} target clips but the bank "
+                f"was built from {self.n_source_clips} source / {self.target.shape[0]} target"
+            )
+        scores = np.empty(emb.shape[0], dtype=np.float32)
+        kw = dict(k=k, chunk_size=chunk_size, device=device)
+        for mask, other_bank in ((~is_target, self.target), (is_target, self.source)):
+            own = emb[mask]
+            if own.shape[0] == 0:
+                continue
+            loo = knn_distance(own, own, exclude_self=True, **kw)
+            other = knn_distance(own, other_bank, **kw)
+            scores[mask] = np.minimum(loo, other)
+        return scores
+
+    # ------------------------------------------------------------- serialisation
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for ``np.savez(path, **bank.to_arrays())`` or an object store."""
+        return {
+            "source": self.source,
+            "target": self.target,
+            "n_source_clips": np.asarray(self.n_source_clips, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> MemoryBank:
+        """Inverse of :meth:`to_arrays`; accepts the dict or an ``np.load`` NpzFile."""
+        n_source = int(np.asarray(arrays["n_source_clips"])) if "n_source_clips" in arrays else None
+        return cls(
+            source=np.array(arrays["source"], dtype=np.float32),
+            target=np.array(arrays["target"], dtype=np.float32),
+            n_source_clips=n_source,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryBank(source={self.source.shape}, target={self.target.shape}, "
+            f"n_source_clips={self.n_source_clips}, condensed={self.condensed})"
+        )
+
+
+def _kmeans_centroids(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """``n_clusters`` re-normalised k-means centroids of the (normalised) rows of ``x``.
+
+    Uses :class:`sklearn.cluster.KMeans` for moderate sizes and
+    :class:`~sklearn.cluster.MiniBatchKMeans` for large banks.
+    """
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    if x.shape[0] > 20_000:
+        km = MiniBatchKMeans(
+            n_clusters=n_clusters, n_init=3, random_state=seed, batch_size=4096
+        )
+    else:
+        km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed)
+    km.fit(x)
+    return l2_normalize(km.cluster_centers_.astype(np.float32))
+
+
+# ------------------------------------------------------------------- thresholds
+def fit_threshold(
+    train_scores: np.ndarray,
+    method: str = "gamma",
+    q: float = 0.9,
+    *,
+    fix_loc: bool = True,
+) -> float:
+    """Decision threshold from (normal) training anomaly scores.
+
+    Args:
+        train_scores: training scores, e.g. from :meth:`MemoryBank.train_scores`.
+            Non-finite values (``inf`` from empty banks, NaN) are ignored.
+        method: ``"gamma"`` (DCASE baseline: fit a gamma distribution, take its
+            ``q``-quantile) or ``"percentile"`` (``np.quantile(scores, q)``).
+        q: quantile in ``(0, 1)``; DCASE uses 0.9.
+        fix_loc: gamma only. ``True`` (default) fits shape and scale with the location
+            fixed at 0, after shifting the scores to be strictly positive if any are
+            ``<= 0`` (the shift is undone on the result); this 2-parameter MLE is
+            stable. ``False`` does the DCASE baseline's free 3-parameter
+            ``scipy.stats.gamma.fit(scores)``.
+
+    The gamma method falls back to the empirical quantile, with a logged warning,
+    when there are fewer than 3 finite scores, the scores are all equal, or the fit
+    fails or yields a non-finite threshold.
+
+    Raises:
+        ValueError: unknown method, ``q`` outside ``(0, 1)``, or no finite scores.
+    """
+    if method not in ("gamma", "percentile"):
+        raise ValueError(f"unknown threshold method {method!r}; use 'gamma' or 'percentile'")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    scores = np.asarray(train_scores, dtype=np.float64).ravel()
+    finite = scores[np.isfinite(scores)]
+    if finite.size == 0:
+        raise ValueError("no finite training scores to fit a threshold on")
+    empirical = float(np.quantile(finite, q))
+    if method == "percentile":
+        return empirical
+
+    if finite.size < 3 or np.ptp(finite) == 0.0:
+        logger.warning(
+            "gamma threshold fit needs >= 3 distinct finite scores (got %d, range %.3g); "
+            "using the empirical %.3g-quantile",
+            finite.size, float(np.ptp(finite)), q,
+        )
+        return empirical
+    try:
+        threshold = _gamma_quantile(finite, q, fix_loc)
+    except Exception as exc:  # scipy raises various errors on bad fits
+        logger.warning("gamma threshold fit failed (%s); using the empirical %.3g-quantile", exc, q)
+        return empirical
+    if not math.isfinite(threshold):
+        logger.warning("gamma threshold fit gave %r; using the empirical %.3g-quantile", threshold, q)
+        return empirical
+    return threshold
+
+
+def _gamma_quantile(x: np.ndarray, q: float, fix_loc: bool) -> float:
+    """``q``-quantile of a gamma distribution fitted to ``x`` (see :func:`fit_threshold`)."""
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if not fix_loc:
+            shape, loc, scale = stats.gamma.fit(x)
+            return float(stats.gamma.ppf(q, shape, loc=loc, scale=scale))
+        shift = 0.0
+        if x.min() <= 0.0:
+            # make the smallest score a small positive number (log(0) breaks the MLE)
+            shift = -float(x.min()) + max(1e-6, 1e-3 * float(np.std(x)))
+        shape, _, scale = stats.gamma.fit(x + shift, floc=0.0)
+        if not (shape > 0 and scale > 0):
+            raise RuntimeError(f"degenerate gamma parameters shape={shape}, scale={scale}")
+        return float(stats.gamma.ppf(q, shape, loc=0.0, scale=scale)) - shift
+
+
+# ------------------------------------------------------------------------ routing
+def score_groups(
+    keys: Sequence[tuple],
+    queries: np.ndarray,
+    banks: Mapping[tuple, MemoryBank],
+    k: int = 1,
+    chunk_size: int = 4096,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Score each query row against the memory bank of its group.
+
+    Args:
+        keys: one group key per query row, e.g. ``(machine_type, section)``; lists
+            are converted to tuples so keys coming from Arrow/pandas rows work.
+        queries: ``(n, d)`` embeddings.
+        banks: group key -> :class:`MemoryBank`.
+
+    Returns:
+        ``(n,)`` float32 scores (:meth:`MemoryBank.score`) in row order.
+
+    Raises:
+        KeyError: a key has no bank (checked for all rows before any scoring).
+    """
+    q = _as_matrix(queries, "queries")
+    keys = [tuple(key) if isinstance(key, list) else key for key in keys]
+    if len(keys) != q.shape[0]:
+        raise ValueError(f"got {len(keys)} group keys for {q.shape[0]} query rows")
+    rows_by_key: dict[object, list[int]] = {}
+    for i, key in enumerate(keys):
+        rows_by_key.setdefault(key, []).append(i)
+    missing = [key for key in rows_by_key if key not in banks]
+    if missing:
+        raise KeyError(
+            f"no memory bank for group key {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + f"; available keys: {sorted(map(repr, banks))}"
+        )
+    out = np.empty(q.shape[0], dtype=np.float32)
+    for key, rows in rows_by_key.items():
+        idx = np.asarray(rows, dtype=np.int64)
+        out[idx] = banks[key].score(q[idx], k=k, chunk_size=chunk_size, device=device)
+    return out

@@ -1,0 +1,341 @@
+"""Markdown tables and PNG plots of the DCASE Task 2 metrics.
+
+Tables take :class:`asd.metrics.MetricsResult` objects; plots take per-clip
+columns (``machine_type``, ``domain``, ``label``, ``score``; lists or numpy
+arrays, labels ``"normal"``/``"anomaly"`` or 0/1, ``None`` = unlabelled and
+skipped, a missing domain = source) and write a PNG through
+:func:`asd.storage.atomic_write_bytes`, so local paths and ``s3://`` URIs behave
+the same and readers never see a half-written image.
+
+Plots are drawn on :class:`matplotlib.figure.Figure` objects directly (no pyplot
+state, safe from worker threads) with the Agg backend. When no labelled clip is
+left, a plot function still writes a PNG that carries a "no labelled clips"
+note, logs a warning and returns the URI, so links from a report never break.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import sys
+from typing import Any, Sequence
+
+import matplotlib
+
+if "matplotlib.pyplot" not in sys.modules:  # don't switch an interactive session's backend
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from asd import storage  # noqa: E402
+from asd.metrics import (  # noqa: E402
+    MAX_FPR,
+    SOURCE,
+    TARGET,
+    MetricsResult,
+    _as_list,
+    harmonic_mean,
+    normalize_domain,
+    normalize_label,
+)
+
+logger = logging.getLogger(__name__)
+
+DPI = 100
+DOMAINS = (SOURCE, TARGET)
+NO_DATA_NOTE = "no labelled clips to plot"
+
+__all__ = [
+    "metrics_markdown",
+    "methods_markdown",
+    "plot_roc",
+    "plot_score_histograms",
+    "plot_method_bars",
+    "save_figure",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Markdown
+# --------------------------------------------------------------------------- #
+def _pct(value: float) -> str:
+    """A [0, 1] value as a percentage with 2 decimals; NaN -> ``n/a``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100.0 * value:.2f}"
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _md_row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(_md_cell(c) for c in cells) + " |"
+
+
+_SECTION_COLUMNS = (
+    ("AUC-s", "auc_source"),
+    ("AUC-t", "auc_target"),
+    ("pAUC", "pauc"),
+    ("pAUC-s", "pauc_source"),
+    ("pAUC-t", "pauc_target"),
+)
+
+
+def metrics_markdown(result: MetricsResult, title: str | None = None) -> str:
+    """One Markdown table of a run's metrics, in percent with 2 decimals.
+
+    Rows: one per machine type/section, then per machine type a ``hmean`` row
+    (column-wise harmonic means over that type's sections). Columns: AUC-s,
+    AUC-t, pAUC (official), pAUC-s, pAUC-t (extra) and ``hmean`` (of the row's
+    AUC-s, AUC-t, pAUC; on a type's hmean row it is the type's score
+    ``result.per_type``). Ends with the ``official score (hmean)`` line.
+    NaN values (not computable) print as ``n/a``.
+    """
+    lines: list[str] = []
+    if title:
+        lines += [f"### {title}", ""]
+    header = ["machine type", "section"] + [f"{name} (%)" for name, _ in _SECTION_COLUMNS] + ["hmean (%)"]
+    lines.append(_md_row(header))
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
+    for mtype in result.machine_types:
+        secs = result.sections_of(mtype)
+        for s in secs:
+            lines.append(_md_row(
+                [mtype, s.section] + [_pct(getattr(s, attr)) for _, attr in _SECTION_COLUMNS]
+                + [_pct(s.hmean)]))
+        col_hmeans = [harmonic_mean(getattr(s, attr) for s in secs) for _, attr in _SECTION_COLUMNS]
+        lines.append(_md_row(
+            [f"**{mtype}**", "**hmean**"] + [_pct(v) for v in col_hmeans]
+            + [f"**{_pct(result.per_type.get(mtype, float('nan')))}**"]))
+    n_values = sum(
+        1 for s in result.sections for v in s.official_values() if not math.isnan(v))
+    lines += [
+        "",
+        f"**official score (hmean): {_pct(result.official_score)} %** "
+        f"(harmonic mean of {n_values} values: AUC-s, AUC-t and pAUC of every machine type "
+        f"and section; pAUC with max FPR {MAX_FPR:g})",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _type_column_hmean(result: MetricsResult, mtype: str | None, attr: str) -> float:
+    secs = result.sections if mtype is None else result.sections_of(mtype)
+    return harmonic_mean(getattr(s, attr) for s in secs)
+
+
+def methods_markdown(results: dict[str, MetricsResult]) -> str:
+    """Methods side by side, one Markdown table.
+
+    Rows: machine types (union over methods, sorted) and a final ``hmean
+    (all)`` row. Per method four columns: AUC-s, AUC-t, pAUC (each the hmean
+    over the type's sections, or over all sections in the last row) and
+    ``score`` (the type's ``per_type`` hmean; in the last row the official
+    score). Percent with 2 decimals; ``n/a`` when a method lacks a type.
+    """
+    methods = list(results)
+    types = sorted({t for r in results.values() for t in r.machine_types})
+    cols = (("AUC-s", "auc_source"), ("AUC-t", "auc_target"), ("pAUC", "pauc"))
+    header = ["machine type"]
+    for m in methods:
+        header += [f"{m} {name}" for name, _ in cols] + [f"{m} score"]
+    lines = [_md_row(header), "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for mtype in types:
+        row: list[str] = [mtype]
+        for m in methods:
+            r = results[m]
+            if mtype not in r.machine_types:
+                row += ["n/a"] * (len(cols) + 1)
+                continue
+            row += [_pct(_type_column_hmean(r, mtype, attr)) for _, attr in cols]
+            row.append(_pct(r.per_type.get(mtype, float("nan"))))
+        lines.append(_md_row(row))
+    last: list[str] = ["**hmean (all)**"]
+    for m in methods:
+        r = results[m]
+        last += [_pct(_type_column_hmean(r, None, attr)) for _, attr in cols]
+        last.append(f"**{_pct(r.official_score)}**")
+    lines.append(_md_row(last))
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- #
+# Figures
+# --------------------------------------------------------------------------- #
+def save_figure(fig: Figure, uri: str) -> str:
+    """Render ``fig`` as PNG bytes, write them atomically to ``uri``, close the figure."""
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=DPI)
+        return storage.atomic_write_bytes(uri, buf.getvalue())
+    finally:
+        plt.close(fig)  # no-op for figures that pyplot does not manage
+
+
+def _clips(machine_type, domain, label, score) -> dict[str, dict[str, np.ndarray]]:
+    """Labelled clips grouped by machine type: ``{type: {"target", "y", "score"}}``."""
+    types = [str(t) for t in _as_list(machine_type, "machine_type")]
+    n = len(types)
+    domains = [None] * n if domain is None else _as_list(domain, "domain")
+    labels = [normalize_label(v) for v in _as_list(label, "label")]
+    scores = _as_list(score, "score")
+    if {len(domains), len(labels), len(scores)} != {n}:
+        raise ValueError("machine_type, domain, label and score must have equal lengths")
+    grouped: dict[str, dict[str, list]] = {}
+    for t, d, y, s in zip(types, domains, labels, scores):
+        if y is None:
+            continue
+        g = grouped.setdefault(t, {"target": [], "y": [], "score": []})
+        g["target"].append(normalize_domain(d) == TARGET)
+        g["y"].append(y)
+        g["score"].append(float(s))
+    return {
+        t: {"target": np.asarray(g["target"], dtype=bool), "y": np.asarray(g["y"], dtype=int),
+            "score": np.asarray(g["score"], dtype=float)}
+        for t, g in sorted(grouped.items())
+    }
+
+
+def _note_figure(out_png_uri: str, what: str, note: str = NO_DATA_NOTE) -> str:
+    logger.warning("%s: %s; writing a placeholder figure to %s", what, note, out_png_uri)
+    fig = Figure(figsize=(6, 3))
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, f"{what}\n{note}", ha="center", va="center", fontsize=12)
+    return save_figure(fig, out_png_uri)
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    ncols = max(1, min(max_cols, n))
+    return math.ceil(n / ncols), ncols
+
+
+def plot_roc(out_png_uri: str, machine_type, domain, label, score) -> str:
+    """ROC curves, one panel per machine type with a source and a target curve.
+
+    As in the official AUCs, the source curve uses the source-domain normals
+    plus all anomalies, the target curve the target normals plus all anomalies.
+    The curves pool all sections of a type, so the AUC in the legend is the
+    pooled one (it can differ from the per-section AUCs of the metrics table).
+    The shaded band marks the pAUC range FPR <= 0.1.
+    """
+    data = _clips(machine_type, domain, label, score)
+    if not data:
+        return _note_figure(out_png_uri, "ROC curves")
+    nrows, ncols = _grid(len(data))
+    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, (mtype, d) in zip(axes, data.items()):
+        anomaly = d["y"] == 1
+        ax.axvspan(0.0, MAX_FPR, color="0.92", zorder=0)
+        ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1)
+        for dom, color in ((SOURCE, "tab:blue"), (TARGET, "tab:orange")):
+            is_dom = d["target"] if dom == TARGET else ~d["target"]
+            rows = is_dom | anomaly
+            y, s = d["y"][rows], d["score"][rows]
+            if y.min(initial=1) == 1 or y.max(initial=0) == 0:
+                ax.plot([], [], color=color, label=f"{dom}: n/a ({int(np.sum(y == 0))} normal, "
+                                                     f"{int(np.sum(y == 1))} anomalous)")
+                continue
+            fpr, tpr, _ = roc_curve(y, s)
+            auc = roc_auc_score(y, s)
+            ax.plot(fpr, tpr, color=color, lw=1.8, label=f"{dom}: AUC {100 * auc:.2f}%")
+        ax.set_title(mtype)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(data):]:
+        ax.set_axis_off()
+    fig.suptitle("ROC per machine type (sections pooled; domain normals vs all anomalies)")
+    return save_figure(fig, out_png_uri)
+
+
+def plot_score_histograms(
+    out_png_uri: str,
+    machine_type,
+    domain,
+    label,
+    score,
+    threshold: dict[str, float] | None = None,
+) -> str:
+    """Anomaly-score histograms: per machine type a row with a source and a target panel.
+
+    Each panel overlays the domain's normal and anomalous clips (the domain's
+    own clips, as in the official evaluator's score plots) on bins shared by
+    the whole row. ``threshold`` maps machine type -> decision threshold, drawn
+    as a vertical dashed line.
+    """
+    data = _clips(machine_type, domain, label, score)
+    if not data:
+        return _note_figure(out_png_uri, "anomaly score histograms")
+    threshold = threshold or {}
+    n = len(data)
+    fig = Figure(figsize=(10, 2.8 * n + 0.6), layout="constrained")
+    axes = fig.subplots(n, 2, squeeze=False)
+    for row, (mtype, d) in zip(axes, data.items()):
+        values = d["score"]
+        thr = threshold.get(mtype)
+        if thr is not None and not math.isfinite(float(thr)):
+            thr = None
+        lo, hi = float(values.min()), float(values.max())
+        if thr is not None:
+            thr = float(thr)
+            lo, hi = min(lo, thr), max(hi, thr)
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        bins = np.linspace(lo, hi, 31)
+        for ax, dom in zip(row, DOMAINS):
+            is_dom = d["target"] if dom == TARGET else ~d["target"]
+            normal = values[is_dom & (d["y"] == 0)]
+            anomal = values[is_dom & (d["y"] == 1)]
+            ax.hist(normal, bins=bins, alpha=0.55, color="tab:blue", label=f"normal ({normal.size})")
+            ax.hist(anomal, bins=bins, alpha=0.55, color="tab:red", label=f"anomaly ({anomal.size})")
+            if thr is not None:
+                ax.axvline(thr, color="k", ls="--", lw=1.2, label=f"threshold {thr:.4g}")
+            if normal.size + anomal.size == 0:
+                ax.text(0.5, 0.5, f"no {dom} clips", transform=ax.transAxes, ha="center",
+                        va="center", color="0.4")
+            ax.set_title(f"{mtype} - {dom}")
+            ax.set_xlabel("anomaly score")
+            ax.set_ylabel("clips")
+            ax.legend(fontsize=8)
+    fig.suptitle("Anomaly score distributions")
+    return save_figure(fig, out_png_uri)
+
+
+def plot_method_bars(out_png_uri: str, results: dict[str, MetricsResult]) -> str:
+    """Grouped bars: per machine type the hmean of each method, plus ``overall`` (official score)."""
+    types = sorted({t for r in results.values() for t in r.machine_types})
+    if not results or not types:
+        return _note_figure(out_png_uri, "method comparison", "no metrics to compare")
+    groups = types + ["overall"]
+    methods = list(results)
+    x = np.arange(len(groups), dtype=float)
+    width = 0.8 / len(methods)
+    fig = Figure(figsize=(max(6.0, 1.0 + 0.45 * len(groups) * max(2, len(methods))), 4.5),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    for i, m in enumerate(methods):
+        r = results[m]
+        vals = [r.per_type.get(t, float("nan")) for t in types] + [r.official_score]
+        heights = np.array([100.0 * v for v in vals], dtype=float)
+        pos = x - 0.4 + width * (i + 0.5)
+        bars = ax.bar(pos, np.nan_to_num(heights, nan=0.0), width, label=m)
+        for bar, h in zip(bars, heights):
+            text = "n/a" if math.isnan(h) else f"{h:.1f}"
+            ax.text(bar.get_x() + bar.get_width() / 2, (0 if math.isnan(h) else h) + 1, text,
+                    ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.axhline(50, color="0.5", ls=":", lw=1)
+    ax.set_xticks(x, groups, rotation=30, ha="right")
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("hmean of AUC-s, AUC-t, pAUC (%)")
+    ax.set_title("Per machine type hmean and official score by method")
+    ax.legend(fontsize=8, ncols=min(4, len(methods)), loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, out_png_uri)
