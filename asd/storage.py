@@ -167,3 +167,52 @@ def remove(uri: str, recursive: bool = True) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def staging_dir(final_uri: str) -> str:
+    """A fresh staging location beside ``final_uri`` (hidden from listings by its '_' prefix)."""
+    parent, name = final_uri.rstrip("/").rsplit("/", 1) if "/" in final_uri.rstrip("/") else (".", final_uri)
+    return join(parent, f"_staging-{name}-{uuid.uuid4().hex[:8]}")
+
+
+def publish_dir(staging_uri: str, final_uri: str, info: dict | None = None) -> str:
+    """Replace the directory ``final_uri`` by the finished ``staging_uri``.
+
+    Local: ``_SUCCESS`` is written into the staging folder, then the folder is swapped
+    in by rename, so readers see the old stage or the whole new one. Object stores
+    have no rename: ``final/_SUCCESS`` is removed first, the files are copied, stale
+    files deleted, and ``_SUCCESS`` written last; readers require it
+    (:func:`require_published`).
+    """
+    fs, src = filesystem(staging_uri)
+    _, dst = filesystem(final_uri)
+    if not is_remote(final_uri):
+        publish(staging_uri, info)
+        old = None
+        if os.path.exists(dst):
+            old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        if old:
+            fs.rm(old, recursive=True)
+        return final_uri
+    if fs.exists(posixpath.join(dst, SUCCESS)):
+        fs.rm(posixpath.join(dst, SUCCESS))
+    new = {posixpath.relpath(p, src) for p in fs.find(src)}
+    for rel in sorted(new):
+        fs.copy(posixpath.join(src, rel), posixpath.join(dst, rel))
+    if fs.exists(dst):
+        for p in fs.find(dst):
+            if posixpath.relpath(p, dst) not in new:
+                fs.rm(p)
+    fs.rm(src, recursive=True)
+    publish(final_uri, info)
+    return final_uri
+
+
+def require_published(uri: str) -> str:
+    """Raise FileNotFoundError unless ``uri`` is a complete, published stage."""
+    if not is_published(uri):
+        raise FileNotFoundError(f"{uri!r} is not a published stage output (no {SUCCESS}); run the stage that makes it")
+    return uri

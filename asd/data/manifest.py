@@ -61,6 +61,7 @@ PROBLEM_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("error", pa.string()),
         ("stage", pa.string()),
+        ("content_sha256", pa.string()),
     ]
 )
 
@@ -74,6 +75,7 @@ class Problem:
     reason: str
     error: str
     stage: str = "listing"
+    content_sha256: str | None = None
 
     def line(self) -> str:
         return f"{self.path}: {self.reason}: {self.error}"

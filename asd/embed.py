@@ -1,0 +1,169 @@
+"""Embeddings of clips, computed over the feature Parquet with Ray Data.
+
+One interface: an *embedder* maps a list of log-mel matrices ``(frames, bins)`` to
+an ``(n, d)`` float32 array. :func:`embed` applies one over every committed
+feature row with ``map_batches`` on an actor pool (the embedder, e.g. a model, is
+built once per actor; GPU actors when asked for, fractional CPUs otherwise) and
+writes ``<root>/embeddings/<tag>/`` keyed by ``clip_id``.
+
+Embedders are registered by name (:data:`EMBEDDERS`); later stages add
+model-backed ones (pre-trained and fine-tuned encoders) behind the same call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from asd import storage
+from asd.featurize import fbank_arrays, read_features_ray
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
+FEATURE_COLUMNS = ["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]
+
+
+class Embedder(Protocol):
+    name: str
+
+    def __call__(self, features: list[np.ndarray]) -> np.ndarray: ...
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class LogMelStats:
+    """Per-bin mean and standard deviation over time (optionally of deltas too), L2-normalised."""
+
+    name = "logmel_stats"
+
+    def __init__(self, deltas: bool = False):
+        self.deltas = deltas
+
+    def __call__(self, features: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for fb in features:
+            parts = [fb.mean(axis=0), fb.std(axis=0)]
+            if self.deltas:
+                d = np.diff(fb, axis=0) if fb.shape[0] > 1 else np.zeros_like(fb)
+                parts += [np.abs(d).mean(axis=0), d.std(axis=0)]
+            out.append(np.concatenate(parts))
+        return l2n(np.stack(out)) if out else np.zeros((0, 0), np.float32)
+
+
+# name -> factory(**params). Model-backed embedders register themselves here.
+EMBEDDERS: dict[str, Callable[..., Embedder]] = {"logmel_stats": LogMelStats}
+
+
+def register(name: str, factory: Callable[..., Embedder]) -> None:
+    EMBEDDERS[name] = factory
+
+
+def make_embedder(name: str, params: dict[str, Any] | None = None) -> Embedder:
+    try:
+        factory = EMBEDDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}") from None
+    return factory(**(params or {}))
+
+
+@dataclass
+class EmbedConfig:
+    embedder: str = "logmel_stats"
+    params: dict = field(default_factory=dict)
+    batch_size: int = 64
+    num_actors: int = 2
+    num_cpus: float = 0.5  # per actor; fractions keep a 2-core box from hanging
+    num_gpus: float = 0.0  # per actor; 1 for model-backed embedders on GPU nodes
+    progress: bool = True
+
+
+@dataclass
+class EmbedResult:
+    embeddings: str
+    n_clips: int
+    dim: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _EmbedActor:
+    """Ray Data callable class: builds the embedder once per actor."""
+
+    def __init__(self, name: str, params: dict):
+        import torch
+
+        torch.set_num_threads(1)
+        self.embedder = make_embedder(name, params)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = self.embedder(fbank_arrays(batch))
+        dim = vectors.shape[1] if vectors.ndim == 2 and len(vectors) else 0
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+        vec = pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.array([], pa.list_(pa.float32(), 0))
+        cols = {c: batch.column(c) for c in KEY_COLUMNS}
+        cols["embedding"] = vec
+        return pa.table(cols)
+
+
+def embeddings_dir(root: str, tag: str) -> str:
+    return storage.join(root, "embeddings", tag)
+
+
+def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
+    """Embed every committed feature row of ``root`` into ``<root>/embeddings/<tag>``."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    cfg = cfg or EmbedConfig()
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init()
+    DataContext.get_current().enable_progress_bars = cfg.progress
+    ds = read_features_ray(root, columns=KEY_COLUMNS + FEATURE_COLUMNS)
+    ds = ds.map_batches(
+        _EmbedActor,
+        fn_constructor_kwargs=dict(name=cfg.embedder, params=dict(cfg.params)),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.num_actors)),
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+    )
+    final = embeddings_dir(root, tag)
+    staging = storage.staging_dir(final)
+    afs, path = storage.arrow_filesystem(staging)
+    ds.write_parquet(path, filesystem=afs)
+    table = read_embeddings(staging, published=False, columns=["clip_id", "embedding"])
+    dim = table.schema.field("embedding").type.list_size if table.num_rows else 0
+    info = {"embedder": cfg.embedder, "params": cfg.params, "rows": table.num_rows, "dim": dim}
+    storage.publish_dir(staging, final, info)
+    elapsed = time.perf_counter() - t0
+    log.info("embedded %d clips (dim %d) with %s into %s in %.1f s", table.num_rows, dim, cfg.embedder, final, elapsed)
+    return EmbedResult(embeddings=final, n_clips=table.num_rows, dim=dim, seconds=elapsed)
+
+
+def read_embeddings(uri: str, published: bool = True, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """An embeddings folder as an Arrow table sorted by clip_id (requires ``_SUCCESS``)."""
+    if published:
+        storage.require_published(uri)
+    table = storage.read_table(uri, columns=columns, filters=filter)
+    return table.sort_by("clip_id")
+
+
+def vectors(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column as an ``(n, d)`` float32 array."""
+    col = table.column("embedding").combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, 0), np.float32)
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32, copy=False)

@@ -1,0 +1,579 @@
+"""Featurization with Ray Data: an audio corpus (local or ``s3://``) to log-mel Parquet.
+
+Pipeline, streaming end to end::
+
+    manifest (names only, driver)  ->  blocks of ~rows_per_block clips
+      -> map_batches(featurize_batch)   read bytes, sha256, skip known, decode (soundfile),
+                                        resample/downmix, Kaldi fbank (torchaudio)
+      -> write_parquet(partition_cols=[machine_type, section])  into a staging folder
+      -> commit: move files into place, write _commits/<run_id>.json last
+
+Layout under ``<root>/features/`` (see DESIGN.md)::
+
+    machine_type=<t>/section=<ss>/<file>.parquet   feature rows (committed files only count)
+    _commits/<run_id>.json                         the files, rows and stats partial sums of one run
+    _quarantine/<run_id>.parquet                   rejected inputs: path, clip_id, reason, error
+    _stats/stats.json                              per-bin mean/std of train normals, per type and all
+    _SUMMARY.json                                  counts, rejects, throughput, config hash
+    _staging/<run_id>/                             a run in progress (never read)
+
+Readers use :func:`committed_files`, so a crashed or running job is invisible. A
+rerun hashes every input and featurizes only clips whose ``(clip_id,
+content_sha256)`` is not already committed (features or quarantine), so reruns
+write nothing and new files are added exactly once. A clip whose bytes changed
+under the same ``clip_id`` is quarantined as ``content_changed`` (DCASE corpora
+are immutable; a changed clip needs a new run root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from asd import SAMPLE_RATE, storage
+from asd.data import audio
+from asd.data.manifest import MANIFEST_SCHEMA, PROBLEM_SCHEMA, Problem, build_manifest, problems_table
+
+log = logging.getLogger(__name__)
+
+PARTITION_COLS = ["machine_type", "section"]
+CONTENT_CHANGED = "content_changed"
+
+FEATURE_SCHEMA = pa.schema(
+    [f for f in MANIFEST_SCHEMA if f.name not in ("size_bytes",)]
+    + [
+        pa.field("num_mel_bins", pa.int32()),
+        pa.field("fbank_frames", pa.int32()),
+        pa.field("fbank_dtype", pa.string()),
+        pa.field("fbank", pa.binary()),
+        pa.field("run_id", pa.string()),
+    ]
+)
+
+
+@dataclass
+class FbankConfig:
+    """Kaldi-compatible log-mel filterbank, the input BEATs/EAT-style encoders expect."""
+
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    sample_rate: int = SAMPLE_RATE
+    dither: float = 0.0
+    dtype: str = "float16"  # storage dtype: float16 or float32
+
+
+@dataclass
+class FeaturizeConfig:
+    fbank: FbankConfig = field(default_factory=FbankConfig)
+    min_duration_s: float = 0.5
+    batch_size: int = 16  # clips per map_batches call
+    rows_per_block: int = 64  # clips per input block (the unit of parallelism)
+    num_cpus: float = 1.0  # per featurize task; fractions let it share small machines
+    compute_stats: bool = True
+    progress: bool = True
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self.fbank), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class FeaturizeResult:
+    features: str
+    run_id: str | None
+    n_listed: int
+    n_already_done: int
+    n_featurized: int
+    n_quarantined: int
+    seconds: float
+    clips_per_s: float
+    summary_uri: str
+    stats_uri: str | None
+    quarantine_uri: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# per-clip work (runs inside Ray tasks)
+# --------------------------------------------------------------------------------------
+
+
+def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
+    """(frames, num_mel_bins) float32 log-mel filterbank of a mono waveform in [-1, 1]."""
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None] * 32768.0
+    fb = kaldi.fbank(
+        x,
+        num_mel_bins=cfg.num_mel_bins,
+        frame_length=cfg.frame_length_ms,
+        frame_shift=cfg.frame_shift_ms,
+        sample_frequency=cfg.sample_rate,
+        dither=cfg.dither,
+        htk_compat=True,
+        window_type="hanning",
+        use_energy=False,
+    )
+    return fb.numpy()
+
+
+def fbank_array(row: dict) -> np.ndarray:
+    """The (frames, bins) float32 feature matrix of a feature row."""
+    arr = np.frombuffer(row["fbank"], dtype=np.dtype(row["fbank_dtype"]))
+    return arr.reshape(int(row["fbank_frames"]), int(row["num_mel_bins"])).astype(np.float32)
+
+
+def fbank_arrays(table: pa.Table) -> list[np.ndarray]:
+    """Feature matrices of every row of an Arrow table or batch."""
+    cols = table.select(["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]).to_pylist()
+    return [fbank_array(r) for r in cols]
+
+
+def _quarantine_part(problems: list[dict], folder: str) -> None:
+    """Side output of a task: its rejects, under a name fixed by content (retries overwrite)."""
+    if not problems:
+        return
+    key = hashlib.sha256("\n".join(sorted(p["path"] for p in problems)).encode()).hexdigest()[:24]
+    storage.write_table(storage.join(folder, f"{key}.parquet"), pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
+
+
+def featurize_batch(
+    batch: pa.Table,
+    cfg: FeaturizeConfig,
+    known: dict[str, str],
+    quarantine_dir: str,
+    run_id: str,
+    rejected: dict[str, str | None] | None = None,
+) -> pa.Table:
+    """Read, hash, check, decode and featurize one batch of manifest rows.
+
+    ``known`` maps clip_id -> content_sha256 of committed features: the same bytes
+    are skipped, changed bytes quarantined as ``content_changed``. ``rejected``
+    maps clip_id -> sha256 of clips quarantined before: the same bytes are skipped,
+    new bytes get a new try. Rejects are written to ``quarantine_dir`` by this
+    task; only good rows are returned.
+    """
+    rejected = rejected or {}
+    import torch
+
+    torch.set_num_threads(1)
+    out_rows, problems = [], []
+    for row in batch.to_pylist():
+        clip_id, path = row["clip_id"], row["path"]
+        try:
+            data = storage.read_bytes(path)
+        except Exception as exc:
+            problems.append(dict(path=path, clip_id=clip_id, reason="unreadable",
+                                 error=f"{type(exc).__name__}: {exc}", stage="featurize"))
+            continue
+        sha = audio.sha256(data)
+        if known.get(clip_id) == sha or rejected.get(clip_id) == sha:
+            continue  # already featurized, or already quarantined with these very bytes
+        if clip_id in known:
+            problems.append(dict(path=path, clip_id=clip_id, reason=CONTENT_CHANGED, stage="featurize", content_sha256=sha,
+                                 error=f"content changed since it was featurized (sha256 {known[clip_id][:12]} -> {sha[:12]}); "
+                                       "featurize changed clips into a new output root"))
+            continue
+        try:
+            dec = audio.decode(data, target_sr=cfg.fbank.sample_rate, min_duration_s=cfg.min_duration_s)
+        except audio.AudioError as exc:
+            problems.append(dict(path=path, clip_id=clip_id, reason=exc.reason, error=str(exc), stage="featurize",
+                                 content_sha256=sha))
+            continue
+        fb = compute_fbank(dec.wave, cfg.fbank).astype(cfg.fbank.dtype)
+        out_rows.append(
+            {
+                **{k: row[k] for k in MANIFEST_SCHEMA.names if k in FEATURE_SCHEMA.names},
+                "sample_rate": dec.source.sample_rate,
+                "channels": dec.source.channels,
+                "num_frames": dec.source.num_frames,
+                "duration_s": dec.source.duration_s,
+                "content_sha256": sha,
+                "warnings": list(row["warnings"] or []) + dec.warnings,
+                "num_mel_bins": fb.shape[1],
+                "fbank_frames": fb.shape[0],
+                "fbank_dtype": cfg.fbank.dtype,
+                "fbank": fb.tobytes(),
+                "run_id": run_id,
+            }
+        )
+    _quarantine_part(problems, quarantine_dir)
+    return pa.Table.from_pylist(out_rows, schema=FEATURE_SCHEMA)
+
+
+def stats_batch(batch: pa.Table) -> pa.Table:
+    """Per machine type partial sums (count, sum, sum of squares per bin) of train normals."""
+    sums: dict[str, list] = {}
+    mt = batch.column("machine_type").to_pylist()
+    split = batch.column("split").to_pylist()
+    label = batch.column("label").to_pylist()
+    for i, fb in enumerate(fbank_arrays(batch)):
+        if split[i] != "train" or label[i] not in ("normal", None):
+            continue
+        fb = fb.astype(np.float64)
+        acc = sums.setdefault(mt[i], [0, 0.0, 0.0])
+        acc[0] += fb.shape[0]
+        acc[1] = acc[1] + fb.sum(axis=0)
+        acc[2] = acc[2] + (fb**2).sum(axis=0)
+    rows = [{"machine_type": k, "count": v[0], "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
+            for k, v in sums.items()]
+    schema = pa.schema([("machine_type", pa.string()), ("count", pa.int64()),
+                        ("sum", pa.list_(pa.float64())), ("sumsq", pa.list_(pa.float64()))])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+# --------------------------------------------------------------------------------------
+# reading committed features
+# --------------------------------------------------------------------------------------
+
+
+def features_dir(root: str) -> str:
+    return storage.join(root, "features")
+
+
+def _commits(fdir: str) -> list[dict]:
+    fs, path = storage.filesystem(storage.join(fdir, "_commits"))
+    if not fs.exists(path):
+        return []
+    out = []
+    for p in sorted(fs.glob(posixpath.join(path, "*.json") if "://" in fdir else f"{path}/*.json")):
+        with fs.open(p, "rb") as f:
+            out.append(json.loads(f.read()))
+    return out
+
+
+def committed_files(root: str) -> list[str]:
+    """URIs of every committed feature file under ``<root>/features``."""
+    fdir = features_dir(root)
+    return [storage.join(fdir, rel) for c in _commits(fdir) for rel in c["files"]]
+
+
+def _partitioning():
+    import pyarrow.dataset as pds
+
+    return pds.partitioning(pa.schema([(c, pa.string()) for c in PARTITION_COLS]), flavor="hive")
+
+
+def read_features_table(root: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """Committed features as one Arrow table (small corpora, tests, drivers)."""
+    import pyarrow.dataset as pds
+
+    files = committed_files(root)
+    if not files:
+        return FEATURE_SCHEMA.empty_table().select(columns) if columns else FEATURE_SCHEMA.empty_table()
+    afs, base = storage.arrow_filesystem(features_dir(root))
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    dset = pds.dataset(paths, filesystem=afs, format="parquet", partitioning=_partitioning(), partition_base_dir=base)
+    table = dset.to_table(columns=columns, filter=filter)
+    return table.sort_by("clip_id") if "clip_id" in table.column_names else table
+
+
+def read_features_ray(root: str, columns: list[str] | None = None):
+    """Committed features as a Ray Dataset (streaming; for training and embedding)."""
+    import ray.data
+    from ray.data.datasource import Partitioning
+
+    files = committed_files(root)
+    if not files:
+        raise FileNotFoundError(f"no committed features under {features_dir(root)!r}; run featurize first")
+    afs, base = storage.arrow_filesystem(features_dir(root))
+    paths = [storage.arrow_filesystem(f)[1] for f in files]
+    return ray.data.read_parquet(
+        paths,
+        filesystem=afs,
+        columns=columns,
+        partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
+    )
+
+
+def load_stats(root: str) -> dict:
+    """Normalisation statistics: {"all": {"mean": [...], "std": [...]}, "per_type": {...}}."""
+    return storage.read_json(storage.join(features_dir(root), "_stats", "stats.json"))
+
+
+# --------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------
+
+
+def _known(commits: list[dict]) -> tuple[dict[str, str], dict[str, str | None]]:
+    """(clip_id -> sha256 of committed features, clip_id -> sha256 of quarantined clips)."""
+    known: dict[str, str] = {}
+    rejected: dict[str, str | None] = {}
+    for c in commits:
+        known.update(c.get("clips", {}))
+        rejected.update(c.get("rejected", {}))
+    for clip_id in known:
+        rejected.pop(clip_id, None)
+    return known, rejected
+
+
+def _vacuum(fdir: str, keep: set[str]) -> None:
+    """Remove leftovers of interrupted runs: staging folders and uncommitted data files."""
+    storage.remove(storage.join(fdir, "_staging"))
+    fs, base = storage.filesystem(fdir)
+    if not fs.exists(base):
+        return
+    for path in fs.find(base):
+        rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
+        if rel.startswith("machine_type=") and rel.endswith(".parquet") and rel not in keep:
+            log.warning("removing uncommitted feature file %s (left by an interrupted run)", rel)
+            fs.rm(path)
+
+
+def _combine_stats(commits: list[dict]) -> dict:
+    per: dict[str, list] = {}
+    for c in commits:
+        for mt, s in c.get("stats", {}).items():
+            acc = per.setdefault(mt, [0, 0.0, 0.0])
+            acc[0] += s["count"]
+            acc[1] = acc[1] + np.asarray(s["sum"])
+            acc[2] = acc[2] + np.asarray(s["sumsq"])
+
+    def finish(n, s, ss):
+        mean = s / max(n, 1)
+        std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 1e-12))
+        return {"frames": int(n), "mean": mean.tolist(), "std": std.tolist()}
+
+    out = {"per_type": {mt: finish(*v) for mt, v in sorted(per.items())}}
+    if per:
+        out["all"] = finish(sum(v[0] for v in per.values()), sum(v[1] for v in per.values()),
+                            sum(v[2] for v in per.values()))
+    return out
+
+
+def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig) -> dict:
+    counts: dict = {}
+    rejects: dict = {}
+    for c in commits:
+        for key, n in c.get("counts", {}).items():
+            counts[key] = counts.get(key, 0) + n
+        for reason, n in c.get("rejects", {}).items():
+            rejects[reason] = rejects.get(reason, 0) + n
+    return {
+        "features": fdir,
+        "clips": sum(counts.values()),
+        "counts": dict(sorted(counts.items())),
+        "rejected": dict(sorted(rejects.items())),
+        "runs": [c["run_id"] for c in commits],
+        "last_run": last,
+        "config": asdict(cfg.fbank),
+        "config_hash": cfg.config_hash(),
+    }
+
+
+def featurize(
+    input_uri: str,
+    output_root: str,
+    cfg: FeaturizeConfig | None = None,
+) -> FeaturizeResult:
+    """Featurize every new clip under ``input_uri`` into ``<output_root>/features``.
+
+    Fails with :class:`asd.storage.StorageError` before writing anything when the
+    input is missing or storage is unreachable. Requires a running Ray (or starts a
+    local one).
+    """
+    import ray
+
+    cfg = cfg or FeaturizeConfig()
+    t0 = time.perf_counter()
+    storage.check_reachable(input_uri)
+    storage.check_reachable(output_root, must_exist=False)
+    manifest = build_manifest(input_uri, probe=False)
+    fdir = features_dir(output_root)
+    commits = _commits(fdir)
+    _vacuum(fdir, {rel for c in commits for rel in c["files"]})
+    known, rejected = _known(commits)
+    storage.write_table(storage.join(output_root, "manifest", "manifest.parquet"), manifest.table)
+
+    listing_problems = [p for p in manifest.problems if p.clip_id not in rejected]
+    todo = manifest.table
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    staging = storage.join(fdir, "_staging", run_id)
+    qdir = storage.join(staging, "_quarantine")
+    files: list[str] = []
+    partial_stats: dict = {}
+    n_rows = 0
+    if todo.num_rows:
+        if not ray.is_initialized():
+            ray.init()
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = cfg.progress
+        n = max(1, cfg.rows_per_block)
+        blocks = [todo.slice(i, n) for i in range(0, todo.num_rows, n)]
+        known_ref = ray.put((known, rejected))  # once in the object store, not per task
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _featurize_udf,
+            fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.num_cpus,
+        )
+        afs, staging_path = storage.arrow_filesystem(staging)
+        ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS)
+        files = _staged_files(staging)
+        if files and cfg.compute_stats:
+            partial_stats = _run_stats(staging, files)
+
+    staged = _staged_table(staging, files, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
+    n_rows = staged.num_rows
+    new_clips = dict(zip(staged.column("clip_id").to_pylist(), staged.column("content_sha256").to_pylist()))
+    problems = [asdict(p) for p in listing_problems] + _read_staged_quarantine(qdir)
+    n_quar = len(problems)
+    elapsed = time.perf_counter() - t0
+    last = {"run_id": run_id, "featurized": n_rows, "quarantined": n_quar, "seconds": round(elapsed, 3),
+            "clips_per_s": round(n_rows / elapsed, 3) if elapsed else 0.0}
+    quarantine_uri = None
+    if files or problems:
+        # commit: move files into place, then publish the commit record (the atomic step)
+        for rel in files:
+            src, dst = storage.join(staging, rel), storage.join(fdir, rel)
+            fs, src_path = storage.filesystem(src)
+            fs.makedirs(posixpath.dirname(storage.filesystem(dst)[1]), exist_ok=True)
+            fs.mv(src_path, storage.filesystem(dst)[1])
+        if problems:
+            quarantine_uri = storage.join(fdir, "_quarantine", f"{run_id}.parquet")
+            storage.write_table(quarantine_uri, pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
+        commit = {
+            "run_id": run_id,
+            "files": files,
+            "rows": n_rows,
+            "clips": new_clips,
+            "rejected": {p["clip_id"]: p.get("content_sha256") for p in problems},
+            "counts": _counts(staged),
+            "rejects": _reason_counts(problems),
+            "stats": partial_stats,
+            "config_hash": cfg.config_hash(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        storage.atomic_write_json(storage.join(fdir, "_commits", f"{run_id}.json"), commit)
+        commits = commits + [commit]
+    storage.remove(storage.join(fdir, "_staging"))
+    stats_uri = None
+    if cfg.compute_stats and any(c.get("stats") for c in commits):
+        stats_uri = storage.atomic_write_json(storage.join(fdir, "_stats", "stats.json"), _combine_stats(commits))
+    summary_uri = storage.atomic_write_json(storage.join(fdir, "_SUMMARY.json"), _summary(fdir, commits, last, cfg))
+    for p in problems:
+        log.warning("quarantined %s: %s: %s", p["path"], p["reason"], p["error"])
+    log.info("featurized %d clips (%d already done, %d quarantined) into %s in %.1f s",
+             n_rows, len(known), n_quar, fdir, elapsed)
+    return FeaturizeResult(
+        features=fdir,
+        run_id=run_id if (files or problems) else None,
+        n_listed=manifest.table.num_rows + len(manifest.problems),
+        n_already_done=len([c for c in manifest.table.column("clip_id").to_pylist() if c in known or c in rejected]),
+        n_featurized=n_rows,
+        n_quarantined=n_quar,
+        seconds=elapsed,
+        clips_per_s=last["clips_per_s"],
+        summary_uri=summary_uri,
+        stats_uri=stats_uri,
+        quarantine_uri=quarantine_uri,
+    )
+
+
+def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id):
+    import ray
+
+    known, rejected = known_ref if isinstance(known_ref, tuple) else ray.get(known_ref)
+    return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected)
+
+
+def _staged_files(staging: str) -> list[str]:
+    fs, base = storage.filesystem(staging)
+    if not fs.exists(base):
+        return []
+    rels = []
+    for path in fs.find(base):
+        rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
+        if rel.endswith(".parquet") and not rel.startswith("_"):
+            rels.append(rel)
+    return sorted(rels)
+
+
+def _staged_table(staging: str, files: list[str], columns: list[str]) -> pa.Table:
+    import pyarrow.dataset as pds
+
+    if not files:
+        return FEATURE_SCHEMA.empty_table().select(columns)
+    afs, base = storage.arrow_filesystem(staging)
+    paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
+    return pds.dataset(paths, filesystem=afs, format="parquet", partitioning=_partitioning(),
+                       partition_base_dir=base).to_table(columns=columns)
+
+
+def _counts(table: pa.Table) -> dict[str, int]:
+    """Clip counts keyed by ``machine_type/split/domain/label``."""
+    out: dict[str, int] = {}
+    for r in table.select(["machine_type", "split", "domain", "label"]).to_pylist():
+        key = "/".join(str(r[k]) for k in ("machine_type", "split", "domain", "label"))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _reason_counts(problems: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in problems:
+        out[p["reason"]] = out.get(p["reason"], 0) + 1
+    return out
+
+
+def _run_stats(staging: str, files: list[str]) -> dict:
+    """Partial sums of this run's train normals, computed by Ray tasks over the staged files."""
+    import ray.data
+    from ray.data.datasource import Partitioning
+
+    afs, base = storage.arrow_filesystem(staging)
+    paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
+    ds = ray.data.read_parquet(
+        paths, filesystem=afs,
+        columns=["machine_type", "split", "label", "fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"],
+        partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
+    )
+    parts = ds.map_batches(stats_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5).take_all()
+    out: dict = {}
+    for p in parts:
+        acc = out.setdefault(p["machine_type"], {"count": 0, "sum": 0.0, "sumsq": 0.0})
+        acc["count"] += int(p["count"])
+        acc["sum"] = np.asarray(acc["sum"]) + np.asarray(p["sum"])
+        acc["sumsq"] = np.asarray(acc["sumsq"]) + np.asarray(p["sumsq"])
+    return {k: {"count": v["count"], "sum": np.asarray(v["sum"]).tolist(), "sumsq": np.asarray(v["sumsq"]).tolist()}
+            for k, v in out.items()}
+
+
+def _read_staged_quarantine(qdir: str) -> list[dict]:
+    fs, path = storage.filesystem(qdir)
+    if not fs.exists(path):
+        return []
+    rows = storage.read_table(qdir).to_pylist()
+    return sorted(rows, key=lambda r: r["clip_id"])
+
+
+__all__ = [
+    "FbankConfig",
+    "FeaturizeConfig",
+    "FeaturizeResult",
+    "FEATURE_SCHEMA",
+    "Problem",
+    "compute_fbank",
+    "committed_files",
+    "fbank_array",
+    "fbank_arrays",
+    "featurize",
+    "load_stats",
+    "problems_table",
+    "read_features_ray",
+    "read_features_table",
+]

@@ -1,0 +1,247 @@
+"""Scoring: kNN distance of test embeddings to normal training embeddings, with Ray Data.
+
+For every (machine type, section) a :class:`asd.knn.MemoryBank` holds the
+training (normal) embeddings, split into a source and a target bank; a test
+clip's score is the minimum over the two banks of its cosine kNN distance. The
+banks are built on the driver, put in Ray's object store once, and each scoring
+actor fetches them once (not per batch). Decision thresholds come from
+leave-one-out scores of the training clips (gamma fit, as the DCASE baseline).
+
+Outputs under ``<root>/scores/<tag>/`` (published with ``_SUCCESS``)::
+
+    scores.parquet                          every test clip: score, per-bank scores, decision
+    anomaly_score_<type>_section_<ss>_test.csv, decision_result_<type>_section_<ss>_test.csv
+    thresholds.json
+    metrics.json, report.md, roc.png, histograms.png   (when test labels exist)
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asd import knn, metrics, report, storage
+from asd.embed import read_embeddings, vectors
+
+log = logging.getLogger(__name__)
+
+SCORE_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("machine_type", pa.string()),
+        ("section", pa.string()),
+        ("domain", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("score_source", pa.float32()),
+        ("score_target", pa.float32()),
+        ("threshold", pa.float32()),
+        ("decision", pa.int8()),
+    ]
+)
+
+
+@dataclass
+class ScoreConfig:
+    k: int = 1
+    condense_source: int | None = None  # k-means centroids for the source bank (None: exact)
+    threshold_method: str = "gamma"  # gamma | percentile
+    threshold_q: float = 0.9
+    batch_size: int = 256
+    num_actors: int = 2
+    num_cpus: float = 0.5
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ScoreResult:
+    scores: str
+    n_scored: int
+    official_score: float | None
+    metrics: dict | None
+    report: str | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Group = tuple[str, str]
+
+
+def build_banks(train: pa.Table, cfg: ScoreConfig) -> tuple[dict[Group, knn.MemoryBank], dict[Group, float]]:
+    """Memory banks and decision thresholds per (machine type, section) from training embeddings."""
+    banks: dict[Group, knn.MemoryBank] = {}
+    thresholds: dict[Group, float] = {}
+    vec = vectors(train)
+    mt = train.column("machine_type").to_pylist()
+    sec = train.column("section").to_pylist()
+    dom = train.column("domain").to_pylist()
+    groups: dict[Group, list[int]] = {}
+    for i, key in enumerate(zip(mt, sec)):
+        groups.setdefault(key, []).append(i)
+    for key, idx in sorted(groups.items()):
+        e, d = vec[idx], [dom[i] for i in idx]
+        bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source)
+        banks[key] = bank
+        train_scores = bank.train_scores(e, d, k=cfg.k)
+        finite = train_scores[np.isfinite(train_scores)]
+        if len(finite) >= 1:
+            thresholds[key] = float(knn.fit_threshold(finite, method=cfg.threshold_method, q=cfg.threshold_q))
+        else:
+            log.warning("%s section %s: a single training clip; no threshold (every clip decided normal)", *key)
+            thresholds[key] = float("inf")
+    return banks, thresholds
+
+
+class _Scorer:
+    """Ray Data callable class: fetches the banks once per actor, scores batches."""
+
+    def __init__(self, banks_ref: list, thresholds: dict, k: int):
+        import ray
+        import torch
+
+        torch.set_num_threads(1)
+        ref = banks_ref[0]
+        self.banks = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        self.thresholds = thresholds
+        self.k = k
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return score_table(batch, self.banks, self.thresholds, self.k)
+
+
+def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Table:
+    """Score rows of an embeddings table (the work of one batch)."""
+    vec = vectors(batch)
+    keys = list(zip(batch.column("machine_type").to_pylist(), batch.column("section").to_pylist()))
+    n = batch.num_rows
+    s_src = np.full(n, np.inf, np.float32)
+    s_tgt = np.full(n, np.inf, np.float32)
+    for key in sorted(set(keys)):
+        if key not in banks:
+            raise KeyError(f"no training clips for machine type {key[0]!r} section {key[1]!r}: cannot score it")
+        idx = np.array([i for i, kk in enumerate(keys) if kk == key])
+        by_bank = banks[key].score_by_bank(vec[idx], k=k)
+        s_src[idx] = by_bank[knn.SOURCE]
+        s_tgt[idx] = by_bank[knn.TARGET]
+    score = np.minimum(s_src, s_tgt)
+    thr = np.array([thresholds.get(kk, np.inf) for kk in keys], np.float32)
+    return pa.table(
+        {
+            "clip_id": batch.column("clip_id"),
+            "machine_type": batch.column("machine_type"),
+            "section": batch.column("section"),
+            "domain": batch.column("domain"),
+            "label": batch.column("label"),
+            "score": pa.array(score, pa.float32()),
+            "score_source": pa.array(s_src, pa.float32()),
+            "score_target": pa.array(s_tgt, pa.float32()),
+            "threshold": pa.array(thr, pa.float32()),
+            "decision": pa.array((score > thr).astype(np.int8), pa.int8()),
+        },
+        schema=SCORE_SCHEMA,
+    )
+
+
+def scores_dir(root: str, tag: str) -> str:
+    return storage.join(root, "scores", tag)
+
+
+def score(
+    embeddings_uri: str,
+    out_uri: str,
+    cfg: ScoreConfig | None = None,
+    title: str | None = None,
+) -> ScoreResult:
+    """Score every test clip of an embeddings folder against its training clips; write results."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    cfg = cfg or ScoreConfig()
+    t0 = time.perf_counter()
+    storage.require_published(embeddings_uri)
+    train = read_embeddings(embeddings_uri, filter=pc.field("split") == "train")
+    train = train.filter(pc.invert(pc.fill_null(pc.equal(train.column("label"), "anomaly"), False)))
+    if train.num_rows == 0:
+        raise ValueError(f"{embeddings_uri!r} has no normal training clips: nothing to score against")
+    banks, thresholds = build_banks(train, cfg)
+
+    if not ray.is_initialized():
+        ray.init()
+    DataContext.get_current().enable_progress_bars = cfg.progress
+    afs, path = storage.arrow_filesystem(embeddings_uri)
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
+    banks_ref = ray.put(banks)
+    ds = ds.map_batches(
+        _Scorer,
+        fn_constructor_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.num_actors)),
+        num_cpus=cfg.num_cpus,
+    )
+    blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    scores = pa.concat_tables(blocks).sort_by("clip_id") if blocks else SCORE_SCHEMA.empty_table()
+    return write_results(scores, thresholds, out_uri, cfg, title=title, t0=t0)
+
+
+def write_results(
+    scores: pa.Table,
+    thresholds: dict[Group, float],
+    out_uri: str,
+    cfg: ScoreConfig,
+    title: str | None = None,
+    t0: float | None = None,
+) -> ScoreResult:
+    """Write scores, DCASE CSVs, thresholds, metrics, report and plots; publish the folder."""
+    t0 = t0 if t0 is not None else time.perf_counter()
+    staging = storage.staging_dir(out_uri)
+    storage.write_table(storage.join(staging, "scores.parquet"), scores)
+    rows = scores.to_pylist()
+    for (mt, sec) in sorted({(r["machine_type"], r["section"]) for r in rows}):
+        group = [r for r in rows if r["machine_type"] == mt and r["section"] == sec]
+        metrics.write_result_csvs(
+            staging, mt, sec,
+            [posixpath.basename(r["clip_id"]) for r in group],
+            [r["score"] for r in group],
+            [int(r["decision"]) for r in group],
+        )
+    storage.atomic_write_json(
+        storage.join(staging, "thresholds.json"),
+        {f"{mt}/section_{sec}": v for (mt, sec), v in sorted(thresholds.items())},
+    )
+    labelled = [r for r in rows if r["label"] in ("normal", "anomaly")]
+    result_metrics, official, report_uri = None, None, None
+    if labelled:
+        m = metrics.evaluate(
+            [r["machine_type"] for r in labelled], [r["section"] for r in labelled],
+            [r["domain"] for r in labelled], [r["label"] for r in labelled], [r["score"] for r in labelled],
+        )
+        result_metrics = m.to_dict()
+        official = None if not np.isfinite(m.official_score) else float(m.official_score)
+        storage.atomic_write_json(storage.join(staging, "metrics.json"), result_metrics)
+        md = report.metrics_markdown(m, title=title)
+        storage.atomic_write_text(storage.join(staging, "report.md"), md + "\n")
+        report_uri = storage.join(out_uri, "report.md")
+        if cfg.plots:
+            cols = ([r["machine_type"] for r in labelled], [r["domain"] for r in labelled],
+                    [r["label"] for r in labelled], [r["score"] for r in labelled])
+            report.plot_roc(storage.join(staging, "roc.png"), *cols)
+            thr_by_type = {mt: v for (mt, _), v in thresholds.items() if np.isfinite(v)}
+            report.plot_score_histograms(storage.join(staging, "histograms.png"), *cols, threshold=thr_by_type)
+    storage.publish_dir(staging, out_uri, {"rows": len(rows), "official_score": official})
+    elapsed = time.perf_counter() - t0
+    log.info("scored %d test clips into %s in %.1f s (official score %s)", len(rows), out_uri, elapsed,
+             "n/a" if official is None else f"{100 * official:.2f} %")
+    return ScoreResult(scores=out_uri, n_scored=len(rows), official_score=official, metrics=result_metrics,
+                       report=report_uri, seconds=elapsed)
