@@ -15,7 +15,7 @@ Layout under ``<root>/features/`` (see DESIGN.md)::
     _quarantine/<run_id>.parquet                   rejected inputs: path, clip_id, reason, error
     _stats/stats.json                              per-bin mean/std of train normals, per type and all
     _SUMMARY.json                                  counts, rejects, throughput, config hash
-    _staging/<run_id>/                             a run in progress (never read)
+    _staging/<run_id>/{data,quarantine}/           a run in progress (never read)
 
 Readers use :func:`committed_files`, so a crashed or running job is invisible. A
 rerun hashes every input and featurizes only clips whose ``(clip_id,
@@ -289,12 +289,12 @@ def read_features_ray(root: str, columns: list[str] | None = None):
         raise FileNotFoundError(f"no committed features under {features_dir(root)!r}; run featurize first")
     afs, base = storage.arrow_filesystem(features_dir(root))
     paths = [storage.arrow_filesystem(f)[1] for f in files]
-    return ray.data.read_parquet(
+    ds = ray.data.read_parquet(
         paths,
         filesystem=afs,
-        columns=columns,
         partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
     )
+    return ds.select_columns(columns) if columns else ds
 
 
 def load_stats(root: str) -> dict:
@@ -400,8 +400,9 @@ def featurize(
     listing_problems = [p for p in manifest.problems if p.clip_id not in rejected]
     todo = manifest.table
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    staging = storage.join(fdir, "_staging", run_id)
-    qdir = storage.join(staging, "_quarantine")
+    # side outputs (quarantine parts) live beside the Parquet sink's folder, never inside it
+    staging = storage.join(fdir, "_staging", run_id, "data")
+    qdir = storage.join(fdir, "_staging", run_id, "quarantine")
     files: list[str] = []
     partial_stats: dict = {}
     n_rows = 0
@@ -422,7 +423,10 @@ def featurize(
             num_cpus=cfg.num_cpus,
         )
         afs, staging_path = storage.arrow_filesystem(staging)
-        ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS)
+        # Ray deletes a folder it created when no rows were written; on object stores that
+        # delete fails (folders are virtual), and they need no folders: don't create one there.
+        ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
+                         try_create_dir=not storage.is_remote(staging))
         files = _staged_files(staging)
         if files and cfg.compute_stats:
             partial_stats = _run_stats(staging, files)
@@ -539,9 +543,8 @@ def _run_stats(staging: str, files: list[str]) -> dict:
     paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
     ds = ray.data.read_parquet(
         paths, filesystem=afs,
-        columns=["machine_type", "split", "label", "fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"],
         partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
-    )
+    ).select_columns(["machine_type", "split", "label", "fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"])
     parts = ds.map_batches(stats_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5).take_all()
     out: dict = {}
     for p in parts:

@@ -1,0 +1,89 @@
+"""Glue shared by the Hydra entry points: logging, Ray start-up, config -> dataclass, final JSON line.
+
+Nothing here knows about stages; ``asd`` never imports Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
+log = logging.getLogger("asd.jobs")
+
+
+def to_dataclass(cls: type[T], node: DictConfig | dict | None, **extra: Any) -> T:
+    """Build dataclass ``cls`` from a config node, recursing into nested dataclass fields.
+
+    Unknown keys are an error (a typo in a config should not be ignored).
+    """
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    data.update(extra)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown keys for {cls.__name__}: {sorted(unknown)}; allowed: {sorted(fields)}")
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        sub = hints.get(name)
+        nested = dataclasses.is_dataclass(sub) and isinstance(value, dict)
+        kwargs[name] = to_dataclass(sub, value) if nested else value
+    return cls(**kwargs)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def init_ray(ray_cfg: DictConfig | dict | None) -> None:
+    """Connect to the cluster named by ``ray.address`` (None: start/attach a local one)."""
+    import ray
+
+    cfg = OmegaConf.to_container(ray_cfg, resolve=True) if isinstance(ray_cfg, DictConfig) else dict(ray_cfg or {})
+    if ray.is_initialized():
+        return
+    address = cfg.get("address") or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": bool(cfg.get("log_to_driver", True))}
+    if address:
+        kwargs["address"] = address
+    else:
+        for key in ("num_cpus", "num_gpus", "object_store_memory"):
+            if cfg.get(key) is not None:
+                kwargs[key] = cfg[key]
+        kwargs["include_dashboard"] = bool(cfg.get("include_dashboard", False))
+    ray.init(**kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", True))
+    log.info("Ray: %s", ray.cluster_resources())
+
+
+def final_line(payload: dict) -> None:
+    """Print the job's one final JSON line (output locations, headline figures) on stdout."""
+    print(json.dumps(payload, default=_jsonable, sort_keys=True), flush=True)
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+    except ImportError:
+        pass
+    return str(obj)

@@ -1,0 +1,27 @@
+"""Embed every featurized clip: ``python -m jobs.embed embed=logmel root=<dir|s3://...>``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from asd.embed import EmbedConfig, embed
+from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+
+
+def run(cfg: DictConfig) -> dict:
+    node = OmegaConf.to_container(cfg.embed, resolve=True)
+    tag = node.pop("tag")
+    res = embed(cfg.root, tag, to_dataclass(EmbedConfig, node))
+    return {"stage": "embed", "tag": tag, **res.to_dict()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="embed")
+def main(cfg: DictConfig) -> None:
+    setup_logging(cfg.log_level)
+    init_ray(cfg.ray)
+    final_line(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Featurize a corpus: ``python -m jobs.featurize input=<dir|s3://...> output=<dir|s3://...>``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from asd.featurize import FeaturizeConfig, featurize
+from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+
+
+def run(cfg: DictConfig) -> dict:
+    res = featurize(cfg.input, cfg.output, to_dataclass(FeaturizeConfig, cfg.featurize))
+    return {"stage": "featurize", **res.to_dict()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="featurize")
+def main(cfg: DictConfig) -> None:
+    setup_logging(cfg.log_level)
+    init_ray(cfg.ray)
+    final_line(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

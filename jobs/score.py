@@ -1,0 +1,36 @@
+"""Score test clips against normal training clips: ``python -m jobs.score embed=logmel score.k=3``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from asd import storage
+from asd.embed import embeddings_dir
+from asd.score import ScoreConfig, score, scores_dir
+from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+
+
+def run(cfg: DictConfig) -> dict:
+    tag = cfg.embed.tag
+    res = score(
+        embeddings_dir(cfg.root, tag),
+        scores_dir(cfg.root, tag),
+        to_dataclass(ScoreConfig, cfg.score),
+        title=f"{tag} kNN (k={cfg.score.k})",
+    )
+    out = {"stage": "score", "tag": tag, **res.to_dict()}
+    out.pop("metrics", None)
+    out["metrics_json"] = storage.join(res.scores, "metrics.json") if res.metrics else None
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="score")
+def main(cfg: DictConfig) -> None:
+    setup_logging(cfg.log_level)
+    init_ray(cfg.ray)
+    final_line(run(cfg))
+
+
+if __name__ == "__main__":
+    main()

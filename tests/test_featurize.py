@@ -1,0 +1,165 @@
+"""Featurization with Ray Data: content, quarantine, idempotence, increments, S3, staging."""
+
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from asd import storage
+from asd.data.synthetic import default_spec, make_corpus
+from asd.featurize import (
+    FbankConfig,
+    FeaturizeConfig,
+    committed_files,
+    compute_fbank,
+    fbank_arrays,
+    featurize,
+    load_stats,
+    read_features_table,
+)
+from tests.test_manifest import EXPECTED_PROBLEMS, make_tiny_corpus
+
+CFG = FeaturizeConfig(progress=False, rows_per_block=16, batch_size=8)
+
+
+def _rows(root):
+    t = read_features_table(root)
+    return {r["clip_id"]: r for r in t.to_pylist()}
+
+
+def test_features_match_a_direct_computation(ray_session, small_corpus, tmp_path):
+    res = featurize(small_corpus, str(tmp_path), CFG)
+    assert res.n_quarantined == 0 and res.n_featurized == res.n_listed > 0
+    t = read_features_table(str(tmp_path))
+    assert t.num_rows == res.n_featurized
+    assert set(t.column("machine_type").to_pylist()) == {m.name for m in default_spec().machine_types}
+    # one clip recomputed by hand: soundfile decode + Kaldi fbank
+    import soundfile as sf
+
+    row = t.slice(0, 1)
+    path = row.column("path")[0].as_py()
+    wave, sr = sf.read(path, dtype="float32")
+    ref = compute_fbank(wave, FbankConfig()).astype(np.float16).astype(np.float32)
+    got = fbank_arrays(row)[0]
+    assert got.shape == (198, 128) and np.array_equal(got, ref)
+    # partitioned by machine type and section on disk
+    files = committed_files(str(tmp_path))
+    assert all("/machine_type=" in f and "/section=00/" in f for f in files)
+    # normalisation statistics over training normals, per type and overall
+    stats = load_stats(str(tmp_path))
+    assert set(stats["per_type"]) == set(t.column("machine_type").to_pylist())
+    train = [a for a, s, l in zip(fbank_arrays(t), t.column("split").to_pylist(), t.column("label").to_pylist())
+             if s == "train" and l == "normal"]
+    frames = np.concatenate(train).astype(np.float64)
+    assert np.allclose(stats["all"]["mean"], frames.mean(0), atol=1e-3)
+    assert np.allclose(stats["all"]["std"], frames.std(0), atol=1e-3)
+    summary = storage.read_json(res.summary_uri)
+    assert summary["clips"] == res.n_featurized and summary["rejected"] == {}
+
+
+def test_bad_files_are_quarantined_and_the_job_finishes(ray_session, tmp_path):
+    make_tiny_corpus(tmp_path / "in")
+    res = featurize(str(tmp_path / "in"), str(tmp_path / "out"), FeaturizeConfig(progress=False, min_duration_s=0.5))
+    assert res.n_featurized == 2 + 1  # two good clips and the stereo 44.1 kHz one (resampled)
+    q = pq.read_table(res.quarantine_uri).to_pylist()
+    assert {r["clip_id"]: r["reason"] for r in q} == EXPECTED_PROBLEMS
+    assert all(r["path"].endswith(r["clip_id"]) and r["error"] for r in q)
+    stereo = _rows(str(tmp_path / "out"))["fan/train/section_00_source_train_normal_0004_speed_1_load_2.wav"]
+    assert stereo["sample_rate"] == 44100 and stereo["channels"] == 2 and stereo["fbank_frames"] == 198
+    assert any("resampled" in w for w in stereo["warnings"])
+
+
+def test_rerun_writes_nothing_and_new_clips_are_added_exactly_once(ray_session, tmp_path):
+    spec = default_spec(n_train_source=6, n_train_target=2, n_test_per_domain=4, duration_s=1.0, seed=3)
+    corpus = tmp_path / "in"
+    make_corpus(spec, str(corpus), progress=False)
+    first = featurize(str(corpus), str(tmp_path / "out"), CFG)
+    n0 = first.n_featurized
+    before = sorted(os.listdir(tmp_path / "out" / "features" / "_commits"))
+
+    again = featurize(str(corpus), str(tmp_path / "out"), CFG)
+    assert again.n_featurized == 0 and again.n_quarantined == 0 and again.run_id is None
+    assert sorted(os.listdir(tmp_path / "out" / "features" / "_commits")) == before
+    assert len(read_features_table(str(tmp_path / "out"))) == n0
+
+    # five new clips arrive: a corpus from another seed, five of its files copied in under new indices
+    extra = tmp_path / "extra"
+    make_corpus(default_spec(n_train_source=5, n_train_target=0, n_test_per_domain=0, duration_s=1.0, seed=99,
+                             machine_types=spec.machine_types[:1]), str(extra), progress=False)
+    new = sorted((extra / spec.machine_types[0].name / "train").iterdir())
+    assert len(new) == 5
+    for i, f in enumerate(new):
+        shutil.copy(f, corpus / spec.machine_types[0].name / "train" / f.name.replace("_000", f"_90{i}", 1))
+    third = featurize(str(corpus), str(tmp_path / "out"), CFG)
+    assert third.n_featurized == 5 and third.n_already_done == n0
+    rows = _rows(str(tmp_path / "out"))
+    assert len(rows) == n0 + 5
+
+
+def test_changed_content_is_quarantined_not_duplicated(ray_session, tmp_path):
+    make_tiny_corpus(tmp_path / "in")
+    featurize(str(tmp_path / "in"), str(tmp_path / "out"), CFG)
+    target = tmp_path / "in/fan/test/section_00_target_test_anomaly_0000_speed_3_load_2.wav"
+    target.write_bytes(open(tmp_path / "in/fan/train/section_00_source_train_normal_0004_speed_1_load_2.wav", "rb").read())
+    res = featurize(str(tmp_path / "in"), str(tmp_path / "out"), CFG)
+    assert res.n_featurized == 0 and res.n_quarantined == 1
+    assert pq.read_table(res.quarantine_uri).column("reason").to_pylist() == ["content_changed"]
+    assert len(read_features_table(str(tmp_path / "out"))) == 3
+
+
+def test_interrupted_run_is_invisible_and_cleaned_up(ray_session, small_corpus, tmp_path):
+    out = tmp_path / "out"
+    featurize(small_corpus, str(out), CFG)
+    n = len(read_features_table(str(out)))
+    # what a killed run leaves: a staging folder and a data file that was moved but never committed
+    stale = out / "features" / "_staging" / "dead-run" / "machine_type=x" / "section=00"
+    stale.mkdir(parents=True)
+    (stale / "part.parquet").write_bytes(b"half")
+    orphan = next((out / "features").glob("machine_type=*/section=*/")) / "orphan.parquet"
+    shutil.copy(next((out / "features").glob("machine_type=*/section=*/*.parquet")), orphan)
+    assert len(read_features_table(str(out))) == n  # readers only read committed files
+    featurize(small_corpus, str(out), CFG)
+    assert not orphan.exists() and not (out / "features" / "_staging").exists()
+    assert len(read_features_table(str(out))) == n
+
+
+def test_missing_input_fails_before_writing(ray_session, tmp_path):
+    with pytest.raises(storage.StorageError, match="does not exist"):
+        featurize(str(tmp_path / "missing"), str(tmp_path / "out"), CFG)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.s3
+def test_s3_round_trip_matches_local(ray_session, small_corpus, tmp_path, s3_bucket):
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.put(small_corpus + "/", f"{s3_bucket}/corpus/", recursive=True)
+    local = featurize(small_corpus, str(tmp_path / "out"), CFG)
+    remote = featurize(f"{s3_bucket}/corpus", f"{s3_bucket}/run", CFG)
+    assert remote.n_featurized == local.n_featurized
+    cols = ["clip_id", "machine_type", "section", "domain", "split", "label", "attributes",
+            "content_sha256", "fbank", "fbank_frames", "num_mel_bins"]
+    a = read_features_table(str(tmp_path / "out"), columns=cols)
+    b = read_features_table(f"{s3_bucket}/run", columns=cols)
+    assert a.equals(b)
+    assert load_stats(f"{s3_bucket}/run") == load_stats(str(tmp_path / "out"))
+    # rerun on S3 writes nothing new
+    assert featurize(f"{s3_bucket}/corpus", f"{s3_bucket}/run", CFG).n_featurized == 0
+
+
+@pytest.mark.s3
+def test_unreachable_storage_fails_before_writing(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(storage.StorageError):
+        featurize("s3://nowhere/corpus", str(tmp_path / "out"), CFG)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real_data
+def test_real_clips_featurize_without_quarantine(ray_session, real_data, tmp_path):
+    res = featurize(str(real_data), str(tmp_path), CFG)
+    assert res.n_quarantined == 0 and res.n_featurized == 122
+    frames = read_features_table(str(tmp_path), columns=["fbank_frames"]).column("fbank_frames").to_pylist()
+    assert set(frames) <= {788, 998, 1198}  # 7.9 s, 10 s and 12 s clips at a 10 ms shift
