@@ -1,0 +1,152 @@
+"""Embedding and scoring stages end to end on generated data, locally and on S3."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from asd import metrics, storage
+from asd.embed import EmbedConfig, LogMelStats, embed, read_embeddings, vectors
+from asd.featurize import FeaturizeConfig, featurize
+from asd.score import ScoreConfig, build_banks, score
+
+FCFG = FeaturizeConfig(progress=False, rows_per_block=32)
+ECFG = EmbedConfig(progress=False)
+SCFG = ScoreConfig(progress=False)
+
+
+@pytest.fixture(scope="module")
+def scored_run(ray_session, small_corpus, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("run"))
+    featurize(small_corpus, root, FCFG)
+    emb = embed(root, "logmel", ECFG)
+    res = score(emb.embeddings, storage.join(root, "scores", "logmel"), SCFG)
+    return root, emb, res
+
+
+def test_logmel_stats_embedding():
+    fb = np.stack([np.arange(4.0), np.arange(4.0) * 3]).astype(np.float32)  # 2 frames, 4 bins
+    e = LogMelStats()([fb])
+    raw = np.concatenate([fb.mean(0), fb.std(0)])
+    assert e.shape == (1, 8) and np.allclose(e[0], raw / np.linalg.norm(raw))
+    assert LogMelStats(deltas=True)([fb]).shape == (1, 16)
+
+
+def test_embeddings_cover_every_clip(scored_run):
+    root, emb, _ = scored_run
+    t = read_embeddings(emb.embeddings)
+    assert t.num_rows == emb.n_clips and emb.dim == 256
+    v = vectors(t)
+    assert v.shape == (t.num_rows, 256) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert len(set(t.column("clip_id").to_pylist())) == t.num_rows
+
+
+def test_scores_are_well_above_chance_and_match_official_metrics(scored_run):
+    root, emb, res = scored_run
+    assert res.official_score is not None and res.official_score > 0.6
+    scores = pq.read_table(storage.join(res.scores, "scores.parquet"))
+    assert scores.num_rows == res.n_scored
+    assert set(scores.column("clip_id").to_pylist()) == set(
+        read_embeddings(emb.embeddings).filter(pq_filter_test()).column("clip_id").to_pylist())
+    # the published metrics are the official metrics of the published scores
+    m = metrics.evaluate_table(scores)
+    assert m.official_score == pytest.approx(res.official_score)
+    assert json.loads(storage.read_text(storage.join(res.scores, "metrics.json")))["official_score"] == pytest.approx(res.official_score)
+    for png in ("roc.png", "histograms.png"):
+        assert storage.read_bytes(storage.join(res.scores, png))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def pq_filter_test():
+    import pyarrow.compute as pc
+
+    return pc.field("split") == "test"
+
+
+def test_dcase_csvs(scored_run):
+    _, _, res = scored_run
+    scores = pq.read_table(storage.join(res.scores, "scores.parquet")).to_pylist()
+    for mt in {r["machine_type"] for r in scores}:
+        rows = metrics.read_result_csv(storage.join(res.scores, f"anomaly_score_{mt}_section_00_test.csv"))
+        mine = {os.path.basename(r["clip_id"]): r["score"] for r in scores if r["machine_type"] == mt}
+        assert {n: pytest.approx(s, rel=1e-6) for n, s in rows} == mine
+        dec = metrics.read_result_csv(storage.join(res.scores, f"decision_result_{mt}_section_00_test.csv"))
+        assert {v for _, v in dec} <= {0, 1} and len(dec) == len(mine)
+        with open(storage.join(res.scores, f"anomaly_score_{mt}_section_00_test.csv")) as f:
+            first = f.readline().strip().split(",")
+        assert first[0].startswith("section_00_") and first[0].endswith(".wav") and float(first[1]) >= 0
+
+
+def test_test_clips_are_scored_against_the_min_of_both_banks(scored_run):
+    root, emb, res = scored_run
+    table = read_embeddings(emb.embeddings)
+    rows = table.to_pylist()
+    train = table.filter(pq_filter_train())
+    banks, thresholds = build_banks(train, SCFG)
+    scores = {r["clip_id"]: r for r in pq.read_table(storage.join(res.scores, "scores.parquet")).to_pylist()}
+    v = vectors(table)
+    for i, r in enumerate(rows):
+        if r["split"] != "test":
+            continue
+        same = [j for j, q in enumerate(rows) if q["split"] == "train" and q["machine_type"] == r["machine_type"]]
+        src = [j for j in same if rows[j]["domain"] == "source"]
+        tgt = [j for j in same if rows[j]["domain"] == "target"]
+        d_src = 1 - max(float(v[i] @ v[j]) for j in src)
+        d_tgt = 1 - max(float(v[i] @ v[j]) for j in tgt)
+        s = scores[r["clip_id"]]
+        assert s["score_source"] == pytest.approx(d_src, abs=1e-5)
+        assert s["score_target"] == pytest.approx(d_tgt, abs=1e-5)
+        assert s["score"] == pytest.approx(min(d_src, d_tgt), abs=1e-5)
+        assert s["decision"] == int(s["score"] > thresholds[(r["machine_type"], r["section"])])
+
+
+def pq_filter_train():
+    import pyarrow.compute as pc
+
+    return pc.field("split") == "train"
+
+
+@pytest.mark.s3
+def test_scores_identical_on_s3(scored_run, s3_bucket, small_corpus):
+    root, _, res = scored_run
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.put(small_corpus + "/", f"{s3_bucket}/corpus/", recursive=True)
+    remote_root = f"{s3_bucket}/run"
+    featurize(f"{s3_bucket}/corpus", remote_root, FCFG)
+    emb = embed(remote_root, "logmel", ECFG)
+    remote = score(emb.embeddings, storage.join(remote_root, "scores", "logmel"), SCFG)
+    a = pq.read_table(storage.join(res.scores, "scores.parquet"))
+    b = storage.read_table(storage.join(remote.scores, "scores.parquet"))
+    assert a.equals(b)
+    assert storage.is_published(remote.scores)
+    assert storage.read_text(storage.join(remote.scores, "report.md")) == storage.read_text(
+        storage.join(res.scores, "report.md"))
+
+
+def test_unpublished_embeddings_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="_SUCCESS"):
+        score(str(tmp_path / "embeddings" / "none"), str(tmp_path / "scores"), SCFG)
+
+
+@pytest.mark.slow
+def test_pipeline_job_end_to_end(tmp_path):
+    """The README's main command on a small generated corpus, as a user runs it."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
+    cmd = [sys.executable, "-m", "jobs.pipeline", f"root={tmp_path}/run", "ray.num_cpus=2", "ray.progress=false",
+           "data.spec.n_train_source=10", "data.spec.n_train_target=2", "data.spec.n_test_per_domain=6",
+           "data.spec.duration_s=1.0"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(final["stages"]) == {"make_corpus", "featurize", "embed", "score"}
+    assert final["report"].endswith("scores/logmel/report.md") and os.path.exists(final["report"])
+    assert "official score (hmean)" in out.stdout and 0 <= final["official_score"] <= 1
+    # a second run regenerates nothing and featurizes nothing new
+    out2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert out2.returncode == 0, out2.stderr[-3000:]
+    final2 = json.loads(out2.stdout.strip().splitlines()[-1])
+    assert final2["stages"]["make_corpus"]["skipped"] and final2["stages"]["featurize"]["n_featurized"] == 0
+    assert final2["official_score"] == pytest.approx(final["official_score"])
