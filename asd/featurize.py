@@ -54,6 +54,9 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("fbank_frames", pa.int32()),
         pa.field("fbank_dtype", pa.string()),
         pa.field("fbank", pa.binary()),
+        # per-bin sums over frames (float64), so normalisation statistics need no second pass
+        pa.field("fbank_sum", pa.list_(pa.float64())),
+        pa.field("fbank_sumsq", pa.list_(pa.float64())),
         pa.field("run_id", pa.string()),
     ]
 )
@@ -192,6 +195,7 @@ def featurize_batch(
                                  content_sha256=sha))
             continue
         fb = compute_fbank(dec.wave, cfg.fbank).astype(cfg.fbank.dtype)
+        stored = fb.astype(np.float64)  # statistics of the values readers will see
         out_rows.append(
             {
                 **{k: row[k] for k in MANIFEST_SCHEMA.names if k in FEATURE_SCHEMA.names},
@@ -205,32 +209,13 @@ def featurize_batch(
                 "fbank_frames": fb.shape[0],
                 "fbank_dtype": cfg.fbank.dtype,
                 "fbank": fb.tobytes(),
+                "fbank_sum": stored.sum(axis=0).tolist(),
+                "fbank_sumsq": (stored**2).sum(axis=0).tolist(),
                 "run_id": run_id,
             }
         )
     _quarantine_part(problems, quarantine_dir)
     return pa.Table.from_pylist(out_rows, schema=FEATURE_SCHEMA)
-
-
-def stats_batch(batch: pa.Table) -> pa.Table:
-    """Per machine type partial sums (count, sum, sum of squares per bin) of train normals."""
-    sums: dict[str, list] = {}
-    mt = batch.column("machine_type").to_pylist()
-    split = batch.column("split").to_pylist()
-    label = batch.column("label").to_pylist()
-    for i, fb in enumerate(fbank_arrays(batch)):
-        if split[i] != "train" or label[i] not in ("normal", None):
-            continue
-        fb = fb.astype(np.float64)
-        acc = sums.setdefault(mt[i], [0, 0.0, 0.0])
-        acc[0] += fb.shape[0]
-        acc[1] = acc[1] + fb.sum(axis=0)
-        acc[2] = acc[2] + (fb**2).sum(axis=0)
-    rows = [{"machine_type": k, "count": v[0], "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
-            for k, v in sums.items()]
-    schema = pa.schema([("machine_type", pa.string()), ("count", pa.int64()),
-                        ("sum", pa.list_(pa.float64())), ("sumsq", pa.list_(pa.float64()))])
-    return pa.Table.from_pylist(rows, schema=schema)
 
 
 # --------------------------------------------------------------------------------------
@@ -535,24 +520,17 @@ def _reason_counts(problems: list[dict]) -> dict[str, int]:
 
 
 def _run_stats(staging: str, files: list[str]) -> dict:
-    """Partial sums of this run's train normals, computed by Ray tasks over the staged files."""
-    import ray.data
-    from ray.data.datasource import Partitioning
-
-    afs, base = storage.arrow_filesystem(staging)
-    paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
-    ds = ray.data.read_parquet(
-        paths, filesystem=afs,
-        partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
-    ).select_columns(["machine_type", "split", "label", "fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"])
-    parts = ds.map_batches(stats_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.5).take_all()
+    """Per machine type partial sums (frames, sum, sum of squares per bin) of this run's train normals."""
+    t = _staged_table(staging, files, ["machine_type", "split", "label", "fbank_frames", "fbank_sum", "fbank_sumsq"])
     out: dict = {}
-    for p in parts:
-        acc = out.setdefault(p["machine_type"], {"count": 0, "sum": 0.0, "sumsq": 0.0})
-        acc["count"] += int(p["count"])
-        acc["sum"] = np.asarray(acc["sum"]) + np.asarray(p["sum"])
-        acc["sumsq"] = np.asarray(acc["sumsq"]) + np.asarray(p["sumsq"])
-    return {k: {"count": v["count"], "sum": np.asarray(v["sum"]).tolist(), "sumsq": np.asarray(v["sumsq"]).tolist()}
+    for r in t.to_pylist():
+        if r["split"] != "train" or r["label"] not in ("normal", None):
+            continue
+        acc = out.setdefault(r["machine_type"], [0, 0.0, 0.0])
+        acc[0] += r["fbank_frames"]
+        acc[1] = acc[1] + np.asarray(r["fbank_sum"])
+        acc[2] = acc[2] + np.asarray(r["fbank_sumsq"])
+    return {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
             for k, v in out.items()}
 
 
