@@ -300,8 +300,14 @@ class MemoryBank:
         k: int = 1,
         chunk_size: int = 4096,
         device: str = "cpu",
+        sample: int | None = None,
+        seed: int = 0,
     ) -> np.ndarray:
         """Leave-one-out anomaly scores of the training clips this bank was built from.
+
+        ``sample=N`` scores only N clips per domain drawn at random (the others get
+        NaN), each still against every other clip: thresholds need a distribution,
+        not all of it, and full leave-one-out is O(n^2) for a 100k-clip bank.
 
         ``embeddings`` / ``domains`` must be the ones passed to :meth:`build` (same
         clips, any order within a domain is fine). Each clip is scored against the
@@ -324,13 +330,26 @@ class MemoryBank:
             )
         scores = np.empty(emb.shape[0], dtype=np.float32)
         kw = dict(k=k, chunk_size=chunk_size, device=device)
+        rng = np.random.default_rng(seed)
         for mask, other_bank in ((~is_target, self.target), (is_target, self.source)):
             own = emb[mask]
             if own.shape[0] == 0:
                 continue
-            loo = knn_distance(own, own, exclude_self=True, **kw)
-            other = knn_distance(own, other_bank, **kw)
-            scores[mask] = np.minimum(loo, other)
+            if sample is None or own.shape[0] <= sample:
+                loo = knn_distance(own, own, exclude_self=True, **kw)
+                other = knn_distance(own, other_bank, **kw)
+                scores[mask] = np.minimum(loo, other)
+                continue
+            pick = np.sort(rng.choice(own.shape[0], size=sample, replace=False))
+            q = own[pick]
+            # leave-one-out without the n x n product: each query's nearest of the k+1
+            # is itself at distance 0, so the mean of the other k is (k+1)/k times the mean
+            kk = min(k, own.shape[0] - 1)
+            loo = knn_distance(q, own, k=kk + 1, chunk_size=chunk_size, device=device) * (kk + 1) / kk
+            other = knn_distance(q, other_bank, **kw)
+            part = np.full(own.shape[0], np.nan, dtype=np.float32)
+            part[pick] = np.minimum(loo, other)
+            scores[mask] = part
         return scores
 
     # ------------------------------------------------------------- serialisation

@@ -53,6 +53,7 @@ class ScoreConfig:
     condense_source: int | None = None  # k-means centroids for the source bank (None: exact)
     threshold_method: str = "gamma"  # gamma | percentile
     threshold_q: float = 0.9
+    threshold_sample: int = 2000  # leave-one-out training scores per domain used for the threshold fit
     batch_size: int = 256
     num_actors: int = 2
     num_cpus: float = 0.5
@@ -91,7 +92,7 @@ def build_banks(train: pa.Table, cfg: ScoreConfig) -> tuple[dict[Group, knn.Memo
         e, d = vec[idx], [dom[i] for i in idx]
         bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source)
         banks[key] = bank
-        train_scores = bank.train_scores(e, d, k=cfg.k)
+        train_scores = bank.train_scores(e, d, k=cfg.k, sample=cfg.threshold_sample)
         finite = train_scores[np.isfinite(train_scores)]
         if len(finite) >= 1:
             thresholds[key] = float(knn.fit_threshold(finite, method=cfg.threshold_method, q=cfg.threshold_q))
@@ -151,6 +152,24 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Ta
     )
 
 
+def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Table:
+    """Score a Ray Dataset of embedding rows on an actor pool; the banks travel once per actor."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    banks_ref = ray.put(banks)
+    ds = ds.map_batches(
+        _Scorer,
+        fn_constructor_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.num_actors)),
+        num_cpus=cfg.num_cpus,
+    )
+    blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    return pa.concat_tables(blocks).sort_by("clip_id") if blocks else SCORE_SCHEMA.empty_table()
+
+
 def scores_dir(root: str, tag: str) -> str:
     return storage.join(root, "scores", tag)
 
@@ -163,7 +182,7 @@ def score(
 ) -> ScoreResult:
     """Score every test clip of an embeddings folder against its training clips; write results."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     cfg = cfg or ScoreConfig()
     t0 = time.perf_counter()
@@ -177,21 +196,11 @@ def score(
     if not ray.is_initialized():
         ray.init()
     DataContext.get_current().enable_progress_bars = cfg.progress
-    afs, path = storage.arrow_filesystem(embeddings_uri)
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
-    banks_ref = ray.put(banks)
-    ds = ds.map_batches(
-        _Scorer,
-        fn_constructor_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.num_actors)),
-        num_cpus=cfg.num_cpus,
-    )
-    blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    scores = pa.concat_tables(blocks).sort_by("clip_id") if blocks else SCORE_SCHEMA.empty_table()
+    afs, path = storage.arrow_filesystem(embeddings_uri)
+    test = ray.data.read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
+    scores = score_dataset(test, banks, thresholds, cfg)
     return write_results(scores, thresholds, out_uri, cfg, title=title, t0=t0)
 
 

@@ -350,3 +350,16 @@ def test_score_groups_missing_key_raises():
         score_groups([("fan", 0), ("pump", 2)], np.eye(3)[:2], banks)
     with pytest.raises(ValueError, match="group keys"):
         score_groups([("fan", 0)], np.eye(3)[:2], banks)
+
+
+def test_sampled_train_scores_equal_full_leave_one_out():
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(300, 16)).astype(np.float32)
+    domains = ["source"] * 280 + ["target"] * 20
+    bank = MemoryBank.build(emb, domains)
+    for k in (1, 3):
+        full = bank.train_scores(emb, domains, k=k)
+        part = bank.train_scores(emb, domains, k=k, sample=50, seed=1)
+        picked = np.isfinite(part)
+        assert picked[:280].sum() == 50 and picked[280:].all()  # target has 20 <= 50: all scored
+        np.testing.assert_allclose(part[picked], full[picked], atol=1e-5)

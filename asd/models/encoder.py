@@ -339,11 +339,11 @@ class SelfAttention(nn.Module):
                 bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias
             bias = bias.to(q.dtype)
         if padding_mask is not None:
+            # a finite minimum (not -inf, not a bool mask): an all-padding row stays finite
             keys_padded = padding_mask[:, None, None, :]  # (B, 1, 1, N)
             if bias is None:
-                bias = ~keys_padded  # boolean mask: True = attend
-            else:
-                bias = bias.masked_fill(keys_padded, torch.finfo(bias.dtype).min)
+                bias = torch.zeros(keys_padded.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(keys_padded, torch.finfo(bias.dtype).min)
 
         dropout_p = self.attention_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
