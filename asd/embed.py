@@ -68,6 +68,8 @@ def register(name: str, factory: Callable[..., Embedder]) -> None:
 
 
 def make_embedder(name: str, params: dict[str, Any] | None = None) -> Embedder:
+    if name not in EMBEDDERS:
+        import asd.models.embedders  # noqa: F401  (model-backed embedders register on import)
     try:
         factory = EMBEDDERS[name]
     except KeyError:
@@ -136,7 +138,7 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
         fn_constructor_kwargs=dict(name=cfg.embedder, params=dict(cfg.params)),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.num_actors)),
+        compute=ActorPoolStrategy(size=max(1, cfg.num_actors)),
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
     )

@@ -110,6 +110,7 @@ def knn_distance(
     chunk_size: int = 4096,
     exclude_self: bool = False,
     device: str = "cpu",
+    bank_normalized: bool = False,
 ) -> np.ndarray:
     """Mean cosine distance from each query to its ``k`` nearest bank rows.
 
@@ -127,13 +128,18 @@ def knn_distance(
             bank rows in the same order and query ``i`` never matches bank row ``i``
             (identical duplicates at other indices still count).
         device: torch device for the products, e.g. ``"cpu"`` or ``"cuda"``.
+        bank_normalized: the bank is already a finite, L2-normalised float32 array
+            (a :class:`MemoryBank`'s): skip re-checking and re-normalising it, which
+            for a large bank costs more than the search of a small batch.
 
     Returns:
         ``(n,)`` float32 distances in ``[0, 2]``; ``+inf`` where no bank row is
         available (empty bank, or a one-row bank with ``exclude_self``).
     """
     q = _as_matrix(queries, "queries")
-    b = _as_matrix(bank, "bank")
+    b = np.ascontiguousarray(bank, dtype=np.float32) if bank_normalized else _as_matrix(bank, "bank")
+    if b.ndim != 2:
+        raise ValueError(f"bank must be a 2-D (n, d) array, got shape {b.shape}")
     if q.shape[1] != b.shape[1]:
         raise ValueError(f"queries have dimension {q.shape[1]} but the bank has {b.shape[1]}")
     if int(k) < 1:
@@ -160,10 +166,12 @@ def knn_distance(
         )
         k = available
 
+    if str(device) == "cpu" and not exclude_self:
+        return _knn_numpy(l2_normalize(q), b if bank_normalized else l2_normalize(b), k, chunk_size)
     dev = torch.device(device)
     out = np.empty(n, dtype=np.float32)
     with torch.inference_mode():
-        bank_t = torch.from_numpy(l2_normalize(b)).to(dev)
+        bank_t = torch.from_numpy(b if bank_normalized else l2_normalize(b)).to(dev)
         q_norm = l2_normalize(q)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -174,6 +182,19 @@ def knn_distance(
             top = torch.topk(sim, k, dim=1, largest=True, sorted=False).values
             dist = (1.0 - top).clamp_(0.0, 2.0).mean(dim=1)
             out[start:stop] = dist.cpu().numpy()
+    return out
+
+
+def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
+    """CPU path of :func:`knn_distance` (normalised inputs): BLAS products, max or partition."""
+    out = np.empty(q.shape[0], dtype=np.float32)
+    for start in range(0, q.shape[0], chunk_size):
+        sim = q[start : start + chunk_size] @ b.T
+        if k == 1:
+            top = sim.max(axis=1, keepdims=True)
+        else:
+            top = np.partition(sim, sim.shape[1] - k, axis=1)[:, -k:]
+        out[start : start + chunk_size] = np.clip(1.0 - top, 0.0, 2.0).mean(axis=1)
     return out
 
 
@@ -275,7 +296,7 @@ class MemoryBank:
         An empty bank gives ``+inf`` for every query.
         """
         return {
-            name: knn_distance(queries, bank, k=k, chunk_size=chunk_size, device=device)
+            name: knn_distance(queries, bank, k=k, chunk_size=chunk_size, device=device, bank_normalized=True)
             for name, bank in ((SOURCE, self.source), (TARGET, self.target))
         }
 

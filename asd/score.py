@@ -108,8 +108,11 @@ class _Scorer:
     def __init__(self, banks_ref: list, thresholds: dict, k: int):
         import ray
         import torch
+        from threadpoolctl import threadpool_limits
 
+        # one BLAS/torch thread per actor: actors are the parallelism (no oversubscription)
         torch.set_num_threads(1)
+        self._blas = threadpool_limits(limits=1)
         ref = banks_ref[0]
         self.banks = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
         self.thresholds = thresholds
@@ -163,7 +166,7 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
         fn_constructor_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, cfg.num_actors)),
+        compute=ActorPoolStrategy(size=max(1, cfg.num_actors)),
         num_cpus=cfg.num_cpus,
     )
     blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import peak_rss_mb, run_child, write_result  # noqa: E402
 
 SETTINGS = [  # (batch_size, rows_per_block, num_cpus per task)
+    (64, 256, 1.0),
     (16, 64, 1.0),
-    (32, 128, 1.0),
-    (8, 32, 1.0),
-    (16, 64, 0.5),
+    (8, 16, 1.0),
+    (64, 256, 0.5),
 ]
 
 

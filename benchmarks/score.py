@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import peak_rss_mb, run_child, write_result  # noqa: E402
 
 DIM = 768
-CASES = [(10_000, 20_000), (100_000, 4_000)]  # (bank size, queries)
+CASES = [(10_000, 100_000), (100_000, 16_000)]  # (bank size, queries)
 
 
 def data(n_bank: int, n_query: int, seed: int = 0):
