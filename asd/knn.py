@@ -37,7 +37,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def knn_distance(
 
     Exact search: queries and bank are L2-normalised, then processed in chunks of
     ``chunk_size`` queries with one ``(chunk, m)`` similarity matrix product each
-    (memory ``O(chunk_size * m)``) and :func:`torch.topk`.
+    (memory ``O(chunk_size * m)``): numpy/BLAS on CPU, torch on an accelerator.
 
     Args:
         queries: ``(n, d)`` embeddings (need not be normalised).
@@ -166,8 +165,10 @@ def knn_distance(
         )
         k = available
 
-    if str(device) == "cpu" and not exclude_self:
-        return _knn_numpy(l2_normalize(q), b if bank_normalized else l2_normalize(b), k, chunk_size)
+    if str(device) == "cpu":
+        return _knn_numpy(l2_normalize(q), b if bank_normalized else l2_normalize(b), k, chunk_size, exclude_self)
+    import torch  # accelerators only: CPU scoring needs no torch import (actor start-up)
+
     dev = torch.device(device)
     out = np.empty(n, dtype=np.float32)
     with torch.inference_mode():
@@ -185,11 +186,14 @@ def knn_distance(
     return out
 
 
-def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int) -> np.ndarray:
+def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int, exclude_self: bool = False) -> np.ndarray:
     """CPU path of :func:`knn_distance` (normalised inputs): BLAS products, max or partition."""
     out = np.empty(q.shape[0], dtype=np.float32)
     for start in range(0, q.shape[0], chunk_size):
         sim = q[start : start + chunk_size] @ b.T
+        if exclude_self:
+            rows = np.arange(sim.shape[0])
+            sim[rows, rows + start] = -np.inf
         if k == 1:
             top = sim.max(axis=1, keepdims=True)
         else:

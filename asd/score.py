@@ -107,11 +107,9 @@ class _Scorer:
 
     def __init__(self, banks_ref: list, thresholds: dict, k: int):
         import ray
-        import torch
         from threadpoolctl import threadpool_limits
 
-        # one BLAS/torch thread per actor: actors are the parallelism (no oversubscription)
-        torch.set_num_threads(1)
+        # one BLAS thread per actor: actors are the parallelism (no oversubscription)
         self._blas = threadpool_limits(limits=1)
         ref = banks_ref[0]
         self.banks = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
