@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd import storage
+from asd.rescore import set_current_model
 from jobs import embed as embed_job
 from jobs import featurize as featurize_job
 from jobs import make_corpus as make_corpus_job
@@ -42,6 +43,8 @@ def run(cfg: DictConfig) -> dict:
         results[stage] = STAGES[stage](cfg)
     summary = {"root": cfg.root, "stages": results}
     score = results.get("score")
+    if score:  # the scored embedder becomes the serving model for nightly rescoring
+        set_current_model(cfg.root, cfg.embed.tag, cfg.embed.embedder, OmegaConf.to_container(cfg.embed.params, resolve=True))
     if score and score.get("report"):
         summary["report"] = score["report"]
         summary["official_score"] = score["official_score"]

@@ -1,0 +1,189 @@
+"""Nightly rescoring: score new recordings with the current model, incrementally and idempotently.
+
+A night's recordings arrive under an inbox folder in DCASE layout
+(``<inbox>/<machine_type>/test/<file>.wav``, e.g. ``s3://bucket/inbox/2026-11-25/``).
+:func:`rescore`:
+
+1. reads ``<root>/models/CURRENT`` (which embedder, with which parameters, and the
+   embeddings folder whose training clips form the memory banks);
+2. featurizes the inbox into ``<root>/rescore/_work/date=<day>/`` (the featurize
+   stage's own commits make this incremental and crash-safe);
+3. embeds those features with the current embedder and drops clips whose content
+   hash was scored on any earlier night (``rescore/date=*/scores.parquet``);
+4. scores the rest against the current banks and thresholds and publishes the
+   day's partition ``<root>/rescore/date=<day>/`` (scores.parquet with the day's
+   old and new rows, DCASE CSVs, summary.json) in one atomic step.
+
+Running a night twice changes nothing; a run that dies before step 4 leaves the
+partition as it was, and its rerun produces the same table an uninterrupted run
+would have (rows are keyed by content hash and sorted by clip id).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import posixpath
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asd import metrics, storage
+from asd.embed import EmbedConfig, embed, embeddings_dir, read_embeddings
+from asd.featurize import FeaturizeConfig, featurize
+from asd.score import ScoreConfig, build_banks, score_table
+
+log = logging.getLogger(__name__)
+
+CURRENT = "CURRENT"
+RESCORE_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("content_sha256", pa.string()),
+        ("machine_type", pa.string()),
+        ("section", pa.string()),
+        ("score", pa.float32()),
+        ("threshold", pa.float32()),
+        ("decision", pa.int8()),
+        ("model", pa.string()),
+        ("date", pa.string()),
+    ]
+)
+
+
+def set_current_model(root: str, tag: str, embedder: str, params: dict | None = None, **extra) -> str:
+    """Name the serving model: embeddings ``<root>/embeddings/<tag>`` and the embedder that made them."""
+    info = {"tag": tag, "embedder": embedder, "params": params or {}, "embeddings": embeddings_dir(root, tag),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+    return storage.atomic_write_json(storage.join(root, "models", CURRENT), info)
+
+
+def current_model(root: str) -> dict:
+    uri = storage.join(root, "models", CURRENT)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"no serving model: {uri!r} is missing; run the pipeline first (it writes it)")
+    return storage.read_json(uri)
+
+
+@dataclass
+class RescoreConfig:
+    featurize: FeaturizeConfig = field(default_factory=lambda: FeaturizeConfig(progress=False))
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    embed_batch_size: int = 64
+    num_actors: int = 2
+
+
+@dataclass
+class RescoreResult:
+    date: str
+    partition: str
+    model: str
+    n_inbox: int
+    n_new: int
+    n_already_scored: int
+    n_quarantined: int
+    n_anomalies: int
+    changed: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def partition_dir(root: str, date: str) -> str:
+    return storage.join(root, "rescore", f"date={date}")
+
+
+def scored_hashes(root: str) -> set[str]:
+    """Content hashes scored on every published night so far."""
+    base = storage.join(root, "rescore")
+    fs, path = storage.filesystem(base)
+    if not fs.exists(path):
+        return set()
+    seen: set[str] = set()
+    for p in fs.glob(posixpath.join(path, "date=*", "scores.parquet") if storage.is_remote(base)
+                     else f"{path}/date=*/scores.parquet"):
+        uri = storage.to_uri(fs, p)
+        if storage.is_published(posixpath.dirname(uri) if storage.is_remote(uri) else p.rsplit("/", 1)[0]):
+            seen.update(storage.read_table(uri, columns=["content_sha256"]).column("content_sha256").to_pylist())
+    return seen
+
+
+def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig | None = None) -> RescoreResult:
+    """Score the recordings under ``inbox`` that no earlier night scored; publish ``rescore/date=<day>``."""
+    cfg = cfg or RescoreConfig()
+    t0 = time.perf_counter()
+    date = date or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    dt.date.fromisoformat(date)  # a bad date is an error, not a folder name
+    model = current_model(root)
+    storage.check_reachable(inbox)
+
+    work = storage.join(root, "rescore", "_work", f"date={date}")
+    feat = featurize(inbox, work, cfg.featurize)
+    emb = embed(work, model["tag"], EmbedConfig(embedder=model["embedder"], params=model.get("params", {}),
+                                                batch_size=cfg.embed_batch_size, num_actors=cfg.num_actors,
+                                                progress=cfg.featurize.progress))
+    night = read_embeddings(emb.embeddings)
+    seen = scored_hashes(root)
+    new = night.filter(pc.invert(pc.is_in(night.column("content_sha256"), pa.array(sorted(seen), pa.string()))))
+    out = partition_dir(root, date)
+    old = (storage.read_table(storage.join(out, "scores.parquet")) if storage.is_published(out)
+           else RESCORE_SCHEMA.empty_table())
+    if new.num_rows == 0:
+        log.info("rescore %s: nothing new in %s (%d clips already scored)", date, inbox, night.num_rows)
+        return _result(date, out, model, night, new, feat, old, changed=False, t0=t0)
+
+    train = read_embeddings(model["embeddings"], filter=pc.field("split") == "train")
+    train = train.filter(pc.invert(pc.fill_null(pc.equal(train.column("label"), "anomaly"), False)))
+    banks, thresholds = build_banks(train, cfg.score)
+    scored = score_table(new, banks, thresholds, cfg.score.k)
+    rows = pa.table({
+        "clip_id": scored.column("clip_id"),
+        "content_sha256": new.column("content_sha256"),
+        "machine_type": scored.column("machine_type"),
+        "section": scored.column("section"),
+        "score": scored.column("score"),
+        "threshold": scored.column("threshold"),
+        "decision": scored.column("decision"),
+        "model": pa.array([model["tag"]] * scored.num_rows, pa.string()),
+        "date": pa.array([date] * scored.num_rows, pa.string()),
+    }, schema=RESCORE_SCHEMA)
+    table = pa.concat_tables([old.select(RESCORE_SCHEMA.names).cast(RESCORE_SCHEMA), rows]).sort_by("clip_id")
+    _publish_night(table, out, model, date)
+    return _result(date, out, model, night, new, feat, table, changed=True, t0=t0)
+
+
+def _publish_night(table: pa.Table, out: str, model: dict, date: str) -> None:
+    staging = storage.staging_dir(out)
+    storage.write_table(storage.join(staging, "scores.parquet"), table)
+    rows = table.to_pylist()
+    for mt, sec in sorted({(r["machine_type"], r["section"]) for r in rows}):
+        group = [r for r in rows if r["machine_type"] == mt and r["section"] == sec]
+        metrics.write_result_csvs(staging, mt, sec, [posixpath.basename(r["clip_id"]) for r in group],
+                                  [r["score"] for r in group], [int(r["decision"]) for r in group])
+    summary = {
+        "date": date,
+        "model": model["tag"],
+        "clips": len(rows),
+        "anomalies_above_threshold": int(sum(r["decision"] for r in rows)),
+        "per_type": {mt: {"clips": sum(r["machine_type"] == mt for r in rows),
+                          "anomalies": int(sum(r["decision"] for r in rows if r["machine_type"] == mt))}
+                     for mt in sorted({r["machine_type"] for r in rows})},
+    }
+    storage.atomic_write_json(storage.join(staging, "summary.json"), summary)
+    storage.publish_dir(staging, out, {"rows": len(rows)})
+
+
+def _result(date, out, model, night, new, feat, table, changed, t0) -> RescoreResult:
+    decisions = table.column("decision").to_numpy(zero_copy_only=False) if table.num_rows else np.zeros(0)
+    res = RescoreResult(
+        date=date, partition=out, model=model["tag"], n_inbox=night.num_rows, n_new=new.num_rows,
+        n_already_scored=night.num_rows - new.num_rows, n_quarantined=feat.n_quarantined,
+        n_anomalies=int(decisions.sum()), changed=changed, seconds=time.perf_counter() - t0,
+    )
+    log.info("rescore %s: %d new clips scored with %s, %d anomalies above threshold on the night -> %s",
+             date, res.n_new, res.model, res.n_anomalies, out)
+    return res

@@ -1,0 +1,28 @@
+"""Nightly rescoring: ``python -m jobs.rescore root=s3://bucket/run inbox=s3://bucket/inbox/2026-11-25 date=2026-11-25``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from asd.featurize import FeaturizeConfig
+from asd.rescore import RescoreConfig, rescore
+from asd.score import ScoreConfig
+from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+
+
+def run(cfg: DictConfig) -> dict:
+    rcfg = RescoreConfig(featurize=to_dataclass(FeaturizeConfig, cfg.featurize), score=to_dataclass(ScoreConfig, cfg.score))
+    res = rescore(cfg.inbox, cfg.root, date=cfg.date, cfg=rcfg)
+    return {"stage": "rescore", **res.to_dict()}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="rescore")
+def main(cfg: DictConfig) -> None:
+    setup_logging(cfg.log_level)
+    init_ray(cfg.ray)
+    final_line(run(cfg))
+
+
+if __name__ == "__main__":
+    main()
