@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -83,6 +84,9 @@ class FeaturizeConfig:
     num_cpus: float = 1.0  # per featurize task; fractions let it share small machines
     compute_stats: bool = True
     progress: bool = True
+    max_task_retries: int = 3  # a featurize task whose worker dies is run again (same output file names)
+    # fault injection for tests: the first task to see this marker missing creates it and kills its worker
+    kill_worker_once_marker: str | None = None
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self.fbank), sort_keys=True).encode()).hexdigest()[:12]
@@ -168,6 +172,9 @@ def featurize_batch(
     task; only good rows are returned.
     """
     rejected = rejected or {}
+    if cfg.kill_worker_once_marker and not storage.exists(cfg.kill_worker_once_marker):
+        storage.atomic_write_text(cfg.kill_worker_once_marker, "killed\n")
+        os._exit(1)  # the worker process dies mid-task, as on a lost node or an OOM kill
     import torch
 
     torch.set_num_threads(1)
@@ -408,6 +415,7 @@ def featurize(
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_cpus=cfg.num_cpus,
+            max_retries=cfg.max_task_retries,
         )
         afs, staging_path = storage.arrow_filesystem(staging)
         # Ray deletes a folder it created when no rows were written; on object stores that

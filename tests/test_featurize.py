@@ -163,3 +163,21 @@ def test_real_clips_featurize_without_quarantine(ray_session, real_data, tmp_pat
     assert res.n_quarantined == 0 and res.n_featurized == 122
     frames = read_features_table(str(tmp_path), columns=["fbank_frames"]).column("fbank_frames").to_pylist()
     assert set(frames) <= {788, 998, 1198}  # 7.9 s, 10 s and 12 s clips at a 10 ms shift
+
+
+def test_killed_worker_leaves_no_missing_or_duplicate_rows(ray_session, small_corpus, tmp_path):
+    marker = tmp_path / "killed"
+    cfg = FeaturizeConfig(progress=False, rows_per_block=16, batch_size=8, kill_worker_once_marker=str(marker))
+    res = featurize(small_corpus, str(tmp_path / "out"), cfg)
+    assert marker.exists()  # a worker really died mid-run
+    t = read_features_table(str(tmp_path / "out"), columns=["clip_id"])
+    ids = t.column("clip_id").to_pylist()
+    expected = read_features_table_expected(small_corpus)
+    assert res.n_featurized == len(ids) == len(set(ids)) == len(expected)
+    assert sorted(ids) == expected
+
+
+def read_features_table_expected(corpus):
+    from asd.data.manifest import build_manifest
+
+    return sorted(build_manifest(corpus, probe=False).table.column("clip_id").to_pylist())
