@@ -220,7 +220,6 @@ def _condensed_euclidean(x: np.ndarray, block_bytes: int = 1 << 28) -> np.ndarra
         np.maximum(g, 0.0, out=g)
         np.sqrt(g, out=g)
         for r in range(i1 - i0):
-            i = i0 + r
             seg = g[r, r + 1:]
             out[pos:pos + len(seg)] = seg
             pos += len(seg)

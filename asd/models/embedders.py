@@ -1,0 +1,122 @@
+"""Model-backed embedders for :func:`asd.embed.embed`.
+
+Importing this module registers them in :data:`asd.embed.EMBEDDERS`:
+
+``encoder``: an :class:`~asd.models.encoder.AudioEncoder` checkpoint (ours, e.g.
+``<root>/models/pretrain/encoder.pt``, or a BEATs release file) -> pooled patch features of
+one block, L2-normalised. The fbank is normalised exactly as in training: the checkpoint's
+``meta`` (``norm_mean``/``norm_std``, written by :mod:`asd.pretrain`) or BEATs' constants.
+Clips longer than ``max_frames`` are embedded in windows of ``max_frames`` frames (the last
+window aligned to the clip's end) and the window embeddings averaged; clips shorter than one
+patch are tiled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from asd.embed import l2n, register
+from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, load_checkpoint, normalize_fbank
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def windows(frames: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) windows of ``size`` covering ``frames`` (last one aligned to the end)."""
+    if frames <= size:
+        return [(0, frames)]
+    starts = list(range(0, frames - size + 1, size))
+    if starts[-1] + size < frames:
+        starts.append(frames - size)
+    return [(s, s + size) for s in starts]
+
+
+class EncoderEmbedder:
+    """Pooled encoder features of log-mel matrices: ``(n, d)`` float32, rows L2-normalised."""
+
+    name = "encoder"
+
+    def __init__(
+        self,
+        checkpoint: str,
+        layer: int | None = None,
+        pool: str = "mean",
+        device: str = "auto",
+        max_frames: int = 1024,
+        batch_size: int = 16,
+        bf16: bool = True,
+    ):
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.device = resolve_device(device)
+        self.model = load_checkpoint(checkpoint, map_location="cpu", keep_predictor=False).to(self.device).eval()
+        patch = self.model.cfg.input_patch_size
+        if max_frames < patch:
+            raise ValueError(f"max_frames must be at least one patch ({patch}), got {max_frames}")
+        self.checkpoint = checkpoint
+        self.layer = layer
+        self.pool = pool
+        self.max_frames = max_frames // patch * patch
+        self.batch_size = max(1, int(batch_size))
+        self.bf16 = bf16 and self.device.type == "cuda"
+        meta = self.model.meta or {}
+        self.mean = float(meta.get("norm_mean", FBANK_MEAN))
+        self.std = float(meta.get("norm_std", FBANK_STD))
+
+    def _segments(self, fb: np.ndarray) -> list[np.ndarray]:
+        patch = self.model.cfg.input_patch_size
+        if fb.shape[0] < patch:
+            reps = -(-patch // max(1, fb.shape[0]))
+            fb = np.tile(fb, (reps, 1))[:patch]
+        return [fb[s:e] for s, e in windows(fb.shape[0], self.max_frames)]
+
+    @torch.no_grad()
+    def _embed_same_length(self, segments: list[np.ndarray]) -> np.ndarray:
+        outs = []
+        for i in range(0, len(segments), self.batch_size):
+            x = torch.from_numpy(np.stack(segments[i : i + self.batch_size]).astype(np.float32))
+            x = normalize_fbank(x, self.mean, self.std).to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+                e = self.model.embed(x, layer=self.layer, pool=self.pool)
+            outs.append(e.float().cpu().numpy())
+        return np.concatenate(outs)
+
+    def __call__(self, features: list[np.ndarray]) -> np.ndarray:
+        if not features:
+            return np.zeros((0, 0), np.float32)
+        segs: list[np.ndarray] = []
+        owner: list[int] = []
+        for i, fb in enumerate(features):
+            for s in self._segments(np.asarray(fb, np.float32)):
+                segs.append(s)
+                owner.append(i)
+        # batch segments of equal length together (no padding masks needed)
+        vectors: list[np.ndarray | None] = [None] * len(segs)
+        by_len: dict[int, list[int]] = {}
+        for j, s in enumerate(segs):
+            by_len.setdefault(s.shape[0], []).append(j)
+        for idx in by_len.values():
+            emb = self._embed_same_length([segs[j] for j in idx])
+            for j, e in zip(idx, emb):
+                vectors[j] = e
+        dim = vectors[0].shape[0]
+        out = np.zeros((len(features), dim), np.float64)
+        count = np.zeros(len(features))
+        for j, i in enumerate(owner):
+            out[i] += vectors[j]
+            count[i] += 1
+        return l2n((out / count[:, None]).astype(np.float32))
+
+
+register("encoder", EncoderEmbedder)
+
+__all__ = ["EncoderEmbedder", "resolve_device", "windows"]

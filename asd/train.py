@@ -1,0 +1,867 @@
+"""The shared Ray Train loop: workers, DDP, checkpoints, resume, bf16.
+
+An *objective* (:class:`Objective`) says what is trained (self-supervised pre-training in
+:mod:`asd.pretrain`, attribute classification later); this module does everything else:
+
+* :func:`fit` (driver): reads ``<root>/features`` as a Ray Dataset (training splits only),
+  starts a :class:`ray.train.torch.TorchTrainer` with ``num_workers`` workers (fractional
+  CPUs, or one GPU each), checkpoints to ``storage_path`` (local or ``s3://``) and returns a
+  :class:`TrainResult`. Rerunning with the same ``storage_path``/``name`` continues the run
+  from its latest checkpoint (Ray Train V2 restores the run from storage); ``resume=False``
+  starts over.
+* :func:`train_loop` (per worker, no Ray needed): optimizer (AdamW, no decay on norms and
+  biases), linear warm-up + cosine LR, gradient accumulation (``no_sync`` on the micro-steps
+  before the last), gradient clipping, bf16 autocast on CUDA, the objective's hook after
+  every optimizer step (EMA teacher), periodic checkpoints through a callback, a step count
+  that continues on resume. Plain ``torch.distributed`` + DDP can drive it without Ray.
+* :class:`FeatureBatches`: feature rows (Arrow) -> normalised random crops of
+  ``crop_frames`` frames (short clips are tiled), reshuffled every epoch; small shards are
+  cached in worker memory after the first pass, so later epochs cost no Ray Data start-up.
+* :func:`export_encoder`: the trained encoder to
+  ``<root>/models/<tag>/encoder.pt`` (+ ``config.json``).
+
+Ray Train 2.60 notes (Train V2 is the default, ``RAY_TRAIN_V2_ENABLED=1``):
+``ray.train.report`` is a barrier every worker must call equally often; only rank 0's
+metrics are kept, and only together with a checkpoint (``Result.metrics`` is the latest
+checkpoint's metrics, ``Result.metrics_dataframe`` one row per *kept* checkpoint), so the
+loss history travels inside the checkpoint and in rank 0's return value
+(``Result.return_value``). ``ray.train.get_checkpoint()`` gives the latest checkpoint after
+a worker-group restart (``FailureConfig(max_failures)``) and when a finished or crashed run
+is started again under the same storage path and name. ``resume_from_checkpoint`` is gone:
+an initial model is the objective's business (e.g. ``PretrainConfig.init_checkpoint``).
+``storage_filesystem`` takes a pyarrow filesystem; we always pass the project's
+(:func:`asd.storage.arrow_filesystem`), so the moto / AWS endpoint comes from the
+environment like everywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import torch
+import torch.nn as nn
+
+from asd import storage
+from asd.featurize import read_features_ray, read_features_table
+from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+FEATURE_COLUMNS = ["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, data and Ray Train settings shared by every training stage."""
+
+    steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
+    batch_size: int = 16  # clips per worker per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.01  # cosine floor, as a fraction of lr
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant (both after the linear warm-up)
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # workers
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional: 2 workers fit on 2 cores beside Ray Data
+    torch_threads: int | None = None  # per worker; None = max(1, int(cpus_per_worker))
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    # data
+    crop_frames: int = 512  # random crop per clip and step (multiple of 16; short clips tiled)
+    splits: tuple[str, ...] = ("train",)  # feature rows used for training
+    shuffle_buffer: int = 256  # Ray Data local shuffle buffer (rows) while streaming
+    cache_mb: float = 2048.0  # cache a worker's shard in memory when it is smaller than this
+    norm: str = "beats"  # beats: BEATs' fbank constants | stats: scalar mean/std of _stats
+    # checkpoints and faults
+    checkpoint_every: int = 100  # steps; the last step is always checkpointed
+    num_to_keep: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    storage_path: str | None = None  # dir or s3://...; None = <features root>/checkpoints
+    name: str = "train"  # run folder under storage_path
+    resume: bool = True  # continue an existing run of the same name (False: start over)
+    seed: int = 0
+    log_every: int = 10
+    fail_at_step: int | None = None  # fault injection (tests): one worker fails at this step,
+    fail_rank: int = -1  # on this rank (negative: from the end), the first time only
+    fail_mode: str = "raise"  # raise | exit (os._exit: the worker process dies)
+    fail_delay_s: float = 3.0  # wait before failing, so Ray Train has registered the last checkpoint
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        self.splits = tuple(self.splits)
+        if self.crop_frames % 16 or self.crop_frames <= 0:
+            raise ValueError(f"crop_frames must be a positive multiple of 16, got {self.crop_frames}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.norm not in ("beats", "stats"):
+            raise ValueError(f"norm must be beats or stats, got {self.norm!r}")
+        if self.fail_mode not in ("raise", "exit"):
+            raise ValueError(f"fail_mode must be raise or exit, got {self.fail_mode!r}")
+        if self.grad_accum < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("grad_accum, batch_size and num_workers must be >= 1")
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What a training stage plugs into :func:`train_loop` (must be picklable: it is shipped
+    to the Ray workers and rebuilt there)."""
+
+    name: str
+    columns: tuple[str, ...]  # feature columns the objective needs besides fbank (e.g. attributes)
+    find_unused_parameters: bool
+
+    def build(self) -> nn.Module:
+        """The trainable module (wrapped by DDP), with an ``encoder`` to export."""
+
+    def initialize(self, module: nn.Module) -> None:
+        """Fresh start only (not on resume): e.g. load a general-purpose checkpoint."""
+
+    def setup(self, module: nn.Module, device: torch.device) -> None:
+        """After the module is on its device, before DDP: extra state (an EMA teacher)."""
+
+    def step(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch (``model`` may be DDP-wrapped: call it, not its parts)."""
+
+    def after_optimizer_step(self, module: nn.Module, step: int, total_steps: int) -> dict | None:
+        """Hook after every optimizer step (``step`` = completed steps); may return logs."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def encoder(self, module: nn.Module) -> AudioEncoder:
+        """The encoder to export from the (unwrapped) module."""
+
+
+class ObjectiveBase:
+    """Defaults for the optional parts of :class:`Objective`."""
+
+    name = "objective"
+    columns: tuple[str, ...] = ()
+    find_unused_parameters = False
+
+    def initialize(self, module: nn.Module) -> None:
+        pass
+
+    def setup(self, module: nn.Module, device: torch.device) -> None:
+        pass
+
+    def after_optimizer_step(self, module: nn.Module, step: int, total_steps: int) -> dict | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def encoder(self, module: nn.Module) -> AudioEncoder:
+        return module.encoder
+
+    def describe(self) -> dict:
+        """JSON-able description stored in checkpoints and exported models."""
+        return {"objective": self.name}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def fbank_norm(cfg: TrainConfig, root: str | None = None) -> tuple[float, float]:
+    """Scalar (mean, std) used as ``(fbank - mean) / (2 * std)`` (BEATs' form)."""
+    if cfg.norm == "beats" or root is None:
+        return FBANK_MEAN, FBANK_STD
+    from asd.featurize import load_stats
+
+    stats = load_stats(root)["all"]
+    mean = np.asarray(stats["mean"], np.float64)
+    std = np.asarray(stats["std"], np.float64)
+    m = float(mean.mean())
+    s = float(np.sqrt(np.mean(std**2 + mean**2) - m**2))
+    return m, s
+
+
+def crop_batch(arrays: list[np.ndarray], crop: int, rng: np.random.Generator, mean: float, std: float) -> torch.Tensor:
+    """(B, crop, bins) normalised random crops; clips shorter than ``crop`` are tiled
+    (wrap-around from a random offset), so no padding mask is needed."""
+    bins = arrays[0].shape[1]
+    out = np.empty((len(arrays), crop, bins), np.float32)
+    for i, a in enumerate(arrays):
+        frames = a.shape[0]
+        if frames >= crop:
+            start = int(rng.integers(0, frames - crop + 1))
+            out[i] = a[start : start + crop]
+        else:
+            offset = int(rng.integers(0, frames))
+            idx = (offset + np.arange(crop)) % frames
+            out[i] = a[idx]
+    out -= mean
+    out /= 2.0 * std
+    return torch.from_numpy(out)
+
+
+class FeatureBatches:
+    """Epochs of training batches ``{"fbank": (B, crop, bins) float32, <column>: list}``.
+
+    ``read_pass(epoch)`` yields Arrow batches of feature rows for one pass (a Ray Data
+    shard's ``iter_batches``, or slices of a table). With ``cache=True`` the whole pass is
+    read once, kept in memory (fbank as stored, float16) in ``clip_id`` order, and every
+    epoch is a fresh permutation of it; otherwise every epoch streams a new pass. Orders are
+    seeded by (seed, rank, epoch) and crops by (seed, rank, epoch, batch), so a run resumed
+    inside an epoch (``skip``) sees exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        read_pass: Callable[[int], Iterable[pa.Table | pa.RecordBatch]],
+        cfg: TrainConfig,
+        *,
+        columns: Iterable[str] = (),
+        norm: tuple[float, float] = (FBANK_MEAN, FBANK_STD),
+        rank: int = 0,
+        cache: bool = False,
+    ):
+        self.read_pass = read_pass
+        self.cfg = cfg
+        self.columns = tuple(columns)
+        self.norm = norm
+        self.rank = rank
+        self.cache = cache
+        self._cached: list[tuple[np.ndarray, dict, str]] | None = None
+
+    def _rows(self, batch) -> list[tuple[np.ndarray, dict, str]]:
+        if isinstance(batch, pa.RecordBatch):
+            batch = pa.Table.from_batches([batch])
+        names = set(batch.column_names)
+        wanted = FEATURE_COLUMNS + [c for c in self.columns if c not in FEATURE_COLUMNS]
+        if "clip_id" in names and "clip_id" not in wanted:
+            wanted.append("clip_id")
+        out = []
+        for r in batch.select(wanted).to_pylist():
+            raw = np.frombuffer(r["fbank"], dtype=np.dtype(r["fbank_dtype"]))
+            fb = raw.reshape(int(r["fbank_frames"]), int(r["num_mel_bins"]))
+            out.append((fb, {c: r[c] for c in self.columns}, str(r.get("clip_id") or "")))
+        return out
+
+    def _collate(self, rows: list, epoch: int, index: int) -> dict:
+        rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, index, 2])
+        arrays = [a.astype(np.float32) for a, _, _ in rows]
+        batch: dict[str, Any] = {"fbank": crop_batch(arrays, self.cfg.crop_frames, rng, *self.norm)}
+        for c in self.columns:
+            batch[c] = [extra[c] for _, extra, _ in rows]
+        return batch
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """The batches of one epoch, the first ``skip`` left out (resume inside an epoch)."""
+        bs = self.cfg.batch_size
+        if self.cache and self._cached is None:
+            rows = [row for part in self.read_pass(epoch) for row in self._rows(part)]
+            if not rows:
+                return
+            self._cached = sorted(rows, key=lambda r: r[2])
+        if self._cached is not None:
+            order = np.random.default_rng([self.cfg.seed, self.rank, epoch, 1]).permutation(len(self._cached))
+            for i, start in enumerate(range(0, len(order), bs)):
+                if i >= skip:
+                    yield self._collate([self._cached[j] for j in order[start : start + bs]], epoch, i)
+            return
+        pending: list = []
+        index = 0
+        for part in self.read_pass(epoch):
+            pending.extend(self._rows(part))
+            while len(pending) >= bs:
+                chunk, pending = pending[:bs], pending[bs:]
+                if index >= skip:
+                    yield self._collate(chunk, epoch, index)
+                index += 1
+        if pending and index >= skip:
+            yield self._collate(pending, epoch, index)
+
+
+def table_batches(table: pa.Table, cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Callable[[int], Iterator[pa.Table]]:
+    """``read_pass`` over an in-memory table of feature rows (no Ray): this rank's share,
+    reshuffled per epoch."""
+    share = table.take(list(range(rank, table.num_rows, world_size)))
+
+    def read_pass(epoch: int) -> Iterator[pa.Table]:
+        order = np.random.default_rng([cfg.seed, rank, epoch, 2]).permutation(share.num_rows)
+        shuffled = share.take(order)
+        for start in range(0, shuffled.num_rows, cfg.batch_size):
+            yield shuffled.slice(start, cfg.batch_size)
+
+    return read_pass
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclass
+class LoopResult:
+    start_step: int
+    step: int
+    epoch: int
+    history: list[dict]
+    final_loss: float | None
+    seconds: float
+    samples_per_s: float  # clips per second on this worker, whole attempt (data start-up included)
+    steady_samples_per_s: float  # clips per second over the second half of the attempt's steps
+    param_checksum: str
+    module: nn.Module | None = field(default=None, repr=False)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, gains and embeddings-like 1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "weight_g" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_checksum(module: nn.Module) -> str:
+    """sha256 over every parameter's bytes (identical weights <=> identical checksum)."""
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap(module).state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _mean_across(values: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if world_size <= 1 or not dist.is_available() or not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / world_size for k, v in zip(keys, t.tolist())}
+
+
+def build_training_state(
+    module: nn.Module, optimizer, scheduler, objective: Objective, *, step: int, epoch: int, batch_in_epoch: int,
+    history: list[dict], cfg: TrainConfig, world_size: int,
+) -> dict:
+    """Everything a resumed run needs (loadable with ``torch.load(weights_only=True)``); a
+    snapshot: tensors are copied, so later steps do not change it."""
+    return _snapshot({
+        "module": unwrap(module).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "objective": objective.state_dict(),
+        "step": int(step),
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
+        "history": json.loads(json.dumps(history)),
+        "world_size": int(world_size),
+        "config": json.loads(json.dumps(asdict(cfg), default=list)),
+    })
+
+
+def _snapshot(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+def train_loop(
+    objective: Objective,
+    source: FeatureBatches,
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_state: dict | None = None,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    on_checkpoint: Callable[[dict | None, dict], None] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
+) -> LoopResult:
+    """Train ``objective`` for ``cfg.steps`` optimizer steps on one worker.
+
+    Without Ray: ``wrap=lambda m: DistributedDataParallel(m.to(dev), ...)`` after
+    ``torch.distributed.init_process_group`` (or ``wrap=None`` for one process).
+    ``resume_state`` (see :func:`build_training_state`) restores module, optimizer, LR
+    schedule, objective state (EMA teacher) and the step / epoch / batch position; the step
+    count continues from there. ``on_checkpoint(state, metrics)`` is called on every rank
+    every ``checkpoint_every`` steps and at the end (``state`` only on rank 0, None
+    elsewhere). ``before_step(step)`` runs before each step (fault injection).
+    """
+    t_start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+    module = objective.build().to(device)
+    if resume_state is None:
+        objective.initialize(module)
+    objective.setup(module, device)
+    optimizer = torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    step, epoch, batch_in_epoch, history = 0, 0, 0, []
+    if resume_state is not None:
+        module.load_state_dict(resume_state["module"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        objective.load_state_dict(resume_state.get("objective") or {})
+        step = int(resume_state["step"])
+        epoch = int(resume_state.get("epoch", 0))
+        batch_in_epoch = int(resume_state.get("batch_in_epoch", 0))
+        history = list(resume_state.get("history") or [])
+        log.info("rank %d: resuming at step %d (epoch %d, batch %d)", rank, step, epoch, batch_in_epoch)
+    start_step = step
+    model = wrap(module) if wrap is not None else module
+    model.train()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.bf16 and device.type == "cuda") else contextlib.nullcontext()
+    )
+    position = {"epoch": epoch, "batch": batch_in_epoch}
+
+    def micro_batches() -> Iterator[dict]:
+        while True:
+            got = 0
+            for b in source.epoch(position["epoch"], skip=position["batch"]):
+                position["batch"] += 1
+                got += 1
+                yield b
+            if got == 0 and position["batch"] == 0:
+                raise RuntimeError("the training data is empty (no feature rows in the selected splits)")
+            position["epoch"] += 1
+            position["batch"] = 0
+
+    stream = micro_batches()
+    window: dict[str, list[float]] = {}
+    samples = 0
+    t_loop = time.perf_counter()
+    half = start_step + (cfg.steps - start_step) // 2  # steady-state throughput from here
+    t_half, samples_half = None, 0
+    last_loss = None
+    while step < cfg.steps:
+        if before_step is not None:
+            before_step(step)
+        if step == half and t_half is None:
+            t_half, samples_half = time.perf_counter(), samples
+        # masks and other torch randomness: seeded per (seed, rank, step), so resuming is exact
+        torch.manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(next(stream), device)
+            samples += int(batch["fbank"].shape[0])
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast:
+                    loss, logs = objective.step(model, batch, step)
+                (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": float(loss.detach()), **logs}.items():
+                window.setdefault(k, []).append(float(v))
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        extra = objective.after_optimizer_step(module, step, cfg.steps) or {}
+        window.setdefault("grad_norm", []).append(float(grad_norm))
+        for k, v in extra.items():
+            window.setdefault(k, []).append(float(v))
+        is_ckpt = step % max(1, cfg.checkpoint_every) == 0 or step == cfg.steps
+        if step % max(1, cfg.log_every) == 0 or is_ckpt:
+            means = _mean_across({k: float(np.mean(v)) for k, v in window.items()}, world_size, device)
+            entry = {"step": step, "epoch": position["epoch"], "lr": scheduler.get_last_lr()[0], **means}
+            history.append(entry)
+            last_loss = entry.get("loss")
+            window = {}
+            if rank == 0:
+                log.info("step %d/%d %s", step, cfg.steps, {k: round(v, 5) for k, v in entry.items() if k != "step"})
+            if on_log is not None:
+                on_log(entry)
+        if is_ckpt and on_checkpoint is not None:
+            state = None
+            if rank == 0:
+                state = build_training_state(
+                    module, optimizer, scheduler, objective, step=step, epoch=position["epoch"],
+                    batch_in_epoch=position["batch"], history=history, cfg=cfg, world_size=world_size,
+                )
+            metrics = {"step": step, "start_step": start_step, "epoch": position["epoch"],
+                       "loss": last_loss if last_loss is not None else float("nan")}
+            on_checkpoint(state, metrics)
+    t_end = time.perf_counter()
+    seconds = t_end - t_loop
+    steady = (samples - samples_half) / (t_end - t_half) if t_half is not None and t_end > t_half else 0.0
+    if last_loss is None and history:
+        last_loss = history[-1].get("loss")
+    return LoopResult(
+        start_step=start_step, step=step, epoch=position["epoch"], history=history, final_loss=last_loss,
+        seconds=t_end - t_start, samples_per_s=samples / seconds if seconds > 0 and samples else 0.0,
+        steady_samples_per_s=steady, param_checksum=param_checksum(module), module=module,
+    )
+
+
+def train_plain(
+    objective: Objective, features_root: str, cfg: TrainConfig, *, norm: tuple[float, float] | None = None,
+    device: torch.device | str | None = None,
+) -> LoopResult:
+    """The same training without Ray: one process, or one per GPU under ``torchrun`` (DDP over
+    NCCL / gloo from the ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` environment). Every rank reads the
+    committed features itself and takes every ``WORLD_SIZE``-th training row; nothing is
+    checkpointed. For checking the loop on a machine without Ray (see ``python -m asd.pretrain``).
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cols = list(dict.fromkeys(FEATURE_COLUMNS + ["clip_id", "split"] + list(objective.columns)))
+    table = read_features_table(features_root, columns=cols)
+    table = table.filter(pa.compute.is_in(table.column("split"), pa.array(list(cfg.splits))))
+    source = FeatureBatches(table_batches(table, cfg, rank, world), cfg, columns=objective.columns,
+                            norm=tuple(norm) if norm is not None else fbank_norm(cfg, features_root), rank=rank,
+                            cache=True)
+
+    def wrap(module: nn.Module) -> nn.Module:
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=bool(objective.find_unused_parameters))
+
+    return train_loop(objective, source, cfg, device=device, rank=rank, world_size=world,
+                      wrap=wrap if world > 1 else None)
+
+
+# ----------------------------------------------------------------------------- Ray Train
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``fail_at_step`` fault injection."""
+
+
+def _fault_hook(cfg: TrainConfig, run_uri: str, rank: int, world_size: int) -> Callable[[int], None] | None:
+    if cfg.fail_at_step is None:
+        return None
+    target = cfg.fail_rank % world_size
+
+    def hook(step: int) -> None:
+        if step != cfg.fail_at_step or rank != target:
+            return
+        marker = storage.join(run_uri, "_faults", f"step-{step:08d}.json")
+        if storage.exists(marker):  # already failed once here: this is the retry
+            return
+        storage.atomic_write_json(marker, {"step": step, "rank": rank, "mode": cfg.fail_mode, "time": time.time()})
+        # Ray Train V2's controller collects reported checkpoints when it polls the workers
+        # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a crash sooner after a report can
+        # lose that checkpoint, and the run resumes from the one before. Wait, so tests know
+        # which step the run must resume from.
+        time.sleep(max(0.0, cfg.fail_delay_s))
+        log.warning("fault injection: rank %d fails at step %d (%s)", rank, step, cfg.fail_mode)
+        if cfg.fail_mode == "exit":
+            os._exit(17)
+        raise InjectedFault(f"injected fault at step {step} on rank {rank}")
+
+    return hook
+
+
+def _load_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, STATE_FILE), "rb") as f:
+            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+
+def _ray_worker(config: dict) -> dict | None:
+    """``train_loop_per_worker``: one Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    objective: Objective = config["objective"]
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_state = _load_state(checkpoint) if checkpoint is not None else None
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def read_pass(epoch: int):
+        return shard.iter_batches(
+            batch_size=cfg.batch_size, batch_format="pyarrow", prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 1000 + epoch * 10 + rank) if cfg.shuffle_buffer else None,
+        )
+
+    source = FeatureBatches(read_pass, cfg, columns=objective.columns, norm=tuple(config["norm"]), rank=rank,
+                            cache=bool(config["cache"]))
+
+    def wrap(module: nn.Module) -> nn.Module:
+        kwargs = {"find_unused_parameters": bool(objective.find_unused_parameters)}
+        if device.type == "cuda":
+            kwargs["device_ids"] = [device.index]
+        return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy="ddp",
+                                             parallel_strategy_kwargs=kwargs)
+
+    def on_checkpoint(state: dict | None, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if state is not None:
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+                meta = {**metrics, "objective": objective.describe(), "world_size": world_size,
+                        "norm": list(config["norm"]), "time": time.time()}
+                with open(os.path.join(tmp, META_FILE), "w") as f:
+                    json.dump(meta, f, default=str)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{metrics['step']:08d}")
+
+    res = train_loop(
+        objective, source, cfg, device=device, rank=rank, world_size=world_size, resume_state=resume_state,
+        wrap=wrap if world_size > 1 else None, on_checkpoint=on_checkpoint,
+        before_step=_fault_hook(cfg, config["run_uri"], rank, world_size),
+    )
+    import torch.distributed as dist
+
+    summary = {"rank": rank, "param_checksum": res.param_checksum, "samples_per_s": res.samples_per_s,
+               "steady_samples_per_s": res.steady_samples_per_s, "start_step": res.start_step, "step": res.step,
+               "device": str(device)}
+    summaries = [summary]
+    if world_size > 1 and dist.is_initialized():
+        summaries = [None] * world_size
+        dist.all_gather_object(summaries, summary)
+    if rank != 0:
+        return None
+    return {
+        "start_step": res.start_step, "step": res.step, "epoch": res.epoch, "history": res.history,
+        "final_loss": res.final_loss, "workers": summaries, "seconds": res.seconds,
+        "resumed": resume_state is not None,
+    }
+
+
+@dataclass
+class TrainResult:
+    run: str  # the Ray Train run folder (URI)
+    checkpoint: str | None  # URI of the latest checkpoint folder
+    start_step: int  # step this (last) attempt started from: > 0 when it resumed
+    step: int
+    final_loss: float | None
+    history: list[dict]
+    workers: list[dict]  # per rank: param_checksum, samples_per_s, start/step
+    seconds: float
+    samples_per_s: float  # all workers together, whole attempt
+    steady_samples_per_s: float  # all workers together, second half of the steps
+    num_workers: int
+
+    def to_dict(self, history: bool = False) -> dict:
+        d = asdict(self)
+        if not history:
+            d.pop("history")
+        return d
+
+
+def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[str]):
+    from ray.data.expressions import col
+
+    cols = list(dict.fromkeys(FEATURE_COLUMNS + ["clip_id", "split"] + list(columns)))
+    ds = read_features_ray(features_root, columns=cols)
+    cond = None
+    for s in cfg.splits:
+        c = col("split") == s
+        cond = c if cond is None else (cond | c)
+    return ds.filter(expr=cond)
+
+
+def _shard_megabytes(features_root: str, cfg: TrainConfig) -> float:
+    """Estimated in-memory size (MiB) of one worker's share of the training rows."""
+    t = read_features_table(features_root, columns=["split", "fbank_frames", "num_mel_bins", "fbank_dtype"])
+    total = 0
+    for r in t.to_pylist():
+        if r["split"] in cfg.splits:
+            total += int(r["fbank_frames"]) * int(r["num_mel_bins"]) * np.dtype(r["fbank_dtype"]).itemsize
+    return total / cfg.num_workers / 2**20
+
+
+def run_dir(cfg: TrainConfig, features_root: str) -> tuple[str, str]:
+    """(storage_path URI, run folder URI) of a training run."""
+    storage_path = cfg.storage_path or storage.join(features_root, "checkpoints")
+    if not storage.is_remote(storage_path):
+        storage_path = os.path.abspath(os.path.expanduser(storage_path))
+    return storage_path, storage.join(storage_path, cfg.name)
+
+
+def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[float, float] | None = None) -> TrainResult:
+    """Train ``objective`` on the committed features of ``features_root`` with Ray Train."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.perf_counter()
+    storage_path, run_uri = run_dir(cfg, features_root)
+    storage.check_reachable(features_root)
+    storage.check_reachable(storage_path, must_exist=False)
+    if not cfg.resume:
+        storage.remove(run_uri)
+    if not ray.is_initialized():
+        ray.init()
+    norm = tuple(norm) if norm is not None else fbank_norm(cfg, features_root)
+    shard_mb = _shard_megabytes(features_root, cfg)
+    if shard_mb == 0:
+        raise ValueError(f"no training rows (splits {list(cfg.splits)}) under {features_root!r}")
+    cache = shard_mb <= cfg.cache_mb
+    ds = _training_dataset(features_root, cfg, objective.columns)
+    afs, fs_path = storage.arrow_filesystem(storage_path)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"objective": objective, "cfg": cfg, "norm": list(norm), "cache": cache, "run_uri": run_uri},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=fs_path,
+            storage_filesystem=afs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    log.info("training %s: %d workers, %d steps, shard ~%.1f MiB (%s), storage %s",
+             objective.name, cfg.num_workers, cfg.steps, shard_mb, "cached" if cache else "streamed", run_uri)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    ret = result.return_value or {}
+    ckpt_uri = None
+    if result.checkpoint is not None:
+        ckpt_uri = storage.join(run_uri, os.path.basename(result.checkpoint.path.rstrip("/")))
+    workers = ret.get("workers", [])
+    meta_step = int((result.metrics or {}).get("step", 0))
+    return TrainResult(
+        run=run_uri,
+        checkpoint=ckpt_uri,
+        start_step=int(ret.get("start_step", meta_step)),
+        step=int(ret.get("step", meta_step)),
+        final_loss=ret.get("final_loss", (result.metrics or {}).get("loss")),
+        history=ret.get("history", []),
+        workers=workers,
+        seconds=time.perf_counter() - t0,
+        samples_per_s=float(sum(w.get("samples_per_s", 0.0) for w in workers)),
+        steady_samples_per_s=float(sum(w.get("steady_samples_per_s", 0.0) for w in workers)),
+        num_workers=cfg.num_workers,
+    )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def load_training_state(checkpoint_uri: str) -> dict:
+    """The training state saved in a checkpoint folder (local or ``s3://``)."""
+    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def models_dir(root: str, tag: str) -> str:
+    return storage.join(root, "models", tag)
+
+
+def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None) -> str:
+    """Write the objective's encoder from a checkpoint to ``<root>/models/<tag>/encoder.pt``
+    (+ ``config.json``); returns the encoder URI."""
+    state = load_training_state(checkpoint_uri)
+    module = objective.build()
+    objective.setup(module, torch.device("cpu"))
+    module.load_state_dict(state["module"])
+    objective.load_state_dict(state.get("objective") or {})
+    encoder = objective.encoder(module)
+    info = {
+        **objective.describe(),
+        "step": int(state["step"]),
+        "checkpoint": checkpoint_uri,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(meta or {}),
+    }
+    out = models_dir(root, tag)
+    uri = save_checkpoint(encoder, storage.join(out, "encoder.pt"), meta=info)
+    storage.atomic_write_json(storage.join(out, "config.json"), {"encoder": asdict(encoder.cfg), "meta": info})
+    return uri
+
+
+__all__ = [
+    "FeatureBatches",
+    "InjectedFault",
+    "LoopResult",
+    "Objective",
+    "ObjectiveBase",
+    "TrainConfig",
+    "TrainResult",
+    "crop_batch",
+    "export_encoder",
+    "fbank_norm",
+    "fit",
+    "load_training_state",
+    "models_dir",
+    "param_checksum",
+    "table_batches",
+    "train_loop",
+    "train_plain",
+]

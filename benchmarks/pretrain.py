@@ -1,0 +1,277 @@
+"""Pre-training throughput (Ray Train, CPU and GPU) and what pre-training buys the frozen embedding.
+
+    python benchmarks/pretrain.py                 # everything below (CPU part about 5 minutes on 2 cores)
+    python benchmarks/pretrain.py --no-compare    # throughput only
+    python benchmarks/pretrain.py --gpu-dry-run   # the GPU measurement's code path, on CPU with tiny (checks only)
+
+On a generated default corpus (``jobs.make_corpus`` defaults: 4 types x 44 training clips of 2 s),
+featurized once into a temporary root, each measurement in a fresh process:
+
+* **CPU scaling**: ``asd.train.fit`` with the data2vec 2.0 objective, tiny and base encoders,
+  1 worker (1 CPU) and 2 workers (0.5 CPU each), one torch thread per worker, DDP over gloo.
+  Throughput is the steady state (second half of the steps, clips/s; each clip is seen by the
+  student ``clone_batch`` times), summed over workers; ``scaling`` = 2 workers / 1 worker
+  (ideal 2.0 on 2 cores; Ray Data and the controller share the same cores).
+* **CUDA** (when a GPU is present): base, bf16 autocast, one GPU, EAT-like batch (12 clips of
+  1024 frames x 16 masked clones): clips/s, peak GPU memory, model FLOPs per step (counted with
+  ``torch.utils.flop_counter`` on one step, forward + backward, teacher included) and MFU
+  against the card's dense bf16 peak (from its name, ``torch.cuda.get_device_name``).
+* **Side by side** (``--no-compare`` skips it): the tiny encoder pre-trained with
+  ``jobs/conf/pretrain/tiny.yaml`` vs the same encoder untrained (the same initial weights),
+  each embedded with the ``encoder`` embedder (mean-pooled last block) and scored with the
+  default kNN; official DCASE score (harmonic mean of AUCs and pAUCs) of both, and of the
+  log-mel statistics baseline for reference.
+
+Writes ``results/pretrain.json`` and ``results/pretrain.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import peak_rss_mb, run_child, write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_CASES = {  # model -> (steps, batch per worker, clone_batch, decoder dim, decoder layers, top-k)
+    "tiny": (30, 16, 4, 128, 2, 2),
+    "base": (6, 2, 2, 384, 2, 8),
+}
+# dense bf16 tensor-core peaks (FLOP/s), matched against torch.cuda.get_device_name()
+PEAK_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100 NVL", 835.0e12), ("H100", 989.4e12),
+             ("GH200", 989.4e12), ("A100", 312.0e12), ("L40S", 362.0e12), ("L4", 121.0e12), ("A10", 125.0e12)]
+
+
+def _env() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    # always a fresh local instance (never attach to a cluster that happens to run here)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def prepare(root: str) -> dict:
+    """Generate the default corpus and featurize it (once per root)."""
+    from asd.data.synthetic import default_spec, make_corpus
+    from asd.featurize import FeaturizeConfig, committed_files, featurize
+
+    if committed_files(root):
+        return {"root": root, "skipped": True}
+    info = make_corpus(default_spec(), os.path.join(root, "corpus"), workers=os.cpu_count() or 1, progress=False)
+    _ray()
+    res = featurize(os.path.join(root, "corpus"), root, FeaturizeConfig(progress=False))
+    return {"root": root, "clips": info.n_clips, "featurized": res.n_featurized}
+
+
+def cpu_run(root: str, model: str, workers: int) -> dict:
+    from asd.pretrain import Data2VecObjective, PretrainConfig
+    from asd.train import TrainConfig, fit
+
+    steps, batch, clone, ddim, dlayers, topk = CPU_CASES[model]
+    _ray()
+    pcfg = PretrainConfig(model=model, clone_batch=clone, decoder_dim=ddim, decoder_layers=dlayers, top_k_layers=topk)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, warmup_steps=1, crop_frames=192, num_workers=workers,
+                       cpus_per_worker=1.0 if workers == 1 else 0.5, torch_threads=1, checkpoint_every=10**6,
+                       log_every=max(1, steps // 4), storage_path=os.path.join(root, "bench_ckpt"),
+                       name=f"{model}-{workers}w", resume=False)
+    res = fit(Data2VecObjective(pcfg), root, tcfg)
+    return {"model": model, "workers": workers, "steps": res.step, "batch_per_worker": batch, "clone_batch": clone,
+            "crop_frames": tcfg.crop_frames, "clips_per_s": res.steady_samples_per_s,
+            "clips_per_s_per_worker": [w["steady_samples_per_s"] for w in res.workers],
+            "clips_per_s_incl_startup": res.samples_per_s, "fit_seconds": res.seconds,
+            "identical_weights": len({w["param_checksum"] for w in res.workers}) == 1,
+            "final_loss": res.final_loss}
+
+
+def _peak(name: str) -> float | None:
+    for key, value in PEAK_BF16:
+        if key in name:
+            return value
+    return None
+
+
+def gpu_run(root: str, dry_run: bool = False) -> dict:
+    """Base (or tiny for a dry run on CPU) with bf16 on one device, plain train_loop."""
+    import pyarrow.compute as pc
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asd.featurize import read_features_table
+    from asd.pretrain import Data2VecObjective, PretrainConfig
+    from asd.train import FeatureBatches, TrainConfig, table_batches, train_loop
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    table = read_features_table(root).filter(pc.field("split") == "train")
+    if dry_run:
+        pcfg = PretrainConfig(model="tiny", clone_batch=2, decoder_dim=64, decoder_layers=1, top_k_layers=2)
+        tcfg = TrainConfig(steps=4, batch_size=4, crop_frames=256, warmup_steps=1, log_every=2, checkpoint_every=10**6)
+    else:  # EAT-like recipe: 12 clips x 16 clones of 10 s crops, decoder 768 x 6, top 12 layers
+        pcfg = PretrainConfig(model="base", clone_batch=16, decoder_dim=768, decoder_layers=6, top_k_layers=12)
+        tcfg = TrainConfig(steps=30, batch_size=12, crop_frames=1024, warmup_steps=5, log_every=10,
+                           checkpoint_every=10**6, bf16=True)
+
+    def source():
+        return FeatureBatches(table_batches(table, tcfg), tcfg, cache=True)
+
+    # model FLOPs of one optimizer step (forward + backward, teacher forward included)
+    obj = Data2VecObjective(pcfg)
+    module = obj.build().to(device)
+    obj.setup(module, device)
+    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in next(source().epoch(0)).items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            loss, _ = obj.step(module, batch, 0)
+        loss.backward()
+    flops_per_step = float(counter.get_total_flops())
+    del module, obj, batch, loss
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    res = train_loop(Data2VecObjective(pcfg), source(), tcfg, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    steps_per_s = res.steady_samples_per_s / tcfg.batch_size
+    peak = _peak(name) if device.type == "cuda" else None
+    return {
+        "device": name, "model": pcfg.model, "bf16": device.type == "cuda", "steps": res.step,
+        "batch": tcfg.batch_size, "clone_batch": pcfg.clone_batch, "crop_frames": tcfg.crop_frames,
+        "clips_per_s": res.steady_samples_per_s, "steps_per_s": steps_per_s,
+        "model_flops_per_step": flops_per_step, "achieved_tflops": flops_per_step * steps_per_s / 1e12,
+        "peak_bf16_tflops": peak / 1e12 if peak else None,
+        "mfu": flops_per_step * steps_per_s / peak if peak else None,
+        "gpu_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "final_loss": res.final_loss,
+    }
+
+
+def compare(root: str) -> dict:
+    """Official score: tiny pre-trained with the job's tiny config vs the same encoder untrained."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import asd.models.embedders  # noqa: F401  (registers "encoder")
+    from asd.embed import EmbedConfig, embed
+    from asd.models.encoder import save_checkpoint
+    from asd.pretrain import Data2VecObjective, PretrainConfig, pretrain
+    from asd.score import ScoreConfig, score, scores_dir
+    from asd.train import TrainConfig
+    from jobs.common import to_dataclass
+
+    _ray()
+    node = OmegaConf.to_container(OmegaConf.load(REPO / "jobs" / "conf" / "pretrain" / "tiny.yaml"), resolve=True)
+    train = node.pop("train")
+    train.update(storage_path=os.path.join(root, "checkpoints"), name="pretrain", resume=False)
+    pcfg = to_dataclass(PretrainConfig, node)
+    tcfg = to_dataclass(TrainConfig, train)
+    t0 = time.perf_counter()
+    res = pretrain(root, root, pcfg, tcfg)
+    pretrain_s = time.perf_counter() - t0
+    torch.manual_seed(tcfg.seed)  # the initial weights train_loop starts from
+    untrained = Data2VecObjective(pcfg).build().encoder
+    untrained_uri = save_checkpoint(untrained, os.path.join(root, "models", "untrained", "encoder.pt"))
+    out = {"pretrain_seconds": pretrain_s, "pretrain_steps": res.steps, "pretrain_final_loss": res.final_loss,
+           "pretrain_clips_per_s": res.samples_per_s}
+    for tag, params in [("untrained", {"checkpoint": untrained_uri}), ("pretrained", {"checkpoint": res.encoder}),
+                        ("logmel", None)]:
+        cfg = EmbedConfig(embedder="encoder", params=params, progress=False) if params else EmbedConfig(progress=False)
+        e = embed(root, tag, cfg)
+        s = score(e.embeddings, scores_dir(root, tag), ScoreConfig(progress=False, plots=False))
+        out[tag] = {"official_score": s.official_score, "per_type": s.metrics.get("per_type") if s.metrics else None,
+                    "dim": e.dim}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--root", default=None, help="work folder (default: a temporary one, removed afterwards)")
+    p.add_argument("--no-compare", action="store_true", help="skip the pre-trained vs untrained score comparison")
+    p.add_argument("--gpu-dry-run", action="store_true", help="run the GPU measurement on CPU with tiny (a check)")
+    a = p.parse_args()
+    _env()
+    if a.child:
+        kind, root = a.child[0], a.child[1]
+        if kind == "prepare":
+            out = prepare(root)
+        elif kind == "cpu":
+            out = cpu_run(root, a.child[2], int(a.child[3]))
+        elif kind == "gpu":
+            out = gpu_run(root, dry_run=len(a.child) > 2 and a.child[2] == "dry")
+        elif kind == "compare":
+            out = compare(root)
+        else:
+            raise SystemExit(f"unknown child {kind}")
+        out["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(out, default=str))
+        return
+
+    me = os.path.abspath(__file__)
+    root = a.root or tempfile.mkdtemp(prefix="asd-bench-pretrain-")
+    try:
+        run_child([me, "--child", "prepare", root])
+        if a.gpu_dry_run:
+            print(json.dumps(run_child([me, "--child", "gpu", root, "dry"]), indent=2))
+            return
+        t0 = time.perf_counter()
+        cpu, parts = {}, []
+        for model in CPU_CASES:
+            for workers in (1, 2):
+                r = run_child([me, "--child", "cpu", root, model, str(workers)])
+                cpu[f"{model}_{workers}w"] = r
+                print(f"{model} x{workers}: {r['clips_per_s']:.2f} clips/s "
+                      f"(per worker {[round(x, 2) for x in r['clips_per_s_per_worker']]})", flush=True)
+            one, two = cpu[f"{model}_1w"]["clips_per_s"], cpu[f"{model}_2w"]["clips_per_s"]
+            cpu[f"{model}_scaling"] = two / one if one else None
+            parts.append(f"{model} {one:.1f} -> {two:.1f} clips/s with 2 workers ({two / one:.2f}x)")
+        cpu_seconds = time.perf_counter() - t0
+        result: dict = {"cpu": cpu, "cpu_seconds": cpu_seconds, "cpu_cases": CPU_CASES}
+        gpu_line = "no CUDA GPU"
+        import torch
+
+        if torch.cuda.is_available():
+            g = run_child([me, "--child", "gpu", root])
+            result["gpu"] = g
+            mfu = f", MFU {g['mfu']:.1%}" if g.get("mfu") is not None else ""
+            gpu_line = (f"{g['device']} base bf16: {g['clips_per_s']:.1f} clips/s x{g['clone_batch']} clones, "
+                        f"{g['gpu_peak_memory_gib']:.1f} GiB, {g['achieved_tflops']:.0f} TFLOP/s{mfu}")
+            print(gpu_line, flush=True)
+        cmp_line = ""
+        if not a.no_compare:
+            c = run_child([me, "--child", "compare", root])
+            result["compare"] = c
+            cmp_line = (f"; official score tiny pre-trained {c['pretrained']['official_score']:.3f} vs untrained "
+                        f"{c['untrained']['official_score']:.3f} (log-mel stats {c['logmel']['official_score']:.3f}; "
+                        f"pre-training {c['pretrain_steps']} steps in {c['pretrain_seconds']:.0f} s)")
+            print(cmp_line, flush=True)
+        line = (f"pretrain (data2vec2, Ray Train DDP on {os.cpu_count()} CPU cores, steady clips/s): "
+                + "; ".join(parts) + f"; GPU: {gpu_line}" + cmp_line)
+        write_result("pretrain", result, line)
+    finally:
+        if a.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
