@@ -87,3 +87,10 @@ def _jsonable(obj):
     except ImportError:
         pass
     return str(obj)
+
+
+def run_job(cfg: DictConfig, run) -> None:
+    """The body of every job's Hydra ``main``: logging, Ray, the stage, its final JSON line."""
+    setup_logging(cfg.log_level)
+    init_ray(cfg.ray)
+    final_line(run(cfg))

@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from asd.embed import EmbedConfig, embed
-from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+from jobs.common import run_job, to_dataclass
 
 
 def run(cfg: DictConfig) -> dict:
@@ -18,9 +18,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="embed")
 def main(cfg: DictConfig) -> None:
-    setup_logging(cfg.log_level)
-    init_ray(cfg.ray)
-    final_line(run(cfg))
+    run_job(cfg, run)
 
 
 if __name__ == "__main__":

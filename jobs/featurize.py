@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from asd.featurize import FeaturizeConfig, featurize
-from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+from jobs.common import run_job, to_dataclass
 
 
 def run(cfg: DictConfig) -> dict:
@@ -16,9 +16,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="featurize")
 def main(cfg: DictConfig) -> None:
-    setup_logging(cfg.log_level)
-    init_ray(cfg.ray)
-    final_line(run(cfg))
+    run_job(cfg, run)
 
 
 if __name__ == "__main__":

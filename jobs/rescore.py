@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from asd.featurize import FeaturizeConfig
 from asd.rescore import RescoreConfig, rescore
 from asd.score import ScoreConfig
-from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+from jobs.common import run_job, to_dataclass
 
 
 def run(cfg: DictConfig) -> dict:
@@ -19,9 +19,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="rescore")
 def main(cfg: DictConfig) -> None:
-    setup_logging(cfg.log_level)
-    init_ray(cfg.ray)
-    final_line(run(cfg))
+    run_job(cfg, run)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from asd import storage
 from asd.embed import embeddings_dir
 from asd.score import ScoreConfig, score, scores_dir
-from jobs.common import final_line, init_ray, setup_logging, to_dataclass
+from jobs.common import run_job, to_dataclass
 
 
 def run(cfg: DictConfig) -> dict:
@@ -27,9 +27,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="score")
 def main(cfg: DictConfig) -> None:
-    setup_logging(cfg.log_level)
-    init_ray(cfg.ray)
-    final_line(run(cfg))
+    run_job(cfg, run)
 
 
 if __name__ == "__main__":

@@ -43,9 +43,13 @@ def test_token_auth_refuses_job_submission_without_the_token(tmp_path):
     temp = f"/tmp/asd-auth-{secrets.token_hex(4)}"
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     env.pop("RAY_ADDRESS", None)
+    # every port of its own: the test session's Ray runs beside it with the default agent ports
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}"],
+         f"--dashboard-port={dash}", "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp}", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
