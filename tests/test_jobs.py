@@ -31,6 +31,11 @@ def test_stage_jobs_on_s3(tmp_path, s3_bucket):
     assert feat["n_featurized"] == made["n_clips"] and feat["features"] == f"{s3_bucket}/run/features"
     emb = _job("jobs.embed", f"root={s3_bucket}/run", tmp_path=tmp_path)
     assert emb["n_clips"] == made["n_clips"] and storage.is_published(emb["embeddings"])
+    labels = _job("jobs.pseudo_label", f"root={s3_bucket}/run", "embed=logmel", tmp_path=tmp_path)
+    assert labels["n_clips"] == 4 * (6 + 2) and labels["labels"] == f"{s3_bucket}/run/labels/logmel"
+    assert set(labels["quality"]) == {"fanlike", "pumplike", "sliderlike"}  # the types with real attributes
+    assert all(-1 <= q["ari"] <= 1 for q in labels["quality"].values())
+    assert storage.is_published(labels["labels"]) and storage.exists(f"{labels['labels']}/dendrogram_fanlike.png")
     sc = _job("jobs.score", f"root={s3_bucket}/run", "score.k=2", tmp_path=tmp_path)
     assert sc["n_scored"] == 4 * 8 and sc["scores"] == f"{s3_bucket}/run/scores/logmel"
     assert "official score" in storage.read_text(sc["report"])
