@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import metrics, storage
+from asd import storage
 from asd.embed import EmbedConfig, embed, embeddings_dir, read_embeddings
 from asd.featurize import FeaturizeConfig, featurize
-from asd.score import ScoreConfig, build_banks, score_table
+from asd.score import ScoreConfig, build_banks, score_table, training_embeddings, write_dcase_csvs
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,7 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
         log.info("rescore %s: nothing new in %s (%d clips already scored)", date, inbox, night.num_rows)
         return _result(date, out, model, night, new, feat, old, changed=False, t0=t0)
 
-    train = read_embeddings(model["embeddings"], filter=pc.field("split") == "train")
-    train = train.filter(pc.invert(pc.fill_null(pc.equal(train.column("label"), "anomaly"), False)))
-    banks, thresholds = build_banks(train, cfg.score)
+    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score)
     scored = score_table(new, banks, thresholds, cfg.score.k)
     rows = pa.table({
         "clip_id": scored.column("clip_id"),
@@ -159,11 +157,8 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
 def _publish_night(table: pa.Table, out: str, model: dict, date: str) -> None:
     staging = storage.staging_dir(out)
     storage.write_table(storage.join(staging, "scores.parquet"), table)
+    write_dcase_csvs(staging, table)
     rows = table.to_pylist()
-    for mt, sec in sorted({(r["machine_type"], r["section"]) for r in rows}):
-        group = [r for r in rows if r["machine_type"] == mt and r["section"] == sec]
-        metrics.write_result_csvs(staging, mt, sec, [posixpath.basename(r["clip_id"]) for r in group],
-                                  [r["score"] for r in group], [int(r["decision"]) for r in group])
     summary = {
         "date": date,
         "model": model["tag"],

@@ -175,6 +175,25 @@ def scores_dir(root: str, tag: str) -> str:
     return storage.join(root, "scores", tag)
 
 
+def training_embeddings(embeddings_uri: str) -> pa.Table:
+    """The normal training clips of an embeddings folder: the rows that form the memory banks."""
+    train = read_embeddings(embeddings_uri, filter=pc.field("split") == "train")
+    return train.filter(pc.invert(pc.fill_null(pc.equal(train.column("label"), "anomaly"), False)))
+
+
+def write_dcase_csvs(out_dir: str, table: pa.Table) -> None:
+    """DCASE anomaly_score_* and decision_result_* files, one pair per machine type and section."""
+    rows = table.select(["clip_id", "machine_type", "section", "score", "decision"]).to_pylist()
+    for mt, sec in sorted({(r["machine_type"], r["section"]) for r in rows}):
+        group = [r for r in rows if r["machine_type"] == mt and r["section"] == sec]
+        metrics.write_result_csvs(
+            out_dir, mt, sec,
+            [posixpath.basename(r["clip_id"]) for r in group],
+            [r["score"] for r in group],
+            [int(r["decision"]) for r in group],
+        )
+
+
 def score(
     embeddings_uri: str,
     out_uri: str,
@@ -188,8 +207,7 @@ def score(
     cfg = cfg or ScoreConfig()
     t0 = time.perf_counter()
     storage.require_published(embeddings_uri)
-    train = read_embeddings(embeddings_uri, filter=pc.field("split") == "train")
-    train = train.filter(pc.invert(pc.fill_null(pc.equal(train.column("label"), "anomaly"), False)))
+    train = training_embeddings(embeddings_uri)
     if train.num_rows == 0:
         raise ValueError(f"{embeddings_uri!r} has no normal training clips: nothing to score against")
     banks, thresholds = build_banks(train, cfg)
@@ -217,15 +235,8 @@ def write_results(
     t0 = t0 if t0 is not None else time.perf_counter()
     staging = storage.staging_dir(out_uri)
     storage.write_table(storage.join(staging, "scores.parquet"), scores)
+    write_dcase_csvs(staging, scores)
     rows = scores.to_pylist()
-    for (mt, sec) in sorted({(r["machine_type"], r["section"]) for r in rows}):
-        group = [r for r in rows if r["machine_type"] == mt and r["section"] == sec]
-        metrics.write_result_csvs(
-            staging, mt, sec,
-            [posixpath.basename(r["clip_id"]) for r in group],
-            [r["score"] for r in group],
-            [int(r["decision"]) for r in group],
-        )
     storage.atomic_write_json(
         storage.join(staging, "thresholds.json"),
         {f"{mt}/section_{sec}": v for (mt, sec), v in sorted(thresholds.items())},
