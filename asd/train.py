@@ -8,7 +8,9 @@ An *objective* (:class:`Objective`) says what is trained (self-supervised pre-tr
   CPUs, or one GPU each), checkpoints to ``storage_path`` (local or ``s3://``) and returns a
   :class:`TrainResult`. Rerunning with the same ``storage_path``/``name`` continues the run
   from its latest checkpoint (Ray Train V2 restores the run from storage); ``resume=False``
-  starts over.
+  starts over. A latest checkpoint whose ``state.pt`` is corrupt is skipped, with a warning,
+  for the previous kept one (:func:`load_state_with_fallback`, also behind
+  :func:`load_training_state` and :func:`export_encoder`); none readable is an error.
 * :func:`train_loop` (per worker, no Ray needed): optimizer (AdamW, no decay on norms and
   biases), linear warm-up + cosine LR, gradient accumulation (``no_sync`` on the micro-steps
   before the last), gradient clipping, bf16 autocast on CUDA, the objective's hook after
@@ -233,6 +235,11 @@ class FeatureBatches:
     epoch is a fresh permutation of it; otherwise every epoch streams a new pass. Orders are
     seeded by (seed, rank, epoch) and crops by (seed, rank, epoch, batch), so a run resumed
     inside an epoch (``skip``) sees exactly the batches the uninterrupted run would have.
+
+    ``weights(extras) -> (n,)`` (an objective's ``sample_weights``, mean about 1 over the
+    training set) turns an epoch into weighted sampling: cached, an epoch draws as many rows as
+    there are, with replacement, in proportion to the weights; streamed, each row is repeated
+    ``floor(w)`` or ``ceil(w)`` times (stochastic rounding) and the repeats spread by the batches.
     """
 
     def __init__(
@@ -244,14 +251,17 @@ class FeatureBatches:
         norm: tuple[float, float] = (FBANK_MEAN, FBANK_STD),
         rank: int = 0,
         cache: bool = False,
+        weights: Callable[[list[dict]], np.ndarray] | None = None,
     ):
         self.read_pass = read_pass
+        self.weights = weights
         self.cfg = cfg
         self.columns = tuple(columns)
         self.norm = norm
         self.rank = rank
         self.cache = cache
         self._cached: list[tuple[np.ndarray, dict, str]] | None = None
+        self._w: np.ndarray | None = None
 
     def _rows(self, batch) -> list[tuple[np.ndarray, dict, str]]:
         if isinstance(batch, pa.RecordBatch):
@@ -275,6 +285,14 @@ class FeatureBatches:
             batch[c] = [extra[c] for _, extra, _ in rows]
         return batch
 
+    def _cached_weights(self) -> np.ndarray:
+        if self._w is None:
+            w = np.asarray(self.weights([extra for _, extra, _ in self._cached]), np.float64)
+            if w.shape != (len(self._cached),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+                raise ValueError("sample weights must be finite, non-negative, one per row, and not all zero")
+            self._w = w
+        return self._w
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """The batches of one epoch, the first ``skip`` left out (resume inside an epoch)."""
         bs = self.cfg.batch_size
@@ -284,15 +302,26 @@ class FeatureBatches:
                 return
             self._cached = sorted(rows, key=lambda r: r[2])
         if self._cached is not None:
-            order = np.random.default_rng([self.cfg.seed, self.rank, epoch, 1]).permutation(len(self._cached))
+            rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, 1])
+            if self.weights is not None:
+                w = self._cached_weights()
+                order = rng.choice(len(self._cached), size=len(self._cached), replace=True, p=w / w.sum())
+            else:
+                order = rng.permutation(len(self._cached))
             for i, start in enumerate(range(0, len(order), bs)):
                 if i >= skip:
                     yield self._collate([self._cached[j] for j in order[start : start + bs]], epoch, i)
             return
         pending: list = []
         index = 0
+        rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, 3])
         for part in self.read_pass(epoch):
-            pending.extend(self._rows(part))
+            rows = self._rows(part)
+            if self.weights is not None and rows:
+                w = np.asarray(self.weights([extra for _, extra, _ in rows]), np.float64)
+                reps = np.floor(w).astype(int) + (rng.random(len(w)) < w - np.floor(w))
+                rows = [rows[i] for i in rng.permutation(np.repeat(np.arange(len(rows)), reps))]
+            pending.extend(rows)
             while len(pending) >= bs:
                 chunk, pending = pending[:bs], pending[bs:]
                 if index >= skip:
@@ -576,7 +605,7 @@ def train_plain(
     table = table.filter(pa.compute.is_in(table.column("split"), pa.array(list(cfg.splits))))
     source = FeatureBatches(table_batches(table, cfg, rank, world), cfg, columns=objective.columns,
                             norm=tuple(norm) if norm is not None else fbank_norm(cfg, features_root), rank=rank,
-                            cache=True)
+                            cache=True, weights=getattr(objective, "sample_weights", None))
 
     def wrap(module: nn.Module) -> nn.Module:
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -618,10 +647,104 @@ def _fault_hook(cfg: TrainConfig, run_uri: str, rank: int, world_size: int) -> C
     return hook
 
 
-def _load_state(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        with open(os.path.join(d, STATE_FILE), "rb") as f:
-            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint folder without a readable training state (and, after the fallback, no
+    readable older one either)."""
+
+
+def _checkpoint_key(name: str) -> tuple[int, int] | None:
+    """Order of checkpoint folder names ``step-XXXXXXXX`` (``-N``: re-written after a fallback)."""
+    import re
+
+    m = re.fullmatch(r"step-(\d+)(?:-(\d+))?", name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    uri = str(uri).rstrip("/")
+    if storage.is_remote(uri):
+        parent, _, name = uri.rpartition("/")
+        return parent, name
+    return os.path.dirname(uri), os.path.basename(uri)
+
+
+def _read_state(checkpoint_uri: str) -> dict:
+    """``state.pt`` of one checkpoint folder; :class:`CheckpointUnreadable` when it is missing,
+    truncated, not a torch file or not a training state (other storage errors propagate)."""
+    uri = storage.join(checkpoint_uri, STATE_FILE)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise CheckpointUnreadable(f"{uri} is missing") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, pickle errors ...
+        raise CheckpointUnreadable(f"{uri} is unreadable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(state, dict) or "module" not in state or "step" not in state:
+        raise CheckpointUnreadable(f"{uri} is not a training state")
+    return state
+
+
+def _older_checkpoints(checkpoint_uri: str) -> list[str]:
+    """The other checkpoint folders of the same run folder older than ``checkpoint_uri``, newest first."""
+    parent, name = _split_uri(checkpoint_uri)
+    key = _checkpoint_key(name)
+    fs, path = storage.filesystem(parent)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for e in entries:
+        other = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+        k = _checkpoint_key(other)
+        if e.get("type") == "directory" and k is not None and (key is None or k < key):
+            found.append((k, storage.join(parent, other)))
+    return [uri for _, uri in sorted(found, reverse=True)]
+
+
+def load_state_with_fallback(checkpoint_uri: str) -> tuple[dict, str, list[str]]:
+    """The training state of ``checkpoint_uri``; when that one is unreadable, the newest older
+    readable checkpoint of the same run folder (the ones ``CheckpointConfig(num_to_keep)``
+    kept), with a warning naming each unreadable one. Returns ``(state, URI of the checkpoint
+    it came from, URIs of the unreadable checkpoints skipped)``; raises
+    :class:`CheckpointUnreadable` when no checkpoint of the run is readable."""
+    skipped: list[str] = []
+    errors: list[str] = []
+    for uri in [checkpoint_uri, *_older_checkpoints(checkpoint_uri)]:
+        try:
+            state = _read_state(uri)
+        except CheckpointUnreadable as exc:
+            log.warning("checkpoint %s is corrupt: %s; falling back to the previous kept checkpoint", uri, exc)
+            skipped.append(uri)
+            errors.append(str(exc))
+            continue
+        if skipped:
+            log.warning("restoring step %d from %s instead of the corrupt checkpoint(s) %s",
+                        int(state["step"]), uri, ", ".join(skipped))
+        return state, uri, skipped
+    raise CheckpointUnreadable(
+        "no readable checkpoint at or before {1} in {0} (tried {2}): ".format(*_split_uri(checkpoint_uri), len(skipped))
+        + "; ".join(errors) + ". Remove the run folder (or rerun with resume=false) to start over."
+    )
+
+
+def _load_state(checkpoint, run_uri: str) -> tuple[dict, str, list[str]]:
+    """Ray Train's latest checkpoint of the run ``run_uri`` (see :func:`load_state_with_fallback`)."""
+    return load_state_with_fallback(storage.join(run_uri, os.path.basename(checkpoint.path.rstrip("/"))))
+
+
+def _checkpoint_dir_name(step: int, unreadable: Iterable[str] = ()) -> str:
+    """``step-XXXXXXXX``, with a ``-N`` suffix when that folder holds a corrupt checkpoint
+    that Ray Train still tracks: re-used, the folder would be deleted together with the old
+    entry once ``num_to_keep`` rotates it out, taking the new checkpoint with it."""
+    taken = {_split_uri(u)[1] for u in unreadable}
+    name = base = f"step-{step:08d}"
+    n = 0
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def _ray_worker(config: dict) -> dict | None:
@@ -639,7 +762,8 @@ def _ray_worker(config: dict) -> dict | None:
         torch.cuda.set_device(device)
 
     checkpoint = ray.train.get_checkpoint()
-    resume_state = _load_state(checkpoint) if checkpoint is not None else None
+    resume_state, restored_from, unreadable = (
+        _load_state(checkpoint, config["run_uri"]) if checkpoint is not None else (None, None, []))
 
     shard = ray.train.get_dataset_shard("train")
 
@@ -651,7 +775,7 @@ def _ray_worker(config: dict) -> dict | None:
         )
 
     source = FeatureBatches(read_pass, cfg, columns=objective.columns, norm=tuple(config["norm"]), rank=rank,
-                            cache=bool(config["cache"]))
+                            cache=bool(config["cache"]), weights=getattr(objective, "sample_weights", None))
 
     def wrap(module: nn.Module) -> nn.Module:
         kwargs = {"find_unused_parameters": bool(objective.find_unused_parameters)}
@@ -670,7 +794,8 @@ def _ray_worker(config: dict) -> dict | None:
                 with open(os.path.join(tmp, META_FILE), "w") as f:
                     json.dump(meta, f, default=str)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step-{metrics['step']:08d}")
+            ray.train.report(metrics, checkpoint=ckpt,
+                             checkpoint_dir_name=_checkpoint_dir_name(metrics["step"], unreadable))
 
     res = train_loop(
         objective, source, cfg, device=device, rank=rank, world_size=world_size, resume_state=resume_state,
@@ -681,7 +806,7 @@ def _ray_worker(config: dict) -> dict | None:
 
     summary = {"rank": rank, "param_checksum": res.param_checksum, "samples_per_s": res.samples_per_s,
                "steady_samples_per_s": res.steady_samples_per_s, "start_step": res.start_step, "step": res.step,
-               "device": str(device)}
+               "device": str(device), "restored_from": restored_from, "unreadable_checkpoints": unreadable}
     summaries = [summary]
     if world_size > 1 and dist.is_initialized():
         summaries = [None] * world_size
@@ -814,10 +939,11 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
 # ----------------------------------------------------------------------------- export
 
 
-def load_training_state(checkpoint_uri: str) -> dict:
-    """The training state saved in a checkpoint folder (local or ``s3://``)."""
-    data = storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def load_training_state(checkpoint_uri: str, fallback: bool = True) -> dict:
+    """The training state saved in a checkpoint folder (local or ``s3://``); when it is
+    corrupt, the previous readable checkpoint of the run, with a warning (``fallback=False``:
+    raise :class:`CheckpointUnreadable` instead). See :func:`load_state_with_fallback`."""
+    return load_state_with_fallback(checkpoint_uri)[0] if fallback else _read_state(checkpoint_uri)
 
 
 def models_dir(root: str, tag: str) -> str:
@@ -827,7 +953,7 @@ def models_dir(root: str, tag: str) -> str:
 def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None) -> str:
     """Write the objective's encoder from a checkpoint to ``<root>/models/<tag>/encoder.pt``
     (+ ``config.json``); returns the encoder URI."""
-    state = load_training_state(checkpoint_uri)
+    state, checkpoint_uri, _ = load_state_with_fallback(checkpoint_uri)  # the one actually used
     module = objective.build()
     objective.setup(module, torch.device("cpu"))
     module.load_state_dict(state["module"])
@@ -847,6 +973,7 @@ def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: st
 
 
 __all__ = [
+    "CheckpointUnreadable",
     "FeatureBatches",
     "InjectedFault",
     "LoopResult",
@@ -858,6 +985,7 @@ __all__ = [
     "export_encoder",
     "fbank_norm",
     "fit",
+    "load_state_with_fallback",
     "load_training_state",
     "models_dir",
     "param_checksum",
