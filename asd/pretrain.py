@@ -299,6 +299,8 @@ def pretrain(features_root: str, out_root: str | None = None, pcfg: PretrainConf
         tcfg = replace(tcfg, name=pcfg.tag)
     if tcfg.storage_path is None:
         tcfg = replace(tcfg, storage_path=storage.join(out_root, "checkpoints"))
+    if pcfg.init_checkpoint:  # read by the Ray workers, whose working directory is not ours
+        pcfg = replace(pcfg, init_checkpoint=storage.absolute(pcfg.init_checkpoint))
     t0 = time.perf_counter()
     objective = Data2VecObjective(pcfg)
     norm = fbank_norm(tcfg, features_root)

@@ -218,7 +218,7 @@ def score(
     from ray.data.expressions import col
 
     afs, path = storage.arrow_filesystem(embeddings_uri)
-    test = ray.data.read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
+    test = storage.ray_read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
     scores = score_dataset(test, banks, thresholds, cfg)
     return write_results(scores, thresholds, out_uri, cfg, title=title, t0=t0)
 

@@ -1,0 +1,411 @@
+"""Supervised fine-tuning for machine attribute classification, on :mod:`asd.train`.
+
+The pre-trained encoder (``<root>/models/pretrain/encoder.pt``, or any encoder file) learns to
+tell apart the classes ``(machine type, section, attribute label)`` of the normal training
+clips, where the attribute label is a pseudo label from :mod:`asd.cluster` (or a real one).
+The pooled encoder output (``pool``, ``layer``) is the embedding that scoring uses later, and
+the margin head (:mod:`asd.models.heads`: ArcFace, AdaCos, sub-cluster AdaCos) sits directly on
+it, so the exported encoder gives exactly the space the classes were separated in.
+
+Per micro-batch (:class:`AttributeObjective`): SpecAugment-style time and frequency masks on
+the normalised crops, mixup (``mixup_prob`` of the batches, ``lam ~ Beta(a, a)``, the loss
+mixed with the same ``lam``), then the head's loss; accuracy of the unmixed targets is logged.
+Class-balanced sampling (``balance``): every clip gets a weight ``count(group) ** -power``
+(``group`` = its class, or its type/section/domain), normalised to mean 1, and
+:class:`asd.train.FeatureBatches` samples by these weights, so the ~10 target-domain clips of a
+DCASE section are drawn about as often as the ~990 source clips.
+
+Encoder adaptation: all weights (default), the first ``freeze_layers`` blocks and the patch
+embedding frozen, or low-rank adapters (``lora_rank > 0``: ``W + (alpha / r) B A`` on the
+``lora_targets`` projections of every attention block, everything else in the encoder frozen).
+Adapters are merged into the weights on export, so ``models/<tag>/encoder.pt`` is a plain
+:class:`~asd.models.encoder.AudioEncoder` that loads strictly and embeds at full speed.
+
+Labels come from ``<root>/labels/<embed tag>/labels.parquet`` (:func:`asd.cluster.pseudo_label`);
+``label_column`` picks ``label`` (the clustering stage's choice of pseudo or real),
+``pseudo_label`` or ``real_label`` (real attributes from the manifest; a type without any is
+classified by type and section alone). The clip -> class table travels to the workers inside
+the objective (about 60 bytes a clip: 1M clips ~ 60 MB), so the feature rows need no join.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from asd import storage
+from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint
+from asd.models.heads import HEADS, MarginHead, make_head
+from asd.rescore import set_current_model
+from asd.train import ObjectiveBase, TrainConfig, TrainResult, export_encoder, fit
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ("label", "pseudo_label", "real_label")
+
+
+class SingleClassError(ValueError):
+    """The labels give one class only (e.g. real attributes on a corpus with one attribute value)."""
+
+BALANCE = ("class", "domain", "none")
+
+
+@dataclass
+class FinetuneConfig:
+    tag: str = "finetune"  # models/<tag>/encoder.pt; also the Ray Train run name by default
+    init_checkpoint: str | None = None  # None: <root>/models/pretrain/encoder.pt
+    labels: str | None = None  # labels folder; None: <root>/labels/pretrained
+    label_column: str = "label"  # label | pseudo_label | real_label
+    head: str = "adacos"  # adacos | arcface
+    subclusters: int = 1  # > 1 with adacos: sub-cluster AdaCos
+    scale: float = 30.0  # arcface
+    margin: float = 0.5  # arcface, radians
+    pool: str = "mean"
+    layer: int | None = None  # block whose output is pooled (None: the last)
+    freeze_layers: int = 0  # patch embedding + the first N blocks frozen (ignored with LoRA)
+    lora_rank: int = 0  # > 0: low-rank adapters instead of full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    time_masks: int = 2  # SpecAugment on the crop (frames)
+    time_mask_width: int = 24
+    freq_masks: int = 2
+    freq_mask_width: int = 12
+    mixup_alpha: float = 0.2
+    mixup_prob: float = 0.5
+    balance: str = "class"  # class | domain (type/section/domain) | none
+    balance_power: float = 1.0  # weight = count ** -power (1: fully balanced, 0.5: square root)
+    set_current: bool = False  # name the exported encoder the serving model (models/CURRENT)
+    embed_tag: str = "finetuned"  # embeddings/<embed_tag>: the serving bank when set_current
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.label_column not in LABEL_COLUMNS:
+            raise ValueError(f"label_column must be one of {LABEL_COLUMNS}, got {self.label_column!r}")
+        if self.balance not in BALANCE:
+            raise ValueError(f"balance must be one of {BALANCE}, got {self.balance!r}")
+        if self.subclusters < 1 or self.lora_rank < 0 or self.freeze_layers < 0:
+            raise ValueError("subclusters must be >= 1, lora_rank and freeze_layers >= 0")
+        if not 0.0 <= self.mixup_prob <= 1.0:
+            raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob}")
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: str | None
+    run: str
+    encoder: str
+    current: str | None
+    num_classes: int
+    n_clips: int
+    final_loss: float | None
+    final_accuracy: float | None
+    first_accuracy: float | None
+    steps: int
+    start_step: int
+    seconds: float
+    samples_per_s: float
+    train: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class LoRALinear(nn.Module):
+    """``y = x W^T + b + (alpha / r) x A^T B^T``; ``weight``/``bias`` keep nn.Linear's names, so a
+    plain encoder state dict loads into it, and :meth:`merged` gives the nn.Linear back."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        out.weight.copy_(self.weight + (self.lora_B @ self.lora_A) * self.scaling)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+
+def add_lora(encoder: AudioEncoder, rank: int, alpha: float, targets: tuple[str, ...]) -> int:
+    """Wrap the ``targets`` projections of every attention block; returns how many."""
+    n = 0
+    for layer in encoder.encoder.layers:
+        attn = layer.self_attn
+        for name in targets:
+            base = getattr(attn, name, None)
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"lora target {name!r} is not a Linear of the attention block")
+            setattr(attn, name, LoRALinear(base, rank, alpha))
+            n += 1
+    return n
+
+
+def merge_lora(encoder: AudioEncoder) -> AudioEncoder:
+    """A copy of ``encoder`` with every adapter folded into its Linear."""
+    out = copy.deepcopy(encoder)
+    for module in list(out.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return out
+
+
+class AttributeModel(nn.Module):
+    """Encoder -> pooled embedding -> margin head cosines ``(B, C, S)``."""
+
+    def __init__(self, encoder_cfg: EncoderConfig, num_classes: int, fcfg: FinetuneConfig):
+        super().__init__()
+        self.encoder = AudioEncoder(encoder_cfg)
+        dim = encoder_cfg.encoder_embed_dim * (2 if fcfg.pool == "meanmax" else 1)
+        self.head: MarginHead = make_head(fcfg.head, dim, num_classes, fcfg.subclusters, fcfg.scale, fcfg.margin)
+        self.pool, self.layer = fcfg.pool, fcfg.layer
+        if fcfg.lora_rank > 0:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+            add_lora(self.encoder, fcfg.lora_rank, fcfg.lora_alpha, fcfg.lora_targets)
+        elif fcfg.freeze_layers > 0:
+            frozen = [self.encoder.patch_embedding, self.encoder.layer_norm, *self.encoder.encoder.layers[: fcfg.freeze_layers]]
+            if self.encoder.post_extract_proj is not None:
+                frozen.append(self.encoder.post_extract_proj)
+            for m in frozen:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+            if fcfg.freeze_layers >= 1:  # the relative-position table is shared with block 0
+                bias = getattr(self.encoder.encoder.layers[0].self_attn, "relative_attention_bias", None)
+                if bias is not None:
+                    bias.weight.requires_grad_(False)
+
+    def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
+        emb = self.encoder.embed(fbank, layer=self.layer, pool=self.pool)
+        return emb, self.head(emb)
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def spec_augment(x: Tensor, cfg: FinetuneConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Zero (= the normalised mean) random time and frequency bands of every clip of (B, T, F)."""
+    x = x.clone()
+    B, T, Fq = x.shape
+    for count, width, axis, size in ((cfg.time_masks, cfg.time_mask_width, 1, T),
+                                     (cfg.freq_masks, cfg.freq_mask_width, 2, Fq)):
+        if count <= 0 or width <= 0:
+            continue
+        w = torch.randint(0, min(width, size) + 1, (B, count), generator=generator)
+        start = (torch.rand(B, count, generator=generator) * (size - w + 1).float()).long()
+        pos = torch.arange(size)
+        band = ((pos[None, None, :] >= start[..., None]) & (pos[None, None, :] < (start + w)[..., None])).any(dim=1)
+        band = band.to(x.device)
+        x = x.masked_fill(band[:, :, None] if axis == 1 else band[:, None, :], 0.0)
+    return x
+
+
+class AttributeObjective(ObjectiveBase):
+    """Attribute classification with a margin loss (see the module docstring)."""
+
+    name = "finetune"
+    columns = ("clip_id",)
+    find_unused_parameters = False
+
+    def __init__(self, fcfg: FinetuneConfig, encoder_cfg: EncoderConfig, classes: list[str],
+                 clip_class: dict[str, int], clip_weight: dict[str, float] | None = None,
+                 init_checkpoint: str | None = None):
+        self.fcfg = fcfg
+        self.encoder_cfg = encoder_cfg
+        self.classes = list(classes)
+        self.clip_class = dict(clip_class)
+        self.clip_weight = dict(clip_weight or {})
+        self.init_checkpoint = init_checkpoint
+
+    def build(self) -> nn.Module:
+        return AttributeModel(self.encoder_cfg, len(self.classes), self.fcfg)
+
+    def initialize(self, module: nn.Module) -> None:
+        if not self.init_checkpoint:
+            return
+        src = load_checkpoint(self.init_checkpoint, keep_predictor=False).state_dict()
+        missing, unexpected = module.encoder.load_state_dict(src, strict=False)
+        missing = [k for k in missing if ".lora_" not in k]
+        if missing or unexpected:
+            raise ValueError(f"{self.init_checkpoint}: does not match the fine-tuning encoder "
+                             f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
+        log.info("fine-tuning from %s", self.init_checkpoint)
+
+    def sample_weights(self, extras: list[dict]) -> np.ndarray:
+        if not self.clip_weight:
+            return np.array([1.0 if e["clip_id"] in self.clip_class else 0.0 for e in extras])
+        return np.array([self.clip_weight.get(e["clip_id"], 0.0) for e in extras])
+
+    def step(self, model: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict]:
+        fbank = batch["fbank"]
+        y = torch.tensor([self.clip_class.get(c, -1) for c in batch["clip_id"]], device=fbank.device)
+        keep = y >= 0
+        if not bool(keep.all()):  # clips featurized after the labels were made: not trained on
+            fbank, y = fbank[keep], y[keep]
+        if fbank.shape[0] == 0:
+            raise RuntimeError("a training batch had no labelled clip: are the labels from these features?")
+        x = spec_augment(fbank, self.fcfg)
+        y_b, lam = None, 1.0
+        if self.fcfg.mixup_alpha > 0 and fbank.shape[0] > 1 and float(torch.rand(())) < self.fcfg.mixup_prob:
+            lam = float(np.random.default_rng(step).beta(self.fcfg.mixup_alpha, self.fcfg.mixup_alpha))
+            perm = torch.randperm(x.shape[0], device=x.device)
+            x = lam * x + (1.0 - lam) * x[perm]
+            y_b = y[perm]
+        _, cos = model(x)
+        head = _unwrap(model).head
+        loss = head.loss(cos.float(), y, y_b, lam)
+        with torch.no_grad():
+            acc = (head.class_cosine(cos).argmax(dim=1) == y).float().mean()
+        logs = {"acc": float(acc), "mixup_lam": lam}
+        if hasattr(head, "scale") and isinstance(head.scale, Tensor):
+            logs["scale"] = float(head.scale)
+        return loss, logs
+
+    def encoder(self, module: nn.Module) -> AudioEncoder:
+        enc = merge_lora(module.encoder) if self.fcfg.lora_rank > 0 else module.encoder
+        for p in enc.parameters():
+            p.requires_grad_(True)
+        return enc
+
+    def describe(self) -> dict:
+        return {"objective": self.name, "finetune": asdict(self.fcfg), "num_classes": len(self.classes),
+                "classes": self.classes[:1000]}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def class_key(machine_type: str, section: str | None, value: str | None) -> str:
+    return f"{machine_type}/{section if section is not None else '-'}/{value if value is not None else '-'}"
+
+
+def load_labels(labels_uri: str, label_column: str = "label", balance: str = "class",
+                power: float = 1.0) -> tuple[list[str], dict[str, int], dict[str, float], dict]:
+    """(classes, clip -> class index, clip -> sampling weight (mean 1), summary) from a labels folder."""
+    storage.require_published(labels_uri)
+    table = storage.read_table(storage.join(labels_uri, "labels.parquet"))
+    if label_column not in table.column_names:
+        raise ValueError(f"{labels_uri}: no column {label_column!r} (has {table.column_names})")
+    rows = table.select(["clip_id", "machine_type", "section", "domain", label_column]).to_pylist()
+    if not rows:
+        raise ValueError(f"{labels_uri}: no labelled clips")
+    keys = [class_key(r["machine_type"], r["section"], None if r[label_column] is None else str(r[label_column]))
+            for r in rows]
+    classes = sorted(set(keys))
+    index = {k: i for i, k in enumerate(classes)}
+    clip_class = {r["clip_id"]: index[k] for r, k in zip(rows, keys)}
+    if balance == "none":
+        groups = ["all"] * len(rows)
+    elif balance == "class":
+        groups = keys
+    else:
+        groups = [f"{r['machine_type']}/{r['section']}/{r['domain']}" for r in rows]
+    counts = Counter(groups)
+    w = np.array([counts[g] ** -power for g in groups], np.float64)
+    w *= len(w) / w.sum()
+    clip_weight = {r["clip_id"]: float(x) for r, x in zip(rows, w)}
+    per_class = Counter(keys)
+    summary = {"n_clips": len(rows), "num_classes": len(classes), "label_column": label_column,
+               "smallest_class": min(per_class.values()), "largest_class": max(per_class.values()),
+               "n_types": len({r["machine_type"] for r in rows})}
+    if len(classes) < 2:
+        raise SingleClassError(f"{labels_uri}: {label_column!r} gives only one class ({classes[0]}); "
+                               "classification needs at least two")
+    return classes, clip_class, clip_weight, summary
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConfig | None = None,
+             tcfg: TrainConfig | None = None) -> FinetuneResult:
+    """Fine-tune on ``<features_root>/features`` with the labels of ``fcfg.labels``; export to
+    ``<out_root>/models/<tag>/encoder.pt``. Checkpoints under ``tcfg.storage_path`` (default
+    ``<out_root>/checkpoints``), run name ``tcfg.name`` (default: the tag); a rerun continues."""
+    fcfg = fcfg or FinetuneConfig()
+    tcfg = tcfg or TrainConfig()
+    out_root = out_root or features_root
+    if tcfg.name == "train":
+        tcfg = replace(tcfg, name=fcfg.tag)
+    if tcfg.storage_path is None:
+        tcfg = replace(tcfg, storage_path=storage.join(out_root, "checkpoints"))
+    t0 = time.perf_counter()
+    init = storage.absolute(fcfg.init_checkpoint or storage.join(out_root, "models", "pretrain", "encoder.pt"))
+    if not storage.exists(init):
+        raise FileNotFoundError(f"no encoder to fine-tune at {init} (run pretrain, or set init_checkpoint)")
+    start = load_checkpoint(init, keep_predictor=False)
+    meta = start.meta or {}
+    norm = (float(meta.get("norm_mean", FBANK_MEAN)), float(meta.get("norm_std", FBANK_STD)))
+    labels = fcfg.labels or storage.join(out_root, "labels", "pretrained")
+    classes, clip_class, clip_weight, summary = load_labels(labels, fcfg.label_column, fcfg.balance,
+                                                            fcfg.balance_power)
+    log.info("fine-tuning %s on %d clips, %d classes (%s, sizes %d..%d) from %s", fcfg.tag, summary["n_clips"],
+             len(classes), fcfg.label_column, summary["smallest_class"], summary["largest_class"], labels)
+    objective = AttributeObjective(fcfg, start.cfg, classes, clip_class,
+                                   clip_weight if fcfg.balance != "none" else None, init_checkpoint=init)
+    del start
+    res: TrainResult = fit(objective, features_root, tcfg, norm=norm)
+    if res.checkpoint is None:
+        raise RuntimeError(f"training run {res.run} produced no checkpoint")
+    export_meta = {"stage": "finetune", "tag": fcfg.tag, "features_root": features_root, "labels": labels,
+                   "norm_mean": norm[0], "norm_std": norm[1], "crop_frames": tcfg.crop_frames,
+                   "train_steps": res.step, "init_checkpoint": init, "label_summary": summary}
+    uri = export_encoder(objective, res.checkpoint, out_root, fcfg.tag, meta=export_meta)
+    current = (set_current_model(out_root, fcfg.embed_tag, "encoder", {"checkpoint": uri}, encoder=uri,
+                                 stage="finetune") if fcfg.set_current else None)
+    accs = [h["acc"] for h in res.history if "acc" in h]
+    log.info("fine-tuned %s for %d steps (loss %s, accuracy %s): %s", fcfg.tag, res.step, res.final_loss,
+             accs[-1] if accs else None, uri)
+    return FinetuneResult(
+        checkpoint=res.checkpoint, run=res.run, encoder=uri, current=current, num_classes=len(classes),
+        n_clips=summary["n_clips"], final_loss=res.final_loss, final_accuracy=accs[-1] if accs else None,
+        first_accuracy=accs[0] if accs else None, steps=res.step, start_step=res.start_step,
+        seconds=time.perf_counter() - t0, samples_per_s=res.samples_per_s, train=res.to_dict(history=True),
+    )
+
+
+__all__ = [
+    "AttributeModel",
+    "AttributeObjective",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "LoRALinear",
+    "SingleClassError",
+    "add_lora",
+    "class_key",
+    "finetune",
+    "load_labels",
+    "merge_lora",
+    "spec_augment",
+]
