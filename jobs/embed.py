@@ -12,6 +12,7 @@ from jobs.common import run_job, to_dataclass
 def run(cfg: DictConfig) -> dict:
     node = OmegaConf.to_container(cfg.embed, resolve=True)
     tag = node.pop("tag")
+    node.pop("after", None)  # the pipeline's ordering hint
     res = embed(cfg.root, tag, to_dataclass(EmbedConfig, node))
     return {"stage": "embed", "tag": tag, **res.to_dict()}
 

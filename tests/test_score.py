@@ -137,16 +137,23 @@ def test_pipeline_job_end_to_end(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
     cmd = [sys.executable, "-m", "jobs.pipeline", f"root={tmp_path}/run", "ray.num_cpus=2", "ray.progress=false",
            "data.spec.n_train_source=10", "data.spec.n_train_target=2", "data.spec.n_test_per_domain=6",
-           "data.spec.duration_s=1.0", "pretrain.train.steps=6", "pretrain.train.checkpoint_every=3"]
+           "data.spec.duration_s=1.0", "pretrain.train.steps=6", "pretrain.train.checkpoint_every=3",
+           "finetunes.pseudo.train.steps=4", "finetunes.pseudo.train.checkpoint_every=2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(final["stages"]) == {"make_corpus", "featurize", "pretrain", "embed", "score"}
-    assert set(final["stages"]["score"]) == {"logmel", "pretrained"}
+    assert set(final["stages"]) == {"make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune",
+                                    "score"}
+    assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == {"logmel", "pretrained", "finetuned"}
     assert final["report"].endswith("scores/logmel/report.md") and os.path.exists(final["report"])
     assert "official score (hmean)" in out.stdout and 0 <= final["official_score"] <= 1
-    assert os.path.exists(final["comparison"]) and "pretrained" in open(final["comparison"]).read()
-    assert json.load(open(tmp_path / "run" / "models" / "CURRENT"))["tag"] == "logmel"
+    assert os.path.exists(final["comparison"]) and "finetuned" in open(final["comparison"]).read()
+    # pre-trained embeddings -> pseudo labels -> fine-tuning from the pre-trained encoder -> scored
+    assert final["stages"]["pseudo_label"]["labels"] == f"{tmp_path}/run/labels/pretrained"
+    ft = final["stages"]["finetune"]["pseudo"]
+    assert ft["steps"] == 4 and ft["num_classes"] >= 4 and ft["encoder"] == f"{tmp_path}/run/models/finetune/encoder.pt"
+    current = json.load(open(tmp_path / "run" / "models" / "CURRENT"))
+    assert current["tag"] == "finetuned" and current["params"]["checkpoint"] == ft["encoder"]
     assert final["stages"]["pretrain"]["steps"] == 6
     # a second run regenerates nothing and featurizes nothing new
     out2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
@@ -155,3 +162,4 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert final2["stages"]["make_corpus"]["skipped"] and final2["stages"]["featurize"]["n_featurized"] == 0
     assert final2["official_score"] == pytest.approx(final["official_score"])
     assert final2["stages"]["pretrain"]["start_step"] == 6  # the finished pre-training is not redone
+    assert final2["stages"]["finetune"]["pseudo"]["start_step"] == 4  # nor the fine-tuning
