@@ -27,6 +27,8 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "steps_400": {"train": {"steps": 400}},
     "no_balance": {"balance": "none"},
+    "balance_domain": {"balance": "domain"},
+    "lr_1e-4": {"train": {"lr": 1e-4}},
     "arcface": {"head": "arcface", "scale": 16.0, "margin": 0.2},
     "subcluster_adacos_4": {"subclusters": 4},
     "lora_r4": {"lora_rank": 4, "train": {"lr": 2e-3}},
