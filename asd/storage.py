@@ -63,6 +63,41 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+SCHEMES = ("s3", "file")  # besides plain local paths
+
+
+def validate_uri(uri, what: str = "path", allow_parent: bool = False) -> str:
+    """A storage location a job may use: a local path, ``file://`` or ``s3://bucket/...``;
+    no control characters or other schemes, and (unless ``allow_parent``, for inputs) no
+    ``..`` segments. Returns it unchanged."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"{what}: expected a path or URI, got {uri!r}")
+    if any(ord(c) < 32 for c in uri):
+        raise ValueError(f"{what}: control characters in {uri!r}")
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        if scheme not in SCHEMES:
+            raise ValueError(f"{what}: unsupported scheme {scheme!r} in {uri!r} (use a local path or s3://)")
+        if scheme == "s3" and not rest.split("/", 1)[0]:
+            raise ValueError(f"{what}: no bucket in {uri!r}")
+    else:
+        rest = uri
+    if not allow_parent and ".." in rest.replace("\\", "/").split("/"):
+        raise ValueError(f"{what}: '..' is not allowed in {uri!r}")
+    return uri
+
+
+def is_within(root: str, uri: str) -> bool:
+    """Whether ``uri`` is ``root`` or lies under it (same scheme and bucket)."""
+    def norm(u: str) -> str:
+        if is_remote(u):
+            return u.rstrip("/")
+        return absolute(u).rstrip("/") or "/"
+
+    r, u = norm(root), norm(uri)
+    return u == r or u.startswith(r + "/")
+
+
 def absolute(uri: str) -> str:
     """``uri`` unchanged when remote, else an absolute local path: for paths handed to Ray
     workers, whose working directory is not the driver's."""

@@ -89,8 +89,42 @@ def _jsonable(obj):
     return str(obj)
 
 
+# config keys that name storage locations (anywhere in a job's config)
+PATH_KEYS = {"root", "input", "output", "out", "inbox", "labels", "init_checkpoint", "checkpoint", "storage_path"}
+# ... and those a job writes to, which must lie under the run's storage root
+WRITE_KEYS = {"output", "storage_path"}
+
+
+def check_paths(cfg: DictConfig | dict) -> None:
+    """Refuse a job whose paths are malformed (``..``, other schemes) or that would write
+    outside its storage root (``root``), before anything starts."""
+    from asd import storage
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    root = data.get("root")
+    if root is not None:
+        storage.validate_uri(root, "root")
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                here = f"{where}.{k}" if where else str(k)
+                if k in PATH_KEYS and isinstance(v, str):
+                    storage.validate_uri(v, here, allow_parent=k not in WRITE_KEYS)
+                    if k in WRITE_KEYS and root is not None and not storage.is_within(root, v):
+                        raise ValueError(f"{here}={v!r} is outside the run's storage root {root!r}")
+                else:
+                    walk(v, here)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk({k: v for k, v in data.items() if k not in ("hydra",)}, "")
+
+
 def run_job(cfg: DictConfig, run) -> None:
-    """The body of every job's Hydra ``main``: logging, Ray, the stage, its final JSON line."""
+    """The body of every job's Hydra ``main``: logging, path checks, Ray, the stage, its final JSON line."""
     setup_logging(cfg.log_level)
+    check_paths(cfg)
     init_ray(cfg.ray)
     final_line(run(cfg))

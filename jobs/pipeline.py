@@ -36,7 +36,7 @@ from jobs import make_corpus as make_corpus_job
 from jobs import pretrain as pretrain_job
 from jobs import pseudo_label as pseudo_label_job
 from jobs import score as score_job
-from jobs.common import final_line, init_ray, log, setup_logging
+from jobs.common import check_paths, final_line, init_ray, log, setup_logging
 
 STAGES = ["make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune", "score"]
 
@@ -154,6 +154,7 @@ def _compare(root: str, scored: dict, skipped: dict[str, str] | None = None) -> 
 def main(cfg: DictConfig) -> None:
     setup_logging(cfg.log_level)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    check_paths(cfg)
     init_ray(cfg.ray)
     final_line(run(cfg))
 

@@ -47,3 +47,32 @@ def test_unknown_config_key_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.score", "+score.kk=3"], env=env, capture_output=True,
                          text=True, timeout=300, cwd=str(tmp_path))
     assert out.returncode != 0 and "unknown keys for ScoreConfig: ['kk']" in out.stderr
+
+
+def test_storage_locations_are_validated():
+    from jobs.common import check_paths
+
+    assert storage.validate_uri("s3://bucket/runs/r1") == "s3://bucket/runs/r1"
+    assert storage.validate_uri("../shared/data/real", allow_parent=True)
+    for bad in ["http://example.com/x", "s3:///nobucket", "./outputs/../../etc", "", "a\nb"]:
+        with pytest.raises(ValueError):
+            storage.validate_uri(bad)
+    assert storage.is_within("s3://b/run", "s3://b/run/checkpoints") and not storage.is_within("s3://b/run", "s3://b/runx")
+    assert not storage.is_within("s3://b/run", "s3://other/run/x") and storage.is_within("./out", "out/ckpt")
+    check_paths({"root": "s3://b/run", "data": {"input": "../corpus"},
+                 "pretrain": {"train": {"storage_path": "s3://b/run/checkpoints"}}})
+    with pytest.raises(ValueError, match="outside the run's storage root"):
+        check_paths({"root": "s3://b/run", "pretrain": {"train": {"storage_path": "s3://b/elsewhere"}}})
+    with pytest.raises(ValueError, match="'..' is not allowed"):
+        check_paths({"root": "./outputs/../../tmp/x"})
+    with pytest.raises(ValueError, match="unsupported scheme"):
+        check_paths({"root": "./outputs/r", "finetune": {"init_checkpoint": "http://host/model.pt"}})
+
+
+def test_a_job_writing_outside_its_root_is_refused_before_it_starts(tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
+    out = subprocess.run([sys.executable, "-m", "jobs.pretrain", f"root={tmp_path}/run",
+                          f"pretrain.train.storage_path={tmp_path}/elsewhere"], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=str(tmp_path))
+    assert out.returncode != 0 and "outside the run's storage root" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr and not (tmp_path / "elsewhere").exists()
