@@ -281,7 +281,7 @@ def read_features_ray(root: str, columns: list[str] | None = None):
         raise FileNotFoundError(f"no committed features under {features_dir(root)!r}; run featurize first")
     afs, base = storage.arrow_filesystem(features_dir(root))
     paths = [storage.arrow_filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(
+    ds = storage.ray_read_parquet(
         paths,
         filesystem=afs,
         partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
@@ -292,6 +292,86 @@ def read_features_ray(root: str, columns: list[str] | None = None):
 def load_stats(root: str) -> dict:
     """Normalisation statistics: {"all": {"mean": [...], "std": [...]}, "per_type": {...}}."""
     return storage.read_json(storage.join(features_dir(root), "_stats", "stats.json"))
+
+
+# --------------------------------------------------------------------------------------
+# feature views: a chosen subset of committed rows as a storage root of its own
+# --------------------------------------------------------------------------------------
+
+VIEW_RUN_ID = "view"
+
+
+def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str | None = "train",
+                       note: str = "") -> dict:
+    """Commit the rows of ``clip_ids`` (committed features of ``source_root``) as the features of
+    ``view_root``, in the featurize layout, so every reader of committed features (Ray Train's
+    :func:`asd.train.fit`, :func:`asd.embed.embed`) reads exactly that subset.
+
+    ``split`` (default ``"train"``) overwrites the rows' ``split`` column: a view is usually a
+    training set (e.g. one machine type's training clips, or a training split formed from normal
+    test clips), and training stages select ``split == "train"``; ``None`` keeps the stored split.
+    The view is rebuilt whole (its old features are removed first); its commit record is written
+    last, so readers see no view or the whole view. Normalisation statistics are recomputed over the
+    view's rows. Returns the commit record. Raises ``ValueError`` for an empty selection or clip ids
+    without committed features.
+    """
+    import pyarrow.compute as pc
+
+    ids = sorted({str(c) for c in clip_ids})
+    if not ids:
+        raise ValueError(f"empty feature view {view_root!r}: no clip ids given")
+    wanted = pa.array(ids, pa.string())
+    keys = read_features_table(source_root, columns=["clip_id", "machine_type", "section"],
+                               filter=pc.field("clip_id").isin(wanted))
+    found = set(keys.column("clip_id").to_pylist())
+    missing = [c for c in ids if c not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} clip(s) have no committed features under {features_dir(source_root)!r}, "
+                         f"e.g. {missing[:3]}")
+    fdir = features_dir(view_root)
+    storage.remove(fdir)
+    files: list[str] = []
+    stats: dict = {}
+    clips: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    n_rows = 0
+    # one (machine type, section) partition at a time: the driver never holds more than one
+    for mt, sec in sorted(set(zip(keys.column("machine_type").to_pylist(), keys.column("section").to_pylist()))):
+        part = read_features_table(source_root, filter=(pc.field("machine_type") == mt) & (pc.field("section") == sec)
+                                   & pc.field("clip_id").isin(wanted))
+        if split is not None:
+            part = part.set_column(part.schema.get_field_index("split"), "split",
+                                   pa.array([split] * part.num_rows, pa.string()))
+        rel = f"machine_type={mt}/section={sec}/{VIEW_RUN_ID}.parquet"
+        storage.write_table(storage.join(fdir, rel), part.drop_columns(PARTITION_COLS))
+        files.append(rel)
+        n_rows += part.num_rows
+        clips.update(zip(part.column("clip_id").to_pylist(), part.column("content_sha256").to_pylist()))
+        for k, v in _counts(part).items():
+            counts[k] = counts.get(k, 0) + v
+        acc = stats.setdefault(mt, [0, 0.0, 0.0])
+        for r in part.select(["fbank_frames", "fbank_sum", "fbank_sumsq"]).to_pylist():
+            acc[0] += r["fbank_frames"]
+            acc[1] = acc[1] + np.asarray(r["fbank_sum"])
+            acc[2] = acc[2] + np.asarray(r["fbank_sumsq"])
+    commit = {
+        "run_id": VIEW_RUN_ID,
+        "view_of": source_root,
+        "note": note,
+        "files": files,
+        "rows": n_rows,
+        "clips": clips,
+        "rejected": {},
+        "counts": counts,
+        "rejects": {},
+        "stats": {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
+                  for k, v in stats.items()},
+        "config_hash": sorted({c.get("config_hash") for c in _commits(features_dir(source_root))} - {None}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.atomic_write_json(storage.join(fdir, "_stats", "stats.json"), _combine_stats([commit]))
+    storage.atomic_write_json(storage.join(fdir, "_commits", f"{VIEW_RUN_ID}.json"), commit)
+    return commit
 
 
 # --------------------------------------------------------------------------------------
@@ -567,4 +647,5 @@ __all__ = [
     "problems_table",
     "read_features_ray",
     "read_features_table",
+    "write_feature_view",
 ]

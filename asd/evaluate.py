@@ -1,0 +1,712 @@
+"""Side-by-side accuracy of several methods on the same data and the same split, in one run.
+
+:func:`evaluate` featurizes a DCASE-layout corpus (local or ``s3://``) once per front end the
+chosen methods need, fixes one train/test split (:func:`plan_split`), runs every method on it,
+writes each method's scores like the scoring stage (``<root>/scores/<method>/``: scores.parquet,
+DCASE CSVs, metrics.json, report.md, plots) and one comparison report
+``<root>/evaluate/report.{md,json,png}``: AUC-source, AUC-target and pAUC per machine type and
+the official score (harmonic mean) per method, with the run's configuration and data checksums.
+
+Methods are entries of :data:`METHODS` (:func:`register_method`): a name, the front ends it
+needs, an optional prerequisite check (a missing prerequisite stops the run before any work,
+with a message naming what is missing) and a function from the run's :class:`EvalContext` to a
+score table in :data:`asd.score.SCORE_SCHEMA`. Built in:
+
+* ``ae_mse``, ``ae_mahalanobis``: the official DCASE autoencoder baseline
+  (:mod:`asd.baselines.autoencoder`; one training serves both scores);
+* ``logmel_knn``: cosine kNN on log-mel statistics (:mod:`asd.embed`, :mod:`asd.score`);
+* ``pretrained_knn``: kNN on a self-supervised encoder, pre-trained in this run on the
+  training split (``pretrained.checkpoint`` uses an existing encoder instead);
+* ``finetuned_knn``: kNN on the encoder fine-tuned in this run the way the pipeline does it:
+  the pre-trained encoder (``pretrained_knn``'s) embeds the training split, Ward clustering
+  gives pseudo-attribute labels (``finetuned.cluster``), and attribute classification fine-tunes
+  it (``finetuned.finetune``, :mod:`asd.finetune`); ``finetuned.checkpoint`` uses an existing
+  fine-tuned encoder instead.
+
+**The split** (:func:`plan_split`) is decided once, from the committed features, and is the
+same for every method. Per machine type and section:
+
+* clips of the ``train`` folders that are not labelled anomalous train the models and form the
+  kNN banks (the scoring stage's rule); anomalous clips found there are excluded;
+* clips of the ``test`` folders are scored;
+* when a section has **no training clips** (a data set without a separate train split), a
+  training split is formed deterministically from its normal test clips: per domain, the normal
+  clips are ordered by the sha256 of their clip id and the first ``floor(n * derive_fraction)``
+  (at most ``n - 1``, none when ``n < 2``) become training clips; they are never scored, and the
+  anomalous clips and the other normals stay in the test set. The report lists every section
+  where this happened. The data layer has no such rule of its own (the scoring stage needs a
+  ``train`` folder per section and refuses a section without one);
+* a clip whose audio bytes (``content_sha256``) equal a training clip's is excluded from the
+  test set, so no method is scored on audio it was trained on, whatever the file is called.
+
+Every method's scored clips are checked to be exactly the test set (no training or bank clip,
+none missing). The data checksum is the sha256 over the sorted ``clip_id<TAB>content_sha256``
+lines of every featurized clip; the split checksum the same over ``clip_id<TAB>role``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asd import metrics, report, storage
+from asd.baselines.autoencoder import AEConfig, ae_root, default_train_config
+from asd.cluster import ClusterConfig
+from asd.embed import EmbedConfig
+from asd.finetune import FinetuneConfig
+from asd.featurize import FeaturizeConfig, read_features_table
+from asd.pretrain import PretrainConfig
+from asd.score import SCORE_SCHEMA, ScoreConfig
+from asd.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TRAIN, TEST, EXCLUDED = "train", "test", "excluded"
+KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
+DEFAULT_METHODS = ("ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn")
+LOGMEL, AE = "logmel", "ae"  # the two front ends: the stored Kaldi features, the baseline's own
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class EmbedMethodConfig:
+    """A kNN method on an embedding: ``embeddings/<tag>`` made with ``embed``."""
+
+    tag: str = "logmel"
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+@dataclass
+class EncoderMethodConfig:
+    """A kNN method on an encoder's embedding. ``checkpoint``: an ``encoder.pt`` (local or s3://);
+    None pre-trains one in this run with ``pretrain``/``pretrain_train`` where the method allows it."""
+
+    tag: str = "eval-pretrained"
+    checkpoint: str | None = None
+    embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(embedder="encoder"))
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(tag="eval-pretrain", model="tiny"))
+    pretrain_train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FinetunedMethodConfig(EncoderMethodConfig):
+    """``checkpoint`` None: fine-tune in this run (pseudo labels by ``cluster`` of the pre-trained
+    encoder's training-split embeddings, then ``finetune``/``finetune_train``)."""
+
+    tag: str = "eval-finetuned"
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-finetune"))
+    finetune_train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    derive_fraction: float = 0.5  # share of a section's normal test clips that forms a missing train split
+    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
+    ae_train: TrainConfig = field(default_factory=default_train_config)
+    logmel: EmbedMethodConfig = field(default_factory=EmbedMethodConfig)
+    pretrained: EncoderMethodConfig = field(default_factory=EncoderMethodConfig)
+    finetuned: FinetunedMethodConfig = field(default_factory=FinetunedMethodConfig)
+    plots: bool = True  # per-method ROC and histogram plots
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        if not 0.0 < self.derive_fraction < 1.0:
+            raise ValueError(f"derive_fraction must be in (0, 1), got {self.derive_fraction}")
+
+
+# ----------------------------------------------------------------------------- the split
+
+
+@dataclass
+class SplitPlan:
+    """One role per featurized clip: ``train`` (trains models, forms banks), ``test`` (scored) or
+    ``excluded``; ``reason`` says why. ``derived``: sections whose training split was formed from
+    normal test clips."""
+
+    table: pa.Table  # KEY_COLUMNS + role, reason
+    derived: list[dict]
+    derive_fraction: float
+
+    def ids(self, role: str) -> set[str]:
+        t = self.table.filter(pc.equal(self.table.column("role"), role))
+        return set(t.column("clip_id").to_pylist())
+
+    @property
+    def train_ids(self) -> set[str]:
+        return self.ids(TRAIN)
+
+    @property
+    def test_ids(self) -> set[str]:
+        return self.ids(TEST)
+
+    def excluded(self) -> list[dict]:
+        t = self.table.filter(pc.equal(self.table.column("role"), EXCLUDED))
+        return t.select(["clip_id", "reason"]).to_pylist()
+
+    def counts(self) -> dict:
+        """``{machine_type: {"train": n, "test": n, "test_normal": n, "test_anomaly": n, "excluded": n}}``."""
+        out: dict = {}
+        for r in self.table.select(["machine_type", "role", "label"]).to_pylist():
+            c = out.setdefault(r["machine_type"], {TRAIN: 0, TEST: 0, "test_normal": 0, "test_anomaly": 0, EXCLUDED: 0})
+            c[r["role"]] += 1
+            if r["role"] == TEST and r["label"] in ("normal", "anomaly"):
+                c[f"test_{r['label']}"] += 1
+        return dict(sorted(out.items()))
+
+    def sha256(self) -> str:
+        return _lines_sha256(zip(self.table.column("clip_id").to_pylist(), self.table.column("role").to_pylist()))
+
+
+def _lines_sha256(pairs) -> str:
+    h = hashlib.sha256()
+    for a, b in sorted((str(a), str(b)) for a, b in pairs):
+        h.update(f"{a}\t{b}\n".encode())
+    return h.hexdigest()
+
+
+def _order_key(clip_id: str) -> str:
+    return hashlib.sha256(clip_id.encode()).hexdigest()
+
+
+def plan_split(keys: pa.Table, derive_fraction: float = 0.5) -> SplitPlan:
+    """The evaluation split of the clips in ``keys`` (see the module docstring for the rule)."""
+    if not 0.0 < derive_fraction < 1.0:
+        raise ValueError(f"derive_fraction must be in (0, 1), got {derive_fraction}")
+    missing = [c for c in KEY_COLUMNS if c not in keys.column_names]
+    if missing:
+        raise ValueError(f"clip table lacks column(s) {missing}")
+    rows = keys.select(KEY_COLUMNS).to_pylist()
+    if not rows:
+        raise ValueError("no clips to evaluate")
+    ids = [r["clip_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate clip ids in the clip table")
+    role: dict[str, str] = {}
+    reason: dict[str, str] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["machine_type"], r["section"]), []).append(r)
+        if r["split"] == "train":
+            if r["label"] == "anomaly":
+                role[r["clip_id"]], reason[r["clip_id"]] = EXCLUDED, "anomalous clip in the train split"
+            else:
+                role[r["clip_id"]], reason[r["clip_id"]] = TRAIN, "train split"
+        else:
+            role[r["clip_id"]], reason[r["clip_id"]] = TEST, "test split"
+    derived = []
+    for (mt, sec), group in sorted(groups.items()):
+        if any(role[r["clip_id"]] == TRAIN for r in group):
+            continue
+        by_domain: dict[str, int] = {}
+        for dom in sorted({r["domain"] or "source" for r in group}):
+            normals = sorted((r for r in group if r["label"] == "normal" and (r["domain"] or "source") == dom),
+                             key=lambda r: _order_key(r["clip_id"]))
+            k = min(math.floor(len(normals) * derive_fraction), len(normals) - 1) if len(normals) >= 2 else 0
+            for r in normals[:k]:
+                role[r["clip_id"]] = TRAIN
+                reason[r["clip_id"]] = f"derived training split ({dom} normal test clip)"
+            if k:
+                by_domain[dom] = k
+        if not by_domain:
+            raise ValueError(f"{mt} section {sec} has no training clips and fewer than 2 labelled normal test clips "
+                             "in every domain: no training split can be formed from it")
+        derived.append({"machine_type": mt, "section": sec, "train_clips": by_domain,
+                        "test_clips_left": sum(1 for r in group if role[r["clip_id"]] == TEST)})
+        log.warning("%s section %s has no train split: %s normal test clips form its training split (never scored)",
+                    mt, sec, by_domain)
+    train_sha = {}
+    for r in rows:
+        if role[r["clip_id"]] == TRAIN and r["content_sha256"]:
+            train_sha.setdefault(r["content_sha256"], r["clip_id"])
+    for r in rows:
+        twin = train_sha.get(r["content_sha256"]) if r["content_sha256"] else None
+        if role[r["clip_id"]] == TEST and twin is not None:
+            role[r["clip_id"]] = EXCLUDED
+            reason[r["clip_id"]] = f"same audio bytes as training clip {twin}"
+            log.warning("excluding %s from the test set: same audio bytes as training clip %s", r["clip_id"], twin)
+    table = keys.select(KEY_COLUMNS).append_column("role", pa.array([role[i] for i in ids], pa.string()))
+    table = table.append_column("reason", pa.array([reason[i] for i in ids], pa.string())).sort_by("clip_id")
+    return SplitPlan(table=table, derived=derived, derive_fraction=derive_fraction)
+
+
+def data_sha256(keys: pa.Table) -> str:
+    """sha256 over the sorted ``clip_id<TAB>content_sha256`` lines of ``keys``."""
+    return _lines_sha256(zip(keys.column("clip_id").to_pylist(), keys.column("content_sha256").to_pylist()))
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass
+class EvalContext:
+    """What a method sees: the corpus, the run root, the config, the split, and a cache shared by
+    methods of one run (e.g. one autoencoder training serves both of its scores)."""
+
+    input: str
+    root: str
+    cfg: EvaluateConfig
+    plan: SplitPlan | None = None
+    cache: dict = field(default_factory=dict)
+
+    def once(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+
+@dataclass
+class MethodOutput:
+    scores: pa.Table  # asd.score.SCORE_SCHEMA, the test clips
+    thresholds: dict  # (machine_type, section) -> decision threshold
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    name: str
+    title: str
+    features: tuple[str, ...]  # front ends: LOGMEL and/or AE
+    run: Callable[[EvalContext], MethodOutput]
+    check: Callable[[EvalContext], str | None] = lambda ctx: None  # a missing prerequisite, or None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add (or replace) a method under its name."""
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def _ae_scores(ctx: EvalContext) -> dict:
+    from asd.baselines.autoencoder import score_autoencoders, train_autoencoders
+
+    trained = train_autoencoders(ae_root(ctx.root), ctx.root, ctx.cfg.ae, ctx.cfg.ae_train,
+                                 train_clips=sorted(ctx.plan.train_ids))
+    scored = score_autoencoders(ae_root(ctx.root), trained.models, sorted(ctx.plan.test_ids), cfg=ctx.cfg.ae)
+    info = {"models": trained.models, "maha_reduction": ctx.cfg.ae.maha_reduction,
+            "training": {k: v for k, v in trained.training.items() if k != "loss_history"},
+            "loss_history": trained.training.get("loss_history"),
+            "per_type": {mt: {k: v for k, v in d.items() if k in ("train_clips", "train_clips_source", "train_clips_target",
+                                                                   "target_covariance", "thresholds", "offset_db")}
+                         for mt, d in trained.per_type.items()}}
+    return {name: MethodOutput(table, thr, info) for name, (table, thr) in scored.items()}
+
+
+def _knn(ctx: EvalContext, tag: str, embed_cfg: EmbedConfig) -> MethodOutput:
+    import ray
+
+    from asd.embed import embed, embeddings_dir, read_embeddings
+    from asd.score import build_banks, score_dataset
+
+    res = embed(ctx.root, tag, embed_cfg)
+    table = read_embeddings(embeddings_dir(ctx.root, tag))
+    ids = table.column("clip_id")
+    train = table.filter(pc.is_in(ids, pa.array(sorted(ctx.plan.train_ids), pa.string())))
+    test = table.filter(pc.is_in(ids, pa.array(sorted(ctx.plan.test_ids), pa.string())))
+    banks, thresholds = build_banks(train, ctx.cfg.score)
+    bs = max(1, ctx.cfg.score.batch_size)
+    ds = ray.data.from_arrow([test.slice(i, bs) for i in range(0, test.num_rows, bs)] or [test])
+    scores = score_dataset(ds, banks, thresholds, ctx.cfg.score)
+    return MethodOutput(scores, thresholds, {"embeddings": res.embeddings, "dim": res.dim, "k": ctx.cfg.score.k,
+                                             "bank_clips": train.num_rows})
+
+
+def _checkpoint_problem(method: str, key: str, uri: str | None, required: bool) -> str | None:
+    if uri is None:
+        if required:
+            return (f"{method} needs {key}.checkpoint=<an encoder.pt, e.g. the fine-tuning stage's "
+                    f"<root>/models/<tag>/encoder.pt>; leave {method} out of `methods` to run without it")
+        return None
+    try:
+        if storage.exists(uri):
+            return None
+    except Exception as exc:  # unreachable storage
+        return f"{method}: {key}.checkpoint {uri!r} is unreachable ({type(exc).__name__}: {exc})"
+    return f"{method}: {key}.checkpoint {uri!r} does not exist"
+
+
+def _pretrained_encoder(ctx: EvalContext) -> str:
+    """The pre-trained encoder: the configured checkpoint, or one pre-trained now on the split's
+    training clips (a feature view of them, so a derived training split is used too)."""
+    from dataclasses import replace
+
+    from asd.pretrain import pretrain
+
+    mc = ctx.cfg.pretrained
+    if mc.checkpoint:
+        return mc.checkpoint
+    if "pretrain" in ctx.cache:  # pretrained_knn and finetuned_knn share one pre-training
+        return ctx.cache["pretrain"]["encoder"]
+    view = _train_view(ctx)
+    tcfg = mc.pretrain_train
+    if tcfg.name == "train":
+        tcfg = replace(tcfg, name=mc.pretrain.tag)
+    if tcfg.storage_path is None:
+        tcfg = replace(tcfg, storage_path=storage.join(ctx.root, "checkpoints"))
+    res = pretrain(view, ctx.root, replace(mc.pretrain, set_current=False), tcfg)
+    ctx.cache["pretrain"] = {"encoder": res.encoder, "steps": res.steps, "final_loss": res.final_loss}
+    return res.encoder
+
+
+def _train_view(ctx: EvalContext) -> str:
+    """The split's training clips as a feature root of their own (what Ray Train reads)."""
+    from asd.featurize import write_feature_view
+
+    def make() -> str:
+        view = storage.join(ctx.root, "evaluate", "train_view")
+        write_feature_view(ctx.root, view, sorted(ctx.plan.train_ids), split="train", note="evaluation training split")
+        return view
+
+    return ctx.once("train_view", make)
+
+
+def _finetuned_encoder(ctx: EvalContext) -> str:
+    """The fine-tuned encoder: the configured checkpoint, or pseudo labels + fine-tuning now."""
+    from dataclasses import replace
+
+    import asd.models.embedders  # noqa: F401  (registers "encoder")
+    from asd.cluster import pseudo_label
+    from asd.embed import embed
+    from asd.finetune import finetune
+
+    mc = ctx.cfg.finetuned
+    if mc.checkpoint:
+        return mc.checkpoint
+    start = _pretrained_encoder(ctx)
+    view = _train_view(ctx)
+    pre = ctx.cfg.pretrained
+    emb = embed(view, pre.tag + "-train", replace(pre.embed, embedder="encoder",
+                                                  params={**(pre.embed.params or {}), "checkpoint": start}))
+    labels = storage.join(ctx.root, "labels", mc.finetune.tag)
+    manifest = storage.join(ctx.root, "manifest", "manifest.parquet")
+    pl = pseudo_label(emb.embeddings, labels, mc.cluster, manifest_uri=manifest if storage.exists(manifest) else None)
+    tcfg = mc.finetune_train
+    if tcfg.name == "train":
+        tcfg = replace(tcfg, name=mc.finetune.tag)
+    if tcfg.storage_path is None:
+        tcfg = replace(tcfg, storage_path=storage.join(ctx.root, "checkpoints"))
+    res = finetune(view, ctx.root, replace(mc.finetune, init_checkpoint=start, labels=labels, set_current=False), tcfg)
+    ctx.cache["finetune"] = {"encoder": res.encoder, "from": start, "labels": labels, "steps": res.steps,
+                             "num_classes": res.num_classes, "final_accuracy": res.final_accuracy,
+                             "pseudo_label_quality": pl.quality}
+    return res.encoder
+
+
+def _encoder_knn(ctx: EvalContext, mc: EncoderMethodConfig, checkpoint: str) -> MethodOutput:
+    from dataclasses import replace
+
+    import asd.models.embedders  # noqa: F401  (registers "encoder")
+
+    params = {**(mc.embed.params or {}), "checkpoint": checkpoint}
+    out = _knn(ctx, mc.tag, replace(mc.embed, embedder="encoder", params=params))
+    out.info["checkpoint"] = checkpoint
+    for stage in ("pretrain", "finetune"):
+        if stage in ctx.cache and ctx.cache[stage]["encoder"] == checkpoint:
+            out.info[stage] = ctx.cache[stage]
+    return out
+
+
+register_method(Method(
+    "ae_mse", "DCASE autoencoder baseline, MSE score", (AE,),
+    lambda ctx: ctx.once("ae", lambda: _ae_scores(ctx))["ae_mse"]))
+register_method(Method(
+    "ae_mahalanobis", "DCASE autoencoder baseline, selective Mahalanobis score", (AE,),
+    lambda ctx: ctx.once("ae", lambda: _ae_scores(ctx))["ae_mahalanobis"]))
+register_method(Method(
+    "logmel_knn", "cosine kNN on log-mel statistics", (LOGMEL,),
+    lambda ctx: _knn(ctx, ctx.cfg.logmel.tag, ctx.cfg.logmel.embed)))
+register_method(Method(
+    "pretrained_knn", "cosine kNN on the self-supervised encoder", (LOGMEL,),
+    lambda ctx: _encoder_knn(ctx, ctx.cfg.pretrained, _pretrained_encoder(ctx)),
+    check=lambda ctx: _checkpoint_problem("pretrained_knn", "pretrained", ctx.cfg.pretrained.checkpoint, False)))
+register_method(Method(
+    "finetuned_knn", "cosine kNN on the fine-tuned encoder", (LOGMEL,),
+    lambda ctx: _encoder_knn(ctx, ctx.cfg.finetuned, _finetuned_encoder(ctx)),
+    check=lambda ctx: (_checkpoint_problem("finetuned_knn", "finetuned", ctx.cfg.finetuned.checkpoint, False)
+                       or (None if ctx.cfg.finetuned.checkpoint
+                           else _checkpoint_problem("finetuned_knn", "pretrained", ctx.cfg.pretrained.checkpoint,
+                                                    False)))))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class MethodUnavailable(ValueError):
+    """A requested method's prerequisites are missing (raised before any work)."""
+
+
+@dataclass
+class EvaluateResult:
+    report_md: str
+    report_json: str
+    report_png: str
+    official_scores: dict  # method -> official score (None when not computable)
+    scores: dict  # method -> <root>/scores/<method>
+    copies: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    input_uri: str,
+    root: str,
+    cfg: EvaluateConfig | None = None,
+    *,
+    name: str | None = None,
+    config_snapshot: dict | None = None,
+    report_to: str | None = None,
+) -> EvaluateResult:
+    """Run ``cfg.methods`` on the corpus ``input_uri`` with one split; write every method's scores
+    and the comparison report under ``root`` (and copies as ``<report_to>.{md,json,png}``)."""
+    from asd.baselines.autoencoder import featurize_frontend
+    from asd.featurize import featurize
+    from asd.score import scores_dir, write_results
+
+    cfg = cfg or EvaluateConfig()
+    t0 = time.perf_counter()
+    if not cfg.methods:
+        raise ValueError("no methods to evaluate")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ValueError(f"methods listed twice: {list(cfg.methods)}")
+    methods = [get_method(m) for m in cfg.methods]
+    ctx = EvalContext(input=input_uri, root=root, cfg=cfg)
+    problems = [p for m in methods if (p := m.check(ctx))]
+    if problems:
+        raise MethodUnavailable("; ".join(problems))
+    storage.check_reachable(input_uri)
+    needs = {f for m in methods for f in m.features}
+    featurized = {}
+    if LOGMEL in needs:
+        featurized[LOGMEL] = featurize(input_uri, root, cfg.featurize).to_dict()
+    if AE in needs:
+        featurized[AE] = featurize_frontend(input_uri, root, cfg.ae, cfg.featurize).to_dict()
+    keys = _clip_keys(root, needs)
+    ctx.plan = plan = plan_split(keys, cfg.derive_fraction)
+    test_ids, train_ids = plan.test_ids, plan.train_ids
+    if not test_ids:
+        raise ValueError(f"no test clips in {input_uri!r}: nothing to score")
+    results: dict[str, metrics.MetricsResult] = {}
+    per_method: dict[str, dict] = {}
+    for m in methods:
+        tm = time.perf_counter()
+        log.info("=== method %s ===", m.name)
+        out = m.run(ctx)
+        scored = set(out.scores.column("clip_id").to_pylist())
+        if scored & train_ids:
+            raise AssertionError(f"{m.name} scored training clips {sorted(scored & train_ids)[:3]}")
+        if scored != test_ids:
+            raise AssertionError(f"{m.name} scored {len(scored)} clips, the test set has {len(test_ids)} "
+                                 f"(missing e.g. {sorted(test_ids - scored)[:3]})")
+        if out.scores.schema != SCORE_SCHEMA:
+            raise AssertionError(f"{m.name} returned scores in another schema: {out.scores.schema}")
+        res = write_results(out.scores, out.thresholds, scores_dir(root, m.name), ScoreConfig(plots=cfg.plots),
+                            title=f"{m.name}: {m.title}")
+        results[m.name] = metrics.evaluate_table(out.scores)
+        per_method[m.name] = {"title": m.title, "scores": res.scores, "n_scored": res.n_scored,
+                              "official_score": res.official_score, "metrics": res.metrics,
+                              "seconds": round(time.perf_counter() - tm, 1), "info": out.info}
+    return _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, plan, featurized, results,
+                         per_method, t0)
+
+
+def _clip_keys(root: str, needs: set[str]) -> pa.Table:
+    """The featurized clips of this corpus. A root is one corpus: featurize is incremental, so a
+    root that also holds another corpus's clips (a second input into the same root) is refused."""
+    from asd.featurize import features_dir
+
+    tables = {}
+    if LOGMEL in needs:
+        tables[LOGMEL] = read_features_table(root, columns=KEY_COLUMNS)
+    if AE in needs:
+        tables[AE] = read_features_table(ae_root(root), columns=KEY_COLUMNS)
+    for kind, t in tables.items():
+        base = root if kind == LOGMEL else ae_root(root)
+        listed = set(storage.read_table(storage.join(base, "manifest", "manifest.parquet"),
+                                        columns=["clip_id"]).column("clip_id").to_pylist())
+        extra = sorted(set(t.column("clip_id").to_pylist()) - listed)
+        if extra:
+            raise ValueError(f"{features_dir(base)!r} holds {len(extra)} clip(s) that are not in this input "
+                             f"(e.g. {extra[:3]}): the root was used for another corpus; evaluate into a fresh "
+                             "root (e.g. run=evaluate-<data name>)")
+    sets = {k: set(t.column("clip_id").to_pylist()) for k, t in tables.items()}
+    if len(sets) == 2 and sets[LOGMEL] != sets[AE]:
+        only = sorted(sets[LOGMEL] ^ sets[AE])
+        raise ValueError(f"the two front ends featurized different clips ({len(only)} differ, e.g. {only[:3]}); "
+                         f"see the quarantine folders under {features_dir(root)!r} and "
+                         f"{features_dir(ae_root(root))!r}")
+    keys = next(iter(tables.values()))
+    if keys.num_rows == 0:
+        raise ValueError(f"no featurized clips under {root!r}: nothing to evaluate")
+    return keys
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f} %"
+
+
+def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, plan, featurized, results,
+                  per_method, t0) -> EvaluateResult:
+    out_dir = storage.join(root, "evaluate")
+    title = f"Accuracy against the DCASE autoencoder baseline: {name or input_uri}"
+    counts = plan.counts()
+    data = {"input": input_uri, "clips": keys.num_rows, "sha256": data_sha256(keys),
+            "quarantined": {k: v.get("n_quarantined") for k, v in featurized.items()}}
+    split = {"sha256": plan.sha256(), "derive_fraction": plan.derive_fraction, "derived": plan.derived,
+             "excluded": plan.excluded(), "counts": counts,
+             "rule": ("train folders' clips (not labelled anomalous) train and form banks; test folders' clips "
+                      "are scored; a section without training clips gets floor(n * derive_fraction) of each "
+                      "domain's normal test clips (ordered by sha256 of the clip id) as its training split; a "
+                      "test clip with the same audio bytes as a training clip is excluded")}
+    official = {m: r.official_score for m, r in results.items()}
+    official = {m: (None if v is None or math.isnan(v) else float(v)) for m, v in official.items()}
+    table_md = report.methods_markdown(results)
+    lines = [f"# {title}", ""]
+    lines += [(f"Data: `{input_uri}`, {keys.num_rows} clips, sha256 of (clip id, content sha256) "
+               f"`{data['sha256']}`."), ""]
+    lines += ["Split (the same for every method; split sha256 `" + split["sha256"] + "`):", ""]
+    lines += ["| machine type | train / bank clips | test clips (normal / anomaly) | excluded |", "|---|---:|---:|---:|"]
+    for mt, c in counts.items():
+        lines.append(f"| {mt} | {c[TRAIN]} | {c[TEST]} ({c['test_normal']} / {c['test_anomaly']}) | {c[EXCLUDED]} |")
+    lines.append("")
+    if plan.derived:
+        for d in plan.derived:
+            lines.append(f"- {d['machine_type']} section {d['section']} has no train split: training split formed "
+                         f"from normal test clips {d['train_clips']} (ordered by sha256 of the clip id; never scored).")
+    else:
+        lines.append("- Every section has its own train split; no training clip is scored.")
+    for e in plan.excluded():
+        lines.append(f"- excluded `{e['clip_id']}`: {e['reason']}")
+    lines += ["", "## Official score (harmonic mean of AUC-source, AUC-target, pAUC)", "",
+              "| method | official score | what |", "|---|---:|---|"]
+    for m, d in per_method.items():
+        lines.append(f"| {m} | **{_pct(official[m])}** | {d['title']} |")
+    lines += ["", "## Score per machine type (harmonic mean of its AUC-s, AUC-t, pAUC; percent)", "",
+              _type_scores_markdown(results),
+              "## Per machine type and metric (percent; AUC-s, AUC-t, pAUC are harmonic means over sections)", "",
+              table_md]
+    notes = _notes(per_method)
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [("Bar chart: `report.png` beside this file. Per-method scores, DCASE CSVs, ROC curves and "
+               f"histograms: `{storage.join(root, 'scores', '<method>')}/`."), ""]
+    payload = {
+        "title": title, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "root": root, "data": data, "split": split, "official_scores": official,
+        "methods": per_method, "table_markdown": table_md, "notes": notes,
+        "featurize": featurized, "seconds": round(time.perf_counter() - t0, 1),
+        "config": {"evaluate": json_safe(asdict(cfg)), "job": config_snapshot},
+    }
+    md_uri = storage.atomic_write_text(storage.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    json_uri = storage.atomic_write_json(storage.join(out_dir, "report.json"), json_safe(payload))
+    png_uri = report.plot_method_bars(storage.join(out_dir, "report.png"), results)
+    copies = []
+    if report_to:
+        for ext, src in (("md", md_uri), ("json", json_uri), ("png", png_uri)):
+            copies.append(storage.atomic_write_bytes(f"{report_to}.{ext}", storage.read_bytes(src)))
+    print("\n" + "\n".join(lines), flush=True)
+    log.info("evaluation report: %s", md_uri)
+    return EvaluateResult(report_md=md_uri, report_json=json_uri, report_png=png_uri, official_scores=official,
+                          scores={m: d["scores"] for m, d in per_method.items()}, copies=copies,
+                          seconds=time.perf_counter() - t0)
+
+
+def _type_scores_markdown(results: dict[str, metrics.MetricsResult]) -> str:
+    """Rows: machine types and the official score; columns: methods (percent)."""
+    methods = list(results)
+    types = sorted({t for r in results.values() for t in r.machine_types})
+    lines = ["| machine type | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for t in types:
+        cells = [report._pct(results[m].per_type.get(t, float("nan"))) for m in methods]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("| **official score** | " + " | ".join(f"**{report._pct(results[m].official_score)}**"
+                                                    for m in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _notes(per_method: dict) -> list[str]:
+    notes = []
+    for m in ("ae_mse", "ae_mahalanobis"):
+        if m in per_method:
+            info = per_method[m]["info"]
+            tr = info.get("training", {})
+            n_types = max(1, len(info.get("per_type", {})))
+            notes.append(f"Autoencoder baseline: one model per machine type, trained together in one Ray Train run "
+                         f"of {tr.get('steps')} steps, each of {tr.get('batch_clips')} clips "
+                         f"({(tr.get('batch_clips') or 0) // n_types} per machine type) x 16-frame crops, 12 "
+                         "context vectors each (the official recipe: 100 epochs over every context vector); front "
+                         "end = Kaldi fbank at 64 ms / 32 ms, 128 bins, in dB; Mahalanobis reduction "
+                         f"`{info.get('maha_reduction')}` (see asd/baselines/autoencoder.py for every difference "
+                         "from the official code).")
+            fallback = [mt for mt, d in info.get("per_type", {}).items() if d.get("target_covariance", "").startswith("source")]
+            if fallback and "ae_mahalanobis" in per_method:
+                notes.append(f"No target-domain training clips for {', '.join(fallback)}: the Mahalanobis target "
+                             "covariance is the source one (the official rule), so AE-Mahalanobis there is a "
+                             "source-only score.")
+            break
+    for m, d in per_method.items():
+        pre = d["info"].get("pretrain")
+        if pre:
+            notes.append(f"{m}: encoder pre-trained in this run for {pre['steps']} steps on the training split "
+                         f"(final loss {pre['final_loss']:.4g}).")
+        elif d["info"].get("checkpoint"):
+            notes.append(f"{m}: encoder `{d['info']['checkpoint']}`, trained outside this run (which clips it "
+                         "saw in training is not checked here).")
+    return notes
+
+
+def json_safe(obj):
+    """``obj`` with tuples as lists and non-finite floats as None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "METHODS",
+    "EmbedMethodConfig",
+    "EncoderMethodConfig",
+    "EvalContext",
+    "EvaluateConfig",
+    "EvaluateResult",
+    "Method",
+    "MethodOutput",
+    "MethodUnavailable",
+    "SplitPlan",
+    "data_sha256",
+    "evaluate",
+    "get_method",
+    "json_safe",
+    "plan_split",
+    "register_method",
+]
