@@ -273,7 +273,6 @@ def read_features_table(root: str, columns: list[str] | None = None, filter=None
 
 def read_features_ray(root: str, columns: list[str] | None = None):
     """Committed features as a Ray Dataset (streaming; for training and embedding)."""
-    import ray.data
     from ray.data.datasource import Partitioning
 
     files = committed_files(root)

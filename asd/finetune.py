@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from asd import storage
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
-from asd.train import ObjectiveBase, TrainConfig, TrainResult, export_encoder, fit
+from asd.train import ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,13 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneResult:
-    checkpoint: str | None
-    run: str
-    encoder: str
-    current: str | None
-    num_classes: int
-    n_clips: int
-    final_loss: float | None
-    final_accuracy: float | None
-    first_accuracy: float | None
-    steps: int
-    start_step: int
-    seconds: float
-    samples_per_s: float
-    train: dict = field(default_factory=dict)
+class FinetuneResult(StageResult):
+    """:class:`asd.train.StageResult` of fine-tuning, with the classes and training accuracy."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    num_classes: int = 0
+    n_clips: int = 0
+    final_accuracy: float | None = None
+    first_accuracy: float | None = None
 
 
 # ----------------------------------------------------------------------------- modules

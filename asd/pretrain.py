@@ -43,7 +43,7 @@ from torch import Tensor
 from asd import storage
 from asd.models.encoder import AudioEncoder, EncoderConfig, get_config, load_checkpoint
 from asd.rescore import set_current_model
-from asd.train import ObjectiveBase, TrainConfig, TrainResult, export_encoder, fbank_norm, fit
+from asd.train import ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fbank_norm, fit
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +85,8 @@ class PretrainConfig:
             raise ValueError("clone_batch and top_k_layers must be >= 1")
 
 
-@dataclass
-class PretrainResult:
-    checkpoint: str | None  # latest Ray Train checkpoint folder
-    run: str  # Ray Train run folder
-    encoder: str  # exported encoder.pt
-    current: str | None  # models/CURRENT, when written
-    final_loss: float | None
-    steps: int
-    start_step: int
-    seconds: float
-    samples_per_s: float
-    train: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+class PretrainResult(StageResult):
+    """:class:`asd.train.StageResult` of pre-training."""
 
 
 # ----------------------------------------------------------------------------- modules

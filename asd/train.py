@@ -841,6 +841,26 @@ class TrainResult:
         return d
 
 
+@dataclass
+class StageResult:
+    """What a training stage (pre-training, fine-tuning) returns: its run, latest checkpoint and
+    exported encoder, and how training went (``train``: :meth:`TrainResult.to_dict` with history)."""
+
+    checkpoint: str | None  # latest Ray Train checkpoint folder
+    run: str  # Ray Train run folder
+    encoder: str  # exported encoder.pt
+    current: str | None  # models/CURRENT, when written
+    final_loss: float | None
+    steps: int
+    start_step: int
+    seconds: float
+    samples_per_s: float
+    train: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[str]):
     from ray.data.expressions import col
 
@@ -979,6 +999,7 @@ __all__ = [
     "LoopResult",
     "Objective",
     "ObjectiveBase",
+    "StageResult",
     "TrainConfig",
     "TrainResult",
     "crop_batch",

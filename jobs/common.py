@@ -39,6 +39,24 @@ def to_dataclass(cls: type[T], node: DictConfig | dict | None, **extra: Any) -> 
     return cls(**kwargs)
 
 
+def stage_configs(node: DictConfig | dict, cls: type[T]) -> tuple[T, Any]:
+    """A training stage's config node -> (its dataclass, the ``train:`` part as asd.train.TrainConfig)."""
+    from asd.train import TrainConfig
+
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    train = data.pop("train", None) or {}
+    return to_dataclass(cls, data), to_dataclass(TrainConfig, train)
+
+
+def training_summary(stage: str, tag: str, res) -> tuple[dict, dict]:
+    """A training stage's final-line dict (without the loss history) and its training details."""
+    out = {"stage": stage, "tag": tag, **res.to_dict()}
+    info = out.pop("train", {}) or {}
+    out["workers"] = info.get("workers", [])
+    out["steady_samples_per_s"] = info.get("steady_samples_per_s")
+    return out, info
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, str(level).upper(), logging.INFO),

@@ -9,23 +9,16 @@ first), starts from ``<root>/models/pretrain/encoder.pt``, checkpoints to
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from asd.finetune import FinetuneConfig, finetune
-from asd.train import TrainConfig
-from jobs.common import run_job, to_dataclass
+from jobs.common import run_job, stage_configs, training_summary
 
 
 def run(cfg: DictConfig, node: DictConfig | None = None) -> dict:
-    node = OmegaConf.to_container(node if node is not None else cfg.finetune, resolve=True)
-    train = node.pop("train", None) or {}
-    fcfg = to_dataclass(FinetuneConfig, node)
-    tcfg = to_dataclass(TrainConfig, train)
-    res = finetune(cfg.root, cfg.root, fcfg, tcfg)
-    out = {"stage": "finetune", "tag": fcfg.tag, **res.to_dict()}
-    train_info = out.pop("train", {})
-    out["workers"] = train_info.get("workers", [])
-    out["accuracy"] = [(h["step"], round(h["acc"], 4)) for h in train_info.get("history", []) if "acc" in h]
+    fcfg, tcfg = stage_configs(node if node is not None else cfg.finetune, FinetuneConfig)
+    out, info = training_summary("finetune", fcfg.tag, finetune(cfg.root, cfg.root, fcfg, tcfg))
+    out["accuracy"] = [(h["step"], round(h["acc"], 4)) for h in info.get("history", []) if "acc" in h]
     return out
 
 

@@ -8,23 +8,15 @@ and points ``<root>/models/CURRENT`` at it.
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from asd.pretrain import PretrainConfig, pretrain
-from asd.train import TrainConfig
-from jobs.common import run_job, to_dataclass
+from jobs.common import run_job, stage_configs, training_summary
 
 
 def run(cfg: DictConfig) -> dict:
-    node = OmegaConf.to_container(cfg.pretrain, resolve=True)
-    train = node.pop("train", None) or {}
-    pcfg = to_dataclass(PretrainConfig, node)
-    tcfg = to_dataclass(TrainConfig, train)
-    res = pretrain(cfg.root, cfg.root, pcfg, tcfg)
-    out = {"stage": "pretrain", "tag": pcfg.tag, **res.to_dict()}
-    train_info = out.pop("train", {})
-    out["workers"] = train_info.get("workers", [])
-    out["steady_samples_per_s"] = train_info.get("steady_samples_per_s")
+    pcfg, tcfg = stage_configs(cfg.pretrain, PretrainConfig)
+    out, _ = training_summary("pretrain", pcfg.tag, pretrain(cfg.root, cfg.root, pcfg, tcfg))
     return out
 
 
