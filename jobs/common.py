@@ -119,9 +119,11 @@ def check_paths(cfg: DictConfig | dict) -> None:
     from asd import storage
 
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    root = data.get("root")
+    # a job's storage root: ``output`` where the job names one (featurize), else ``root``
+    root_key = "output" if isinstance(data.get("output"), str) else "root"
+    root = data.get(root_key)
     if root is not None:
-        storage.validate_uri(root, "root")
+        storage.validate_uri(root, root_key)
 
     def walk(node, where: str) -> None:
         if isinstance(node, dict):
@@ -129,7 +131,7 @@ def check_paths(cfg: DictConfig | dict) -> None:
                 here = f"{where}.{k}" if where else str(k)
                 if k in PATH_KEYS and isinstance(v, str):
                     storage.validate_uri(v, here, allow_parent=k not in WRITE_KEYS)
-                    if k in WRITE_KEYS and root is not None and not storage.is_within(root, v):
+                    if k in WRITE_KEYS and root is not None and here != root_key and not storage.is_within(root, v):
                         raise ValueError(f"{here}={v!r} is outside the run's storage root {root!r}")
                 else:
                     walk(v, here)

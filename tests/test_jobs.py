@@ -63,6 +63,9 @@ def test_storage_locations_are_validated():
                  "pretrain": {"train": {"storage_path": "s3://b/run/checkpoints"}}})
     with pytest.raises(ValueError, match="outside the run's storage root"):
         check_paths({"root": "s3://b/run", "pretrain": {"train": {"storage_path": "s3://b/elsewhere"}}})
+    check_paths({"root": "./outputs/default", "input": "s3://b/corpus", "output": "s3://b/run"})  # featurize's root
+    with pytest.raises(ValueError, match="'..' is not allowed"):
+        check_paths({"root": "./outputs/default", "output": "s3://b/run/../other"})
     with pytest.raises(ValueError, match="'..' is not allowed"):
         check_paths({"root": "./outputs/../../tmp/x"})
     with pytest.raises(ValueError, match="unsupported scheme"):
