@@ -17,6 +17,8 @@ Outputs under ``<root>/scores/<tag>/`` (published with ``_SUCCESS``)::
 
 from __future__ import annotations
 
+import collections
+
 import logging
 import posixpath
 import time
@@ -153,12 +155,19 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Ta
     )
 
 
+_RECENT_BANKS: collections.deque = collections.deque(maxlen=2)
+
+
 def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Table:
     """Score a Ray Dataset of embedding rows on an actor pool; the banks travel once per actor."""
     import ray
     from ray.data import ActorPoolStrategy
 
     banks_ref = ray.put(banks)
+    # the pool's actors may still be starting or stopping after the dataset is consumed; a bank
+    # freed under them fails their constructor (ReferenceCountingAssertionError), so the last
+    # few stay referenced a little longer
+    _RECENT_BANKS.append(banks_ref)
     ds = ds.map_batches(
         _Scorer,
         fn_constructor_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
