@@ -360,12 +360,8 @@ def _pretrained_encoder(ctx: EvalContext) -> str:
     if "pretrain" in ctx.cache:  # pretrained_knn and finetuned_knn share one pre-training
         return ctx.cache["pretrain"]["encoder"]
     view = _train_view(ctx)
-    tcfg = mc.pretrain_train
-    if tcfg.name == "train":
-        tcfg = replace(tcfg, name=mc.pretrain.tag)
-    if tcfg.storage_path is None:
-        tcfg = replace(tcfg, storage_path=storage.join(ctx.root, "checkpoints"))
-    res = pretrain(view, ctx.root, replace(mc.pretrain, set_current=False), tcfg)
+    # pretrain() names the run after the tag and checkpoints under <ctx.root>/checkpoints
+    res = pretrain(view, ctx.root, replace(mc.pretrain, set_current=False), mc.pretrain_train)
     ctx.cache["pretrain"] = {"encoder": res.encoder, "steps": res.steps, "final_loss": res.final_loss}
     return res.encoder
 
@@ -402,12 +398,8 @@ def _finetuned_encoder(ctx: EvalContext) -> str:
     labels = storage.join(ctx.root, "labels", mc.finetune.tag)
     manifest = storage.join(ctx.root, "manifest", "manifest.parquet")
     pl = pseudo_label(emb.embeddings, labels, mc.cluster, manifest_uri=manifest if storage.exists(manifest) else None)
-    tcfg = mc.finetune_train
-    if tcfg.name == "train":
-        tcfg = replace(tcfg, name=mc.finetune.tag)
-    if tcfg.storage_path is None:
-        tcfg = replace(tcfg, storage_path=storage.join(ctx.root, "checkpoints"))
-    res = finetune(view, ctx.root, replace(mc.finetune, init_checkpoint=start, labels=labels, set_current=False), tcfg)
+    res = finetune(view, ctx.root, replace(mc.finetune, init_checkpoint=start, labels=labels, set_current=False),
+                   mc.finetune_train)
     ctx.cache["finetune"] = {"encoder": res.encoder, "from": start, "labels": labels, "steps": res.steps,
                              "num_classes": res.num_classes, "final_accuracy": res.final_accuracy,
                              "pseudo_label_quality": pl.quality}

@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from asd import storage
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
-from asd.train import ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit
+from asd.train import ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit, stage_train_config
 
 log = logging.getLogger(__name__)
 
@@ -345,10 +345,7 @@ def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConf
     fcfg = fcfg or FinetuneConfig()
     tcfg = tcfg or TrainConfig()
     out_root = out_root or features_root
-    if tcfg.name == "train":
-        tcfg = replace(tcfg, name=fcfg.tag)
-    if tcfg.storage_path is None:
-        tcfg = replace(tcfg, storage_path=storage.join(out_root, "checkpoints"))
+    tcfg = stage_train_config(tcfg, fcfg.tag, out_root)
     t0 = time.perf_counter()
     init = storage.absolute(fcfg.init_checkpoint or storage.join(out_root, "models", "pretrain", "encoder.pt"))
     if not storage.exists(init):

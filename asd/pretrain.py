@@ -43,7 +43,8 @@ from torch import Tensor
 from asd import storage
 from asd.models.encoder import AudioEncoder, EncoderConfig, get_config, load_checkpoint
 from asd.rescore import set_current_model
-from asd.train import ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fbank_norm, fit
+from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fbank_norm, fit,
+                       stage_train_config)
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +283,7 @@ def pretrain(features_root: str, out_root: str | None = None, pcfg: PretrainConf
     pcfg = pcfg or PretrainConfig()
     tcfg = tcfg or TrainConfig()
     out_root = out_root or features_root
-    if tcfg.name == "train":  # the TrainConfig default: name the run after the model tag
-        tcfg = replace(tcfg, name=pcfg.tag)
-    if tcfg.storage_path is None:
-        tcfg = replace(tcfg, storage_path=storage.join(out_root, "checkpoints"))
+    tcfg = stage_train_config(tcfg, pcfg.tag, out_root)
     if pcfg.init_checkpoint:  # read by the Ray workers, whose working directory is not ours
         pcfg = replace(pcfg, init_checkpoint=storage.absolute(pcfg.init_checkpoint))
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -883,11 +883,19 @@ def _shard_megabytes(features_root: str, cfg: TrainConfig) -> float:
     return total / cfg.num_workers / 2**20
 
 
+def stage_train_config(cfg: TrainConfig, tag: str, out_root: str) -> TrainConfig:
+    """A training stage's settings with its defaults filled in: the run named after the stage's
+    ``tag`` (when left at TrainConfig's ``"train"``) and checkpoints under ``<out_root>/checkpoints``."""
+    if cfg.name == "train":
+        cfg = replace(cfg, name=tag)
+    if not cfg.storage_path:
+        cfg = replace(cfg, storage_path=storage.join(out_root, "checkpoints"))
+    return cfg
+
+
 def run_dir(cfg: TrainConfig, features_root: str) -> tuple[str, str]:
     """(storage_path URI, run folder URI) of a training run."""
-    storage_path = cfg.storage_path or storage.join(features_root, "checkpoints")
-    if not storage.is_remote(storage_path):
-        storage_path = os.path.abspath(os.path.expanduser(storage_path))
+    storage_path = storage.absolute(cfg.storage_path or storage.join(features_root, "checkpoints"))
     return storage_path, storage.join(storage_path, cfg.name)
 
 
@@ -1009,6 +1017,7 @@ __all__ = [
     "load_state_with_fallback",
     "load_training_state",
     "models_dir",
+    "stage_train_config",
     "param_checksum",
     "table_batches",
     "train_loop",

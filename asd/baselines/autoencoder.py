@@ -115,7 +115,7 @@ from asd.featurize import (
 )
 from asd.knn import fit_threshold
 from asd.score import SCORE_SCHEMA
-from asd.train import ObjectiveBase, TrainConfig, TrainResult, fit, load_training_state, models_dir
+from asd.train import ObjectiveBase, TrainConfig, TrainResult, fit, load_training_state, models_dir, stage_train_config
 
 log = logging.getLogger(__name__)
 
@@ -508,11 +508,9 @@ def train_autoencoders(
     # (fbank - mean) / (2 * std) with std = 1 / (2 * dB per neper): crops arrive in dB
     offsets = {t: (float(np.mean(stats[t]["mean"])) * DB_PER_NEPER if cfg.center else 0.0) for t in types}
     scale = 1.0 / (2.0 * DB_PER_NEPER)
-    if tcfg.name == "train":  # the TrainConfig default: name the run after the tag
-        tcfg = replace(tcfg, name=cfg.tag)
+    tcfg = stage_train_config(tcfg, cfg.tag, out_root)
     if cfg.batch_per_type:
         tcfg = replace(tcfg, batch_size=tcfg.batch_size * len(types))
-    tcfg = replace(tcfg, storage_path=tcfg.storage_path or storage.join(out_root, "checkpoints"))
     objective = AutoencoderObjective(cfg, types, offsets)
     res: TrainResult = fit(objective, view, tcfg, norm=(0.0, scale))
     if res.checkpoint is None:
