@@ -330,7 +330,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
     fdir = features_dir(view_root)
     storage.remove(fdir)
     files: list[str] = []
-    stats: dict = {}
+    stats: dict = {}  # machine type -> partial sums, over every row of the view
     clips: dict[str, str] = {}
     counts: dict[str, int] = {}
     n_rows = 0
@@ -348,11 +348,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
         clips.update(zip(part.column("clip_id").to_pylist(), part.column("content_sha256").to_pylist()))
         for k, v in _counts(part).items():
             counts[k] = counts.get(k, 0) + v
-        acc = stats.setdefault(mt, [0, 0.0, 0.0])
-        for r in part.select(["fbank_frames", "fbank_sum", "fbank_sumsq"]).to_pylist():
-            acc[0] += r["fbank_frames"]
-            acc[1] = acc[1] + np.asarray(r["fbank_sum"])
-            acc[2] = acc[2] + np.asarray(r["fbank_sumsq"])
+        _add_partial_stats(stats, part)
     commit = {
         "run_id": VIEW_RUN_ID,
         "view_of": source_root,
@@ -363,8 +359,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
         "rejected": {},
         "counts": counts,
         "rejects": {},
-        "stats": {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
-                  for k, v in stats.items()},
+        "stats": _stats_record(stats),
         "config_hash": sorted({c.get("config_hash") for c in _commits(features_dir(source_root))} - {None}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -608,19 +603,29 @@ def _reason_counts(problems: list[dict]) -> dict[str, int]:
     return out
 
 
+def _add_partial_stats(acc: dict, table: pa.Table) -> dict:
+    """Add the per machine type partial sums (frames, sum and sum of squares per bin) of
+    ``table``'s rows to ``acc`` (machine type -> [frames, sum, sumsq])."""
+    for r in table.select(["machine_type", "fbank_frames", "fbank_sum", "fbank_sumsq"]).to_pylist():
+        a = acc.setdefault(r["machine_type"], [0, 0.0, 0.0])
+        a[0] += r["fbank_frames"]
+        a[1] = a[1] + np.asarray(r["fbank_sum"])
+        a[2] = a[2] + np.asarray(r["fbank_sumsq"])
+    return acc
+
+
+def _stats_record(acc: dict) -> dict:
+    """The partial sums as a commit record's JSON ``stats``."""
+    return {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
+            for k, v in acc.items()}
+
+
 def _run_stats(staging: str, files: list[str]) -> dict:
     """Per machine type partial sums (frames, sum, sum of squares per bin) of this run's train normals."""
     t = _staged_table(staging, files, ["machine_type", "split", "label", "fbank_frames", "fbank_sum", "fbank_sumsq"])
-    out: dict = {}
-    for r in t.to_pylist():
-        if r["split"] != "train" or r["label"] not in ("normal", None):
-            continue
-        acc = out.setdefault(r["machine_type"], [0, 0.0, 0.0])
-        acc[0] += r["fbank_frames"]
-        acc[1] = acc[1] + np.asarray(r["fbank_sum"])
-        acc[2] = acc[2] + np.asarray(r["fbank_sumsq"])
-    return {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
-            for k, v in out.items()}
+    normals = [i for i, (s, lab) in enumerate(zip(t.column("split").to_pylist(), t.column("label").to_pylist()))
+               if s == "train" and lab in ("normal", None)]
+    return _stats_record(_add_partial_stats({}, t.take(pa.array(normals, pa.int64()))))
 
 
 def _read_staged_quarantine(qdir: str) -> list[dict]:
