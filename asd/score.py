@@ -18,7 +18,6 @@ Outputs under ``<root>/scores/<tag>/`` (published with ``_SUCCESS``)::
 from __future__ import annotations
 
 import collections
-
 import logging
 import posixpath
 import time
