@@ -47,7 +47,8 @@ from asd import storage
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
-from asd.train import ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit, stage_train_config
+from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit, stage_train_config,
+                       unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class AttributeObjective(ObjectiveBase):
             x = lam * x + (1.0 - lam) * x[perm]
             y_b = y[perm]
         _, cos = model(x)
-        head = _unwrap(model).head
+        head = unwrap(model).head
         loss = head.loss(cos.float(), y, y_b, lam)
         with torch.no_grad():
             acc = (head.class_cosine(cos).argmax(dim=1) == y).float().mean()
@@ -286,10 +287,6 @@ class AttributeObjective(ObjectiveBase):
     def describe(self) -> dict:
         return {"objective": self.name, "finetune": asdict(self.fcfg), "num_classes": len(self.classes),
                 "classes": self.classes[:1000]}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 
 
 # ----------------------------------------------------------------------------- labels
@@ -358,8 +355,7 @@ def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConf
                                                             fcfg.balance_power)
     log.info("fine-tuning %s on %d clips, %d classes (%s, sizes %d..%d) from %s", fcfg.tag, summary["n_clips"],
              len(classes), fcfg.label_column, summary["smallest_class"], summary["largest_class"], labels)
-    objective = AttributeObjective(fcfg, start.cfg, classes, clip_class,
-                                   clip_weight if fcfg.balance != "none" else None, init_checkpoint=init)
+    objective = AttributeObjective(fcfg, start.cfg, classes, clip_class, clip_weight, init_checkpoint=init)
     del start
     res: TrainResult = fit(objective, features_root, tcfg, norm=norm)
     if res.checkpoint is None:
