@@ -34,6 +34,7 @@ import os
 import posixpath
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -178,9 +179,14 @@ def featurize_batch(
     import torch
 
     torch.set_num_threads(1)
-    out_rows, problems = [], []
-    for row in batch.to_pylist():
-        clip_id, path = row["clip_id"], row["path"]
+    problems: list[dict] = []
+    keep: list[int] = []  # rows of ``batch`` that became features
+    computed: dict[str, list] = {k: [] for k in ("sample_rate", "channels", "num_frames", "duration_s",
+                                                 "content_sha256", "warnings", "fbank_frames", "fbank")}
+    sums, sumsqs = [], []
+    bins = cfg.fbank.num_mel_bins
+    ids, paths, warns = (batch.column(c).to_pylist() for c in ("clip_id", "path", "warnings"))
+    for i, (clip_id, path) in enumerate(zip(ids, paths)):
         try:
             data = storage.read_bytes(path)
         except Exception as exc:
@@ -203,26 +209,43 @@ def featurize_batch(
             continue
         fb = compute_fbank(dec.wave, cfg.fbank).astype(cfg.fbank.dtype)
         seen = fb.astype(np.float32, copy=False)  # statistics of the values readers will see
-        out_rows.append(
-            {
-                **{k: row[k] for k in MANIFEST_SCHEMA.names if k in FEATURE_SCHEMA.names},
-                "sample_rate": dec.source.sample_rate,
-                "channels": dec.source.channels,
-                "num_frames": dec.source.num_frames,
-                "duration_s": dec.source.duration_s,
-                "content_sha256": sha,
-                "warnings": list(row["warnings"] or []) + dec.warnings,
-                "num_mel_bins": fb.shape[1],
-                "fbank_frames": fb.shape[0],
-                "fbank_dtype": cfg.fbank.dtype,
-                "fbank": fb.tobytes(),
-                "fbank_sum": seen.sum(axis=0, dtype=np.float64).tolist(),
-                "fbank_sumsq": np.square(seen).sum(axis=0, dtype=np.float64).tolist(),
-                "run_id": run_id,
-            }
-        )
+        sums.append(seen.sum(axis=0, dtype=np.float64))
+        sumsqs.append(np.square(seen).sum(axis=0, dtype=np.float64))
+        keep.append(i)
+        for k, v in (("sample_rate", dec.source.sample_rate), ("channels", dec.source.channels),
+                     ("num_frames", dec.source.num_frames), ("duration_s", dec.source.duration_s),
+                     ("content_sha256", sha), ("warnings", list(warns[i] or []) + dec.warnings),
+                     ("fbank_frames", fb.shape[0]), ("fbank", fb.tobytes())):
+            computed[k].append(v)
     _quarantine_part(problems, quarantine_dir)
-    return pa.Table.from_pylist(out_rows, schema=FEATURE_SCHEMA)
+    return _feature_table(batch.take(pa.array(keep, pa.int64())), computed, sums, sumsqs, bins, cfg.fbank.dtype, run_id)
+
+
+def _per_bin_list(rows: list[np.ndarray], bins: int) -> pa.Array:
+    """``list<float64>`` column of per-bin vectors, built from one flat buffer (no Python floats)."""
+    flat = np.concatenate(rows) if rows else np.empty(0, np.float64)
+    offsets = pa.array(np.arange(0, (len(rows) + 1) * bins, bins, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, pa.float64()))
+
+
+def _feature_table(rows: pa.Table, computed: dict[str, list], sums: list, sumsqs: list, bins: int, dtype: str,
+                   run_id: str) -> pa.Table:
+    """Feature rows: the manifest columns of ``rows`` with the decoded facts and features set,
+    built column by column (a 256 KiB feature per clip, so no per-row Python dicts)."""
+    n = rows.num_rows
+    cols = {
+        **{k: computed[k] for k in ("sample_rate", "channels", "num_frames", "duration_s", "content_sha256",
+                                    "warnings", "fbank_frames", "fbank")},
+        "num_mel_bins": [bins] * n,
+        "fbank_dtype": [dtype] * n,
+        "fbank_sum": _per_bin_list(sums, bins),
+        "fbank_sumsq": _per_bin_list(sumsqs, bins),
+        "run_id": [run_id] * n,
+    }
+    arrays = [cols[f.name] if f.name in cols else rows.column(f.name) for f in FEATURE_SCHEMA]
+    arrays = [a if isinstance(a, (pa.Array, pa.ChunkedArray)) else pa.array(a, f.type)
+              for a, f in zip(arrays, FEATURE_SCHEMA)]
+    return pa.Table.from_arrays(arrays, schema=FEATURE_SCHEMA)
 
 
 # --------------------------------------------------------------------------------------
@@ -483,19 +506,29 @@ def featurize(
         n = max(1, min(cfg.rows_per_block, -(-todo.num_rows // (2 * cpus))))
         blocks = [todo.slice(i, n) for i in range(0, todo.num_rows, n)]
         known_ref = ray.put((known, rejected))  # once in the object store, not per task
-        ds = ray.data.from_arrow(blocks).map_batches(
-            _featurize_udf,
-            fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            num_cpus=cfg.num_cpus,
-            max_retries=cfg.max_task_retries,
-        )
+        # The featurize and write operators must carry the same remote args: Ray Data fuses
+        # only operators whose args are compatible. Unfused, every feature block (~250 KiB
+        # per clip) went through the object store to separate write tasks, which cost a third
+        # of the throughput on 2 cores (benchmarks/featurize.py).
+        # max_retries bounds the reruns of a task whose worker dies (Ray Data's default is
+        # unbounded, so an input that kills its worker would loop for ever). Ray 2.60 takes it
+        # only as a free-form remote arg of map_batches, which it marks deprecated for 2.64;
+        # that one warning is silenced here, on purpose.
+        remote_args = dict(num_cpus=cfg.num_cpus, max_retries=cfg.max_task_retries)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            ds = ray.data.from_arrow(blocks).map_batches(
+                _featurize_udf,
+                fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id),
+                batch_size=cfg.batch_size,
+                batch_format="pyarrow",
+                **remote_args,
+            )
         afs, staging_path = storage.arrow_filesystem(staging)
         # Ray deletes a folder it created when no rows were written; on object stores that
         # delete fails (folders are virtual), and they need no folders: don't create one there.
         ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
-                         try_create_dir=not storage.is_remote(staging))
+                         try_create_dir=not storage.is_remote(staging), ray_remote_args=remote_args)
         files = _staged_files(staging)
         if files and cfg.compute_stats:
             partial_stats = _run_stats(staging, files)

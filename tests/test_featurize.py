@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asd import storage
+from asd.data import audio
 from asd.data.synthetic import default_spec, make_corpus
 from asd.featurize import (
     FbankConfig,
@@ -69,6 +70,15 @@ def test_bad_files_are_quarantined_and_the_job_finishes(ray_session, tmp_path):
     stereo = _rows(str(tmp_path / "out"))["fan/train/section_00_source_train_normal_0004_speed_1_load_2.wav"]
     assert stereo["sample_rate"] == 44100 and stereo["channels"] == 2 and stereo["fbank_frames"] == 198
     assert any("resampled" in w for w in stereo["warnings"])
+    # rows are built column by column around the rejects: each row's manifest columns, hash,
+    # feature and per-bin sums belong to the same clip
+    t = read_features_table(str(tmp_path / "out"))
+    for r, fb in zip(t.to_pylist(), fbank_arrays(t)):
+        assert r["path"].endswith(r["clip_id"])
+        assert r["content_sha256"] == audio.sha256(open(r["path"], "rb").read())
+        assert fb.shape == (r["fbank_frames"], r["num_mel_bins"])
+        assert np.allclose(r["fbank_sum"], fb.sum(0, dtype=np.float64))
+        assert np.allclose(r["fbank_sumsq"], np.square(fb.astype(np.float64)).sum(0))
 
 
 def test_rerun_writes_nothing_and_new_clips_are_added_exactly_once(ray_session, tmp_path):
