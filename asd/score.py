@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import knn, metrics, report, storage
+from asd import knn, storage
+# asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
+# where results are written, not here: every scoring actor imports this module at start-up.
 from asd.embed import read_embeddings, vectors
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,8 @@ def training_embeddings(embeddings_uri: str) -> pa.Table:
 
 def write_dcase_csvs(out_dir: str, table: pa.Table) -> None:
     """DCASE anomaly_score_* and decision_result_* files, one pair per machine type and section."""
+    from asd import metrics
+
     rows = table.select(["clip_id", "machine_type", "section", "score", "decision"]).to_pylist()
     for mt, sec in sorted({(r["machine_type"], r["section"]) for r in rows}):
         group = [r for r in rows if r["machine_type"] == mt and r["section"] == sec]
@@ -240,6 +244,8 @@ def write_results(
     t0: float | None = None,
 ) -> ScoreResult:
     """Write scores, DCASE CSVs, thresholds, metrics, report and plots; publish the folder."""
+    from asd import metrics, report
+
     t0 = t0 if t0 is not None else time.perf_counter()
     staging = storage.staging_dir(out_uri)
     storage.write_table(storage.join(staging, "scores.parquet"), scores)
