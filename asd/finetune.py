@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asd import storage
-from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint
+from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint, pooled_dim
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
 from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit, stage_train_config,
@@ -173,7 +173,7 @@ class AttributeModel(nn.Module):
     def __init__(self, encoder_cfg: EncoderConfig, num_classes: int, fcfg: FinetuneConfig):
         super().__init__()
         self.encoder = AudioEncoder(encoder_cfg)
-        dim = encoder_cfg.encoder_embed_dim * (2 if fcfg.pool == "meanmax" else 1)
+        dim = pooled_dim(encoder_cfg, fcfg.pool)
         self.head: MarginHead = make_head(fcfg.head, dim, num_classes, fcfg.subclusters, fcfg.scale, fcfg.margin)
         self.pool, self.layer = fcfg.pool, fcfg.layer
         if fcfg.lora_rank > 0:

@@ -17,10 +17,14 @@ featurized once into a temporary root, each measurement in a fresh process:
   ``torch.utils.flop_counter`` on one step, forward + backward, teacher included) and MFU
   against the card's dense bf16 peak (from its name, ``torch.cuda.get_device_name``).
 * **Side by side** (``--no-compare`` skips it): the tiny encoder pre-trained with
-  ``jobs/conf/pretrain/tiny.yaml`` vs the same encoder untrained (the same initial weights),
-  each embedded with the ``encoder`` embedder (mean-pooled last block) and scored with the
-  default kNN; official DCASE score (harmonic mean of AUCs and pAUCs) of both, and of the
-  log-mel statistics baseline for reference.
+  ``jobs/conf/pretrain/tiny.yaml`` (``--compare-steps``, default 600) vs the same encoder
+  untrained (the same initial weights), on a generated corpus of its own (``--compare-corpus``:
+  ``large`` = 4 types x 210 training and 200 test clips, the default; ``default`` = the
+  44-clip demo corpus, whose 10 + 10 test clips per domain make differences of a few points
+  noise). Each is embedded with the ``encoder`` embedder, last block pooled two ways (``mean``
+  over all patches, ``freq_meanstd`` per frequency band) and scored with the default kNN;
+  official DCASE score (harmonic mean of AUCs and pAUCs) of each, and of the log-mel
+  statistics baseline for reference.
 
 Writes ``results/pretrain.json`` and ``results/pretrain.txt``.
 """
@@ -67,14 +71,22 @@ def _ray(num_cpus: int | None = None) -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def prepare(root: str) -> dict:
-    """Generate the default corpus and featurize it (once per root)."""
+# --compare-corpus: the generated corpus of the side-by-side comparison
+COMPARE_CORPORA = {
+    "default": {},  # jobs.make_corpus defaults: 4 types x 44 training clips, 10 + 10 test clips per domain
+    "large": {"n_train_source": 200, "n_train_target": 10, "n_test_per_domain": 100},  # the README's larger corpus
+}
+
+
+def prepare(root: str, corpus: str = "default") -> dict:
+    """Generate a corpus (:data:`COMPARE_CORPORA`) and featurize it (once per root)."""
     from asd.data.synthetic import default_spec, make_corpus
     from asd.featurize import FeaturizeConfig, committed_files, featurize
 
     if committed_files(root):
         return {"root": root, "skipped": True}
-    info = make_corpus(default_spec(), os.path.join(root, "corpus"), workers=os.cpu_count() or 1, progress=False)
+    info = make_corpus(default_spec(**COMPARE_CORPORA[corpus]), os.path.join(root, "corpus"),
+                       workers=os.cpu_count() or 1, progress=False)
     _ray()
     res = featurize(os.path.join(root, "corpus"), root, FeaturizeConfig(progress=False))
     return {"root": root, "clips": info.n_clips, "featurized": res.n_featurized}
@@ -166,8 +178,12 @@ def gpu_run(root: str, dry_run: bool = False) -> dict:
     }
 
 
-def compare(root: str) -> dict:
-    """Official score: tiny pre-trained with the job's tiny config vs the same encoder untrained."""
+COMPARE_POOLS = ("mean", "freq_meanstd")
+
+
+def compare(root: str, steps: int | None = None) -> dict:
+    """Official score: tiny pre-trained with the job's tiny config (``steps`` overrides its step
+    count) vs the same encoder untrained, each pooled every way in :data:`COMPARE_POOLS`."""
     import torch
     from omegaconf import OmegaConf
 
@@ -183,6 +199,8 @@ def compare(root: str) -> dict:
     node = OmegaConf.to_container(OmegaConf.load(REPO / "jobs" / "conf" / "pretrain" / "tiny.yaml"), resolve=True)
     train = node.pop("train")
     train.update(storage_path=os.path.join(root, "checkpoints"), name="pretrain", resume=False)
+    if steps:
+        train.update(steps=steps)
     pcfg = to_dataclass(PretrainConfig, node)
     tcfg = to_dataclass(TrainConfig, train)
     t0 = time.perf_counter()
@@ -193,8 +211,9 @@ def compare(root: str) -> dict:
     untrained_uri = save_checkpoint(untrained, os.path.join(root, "models", "untrained", "encoder.pt"))
     out = {"pretrain_seconds": pretrain_s, "pretrain_steps": res.steps, "pretrain_final_loss": res.final_loss,
            "pretrain_clips_per_s": res.samples_per_s}
-    for tag, params in [("untrained", {"checkpoint": untrained_uri}), ("pretrained", {"checkpoint": res.encoder}),
-                        ("logmel", None)]:
+    runs = [(f"{name}_{pool}" if pool != "mean" else name, {"checkpoint": ck, "pool": pool})
+            for pool in COMPARE_POOLS for name, ck in (("untrained", untrained_uri), ("pretrained", res.encoder))]
+    for tag, params in runs + [("logmel", None)]:
         cfg = EmbedConfig(embedder="encoder", params=params, progress=False) if params else EmbedConfig(progress=False)
         e = embed(root, tag, cfg)
         s = score(e.embeddings, scores_dir(root, tag), ScoreConfig(progress=False, plots=False))
@@ -209,18 +228,23 @@ def main() -> None:
     p.add_argument("--root", default=None, help="work folder (default: a temporary one, removed afterwards)")
     p.add_argument("--no-compare", action="store_true", help="skip the pre-trained vs untrained score comparison")
     p.add_argument("--gpu-dry-run", action="store_true", help="run the GPU measurement on CPU with tiny (a check)")
+    p.add_argument("--compare-corpus", choices=sorted(COMPARE_CORPORA), default="large",
+                   help="generated corpus of the side-by-side comparison (default: large)")
+    p.add_argument("--compare-steps", type=int, default=600,
+                   help="pre-training steps of the comparison (jobs/conf/pretrain/tiny.yaml has 120)")
+    p.add_argument("--no-throughput", action="store_true", help="skip the CPU throughput runs")
     a = p.parse_args()
     _env()
     if a.child:
         kind, root = a.child[0], a.child[1]
         if kind == "prepare":
-            out = prepare(root)
+            out = prepare(root, a.child[2] if len(a.child) > 2 else "default")
         elif kind == "cpu":
             out = cpu_run(root, a.child[2], int(a.child[3]))
         elif kind == "gpu":
             out = gpu_run(root, dry_run=len(a.child) > 2 and a.child[2] == "dry")
         elif kind == "compare":
-            out = compare(root)
+            out = compare(root, int(a.child[2]) if len(a.child) > 2 else None)
         else:
             raise SystemExit(f"unknown child {kind}")
         out["peak_rss_mb"] = peak_rss_mb()
@@ -230,13 +254,13 @@ def main() -> None:
     me = os.path.abspath(__file__)
     root = a.root or tempfile.mkdtemp(prefix="asd-bench-pretrain-")
     try:
-        run_child([me, "--child", "prepare", root])
+        run_child([me, "--child", "prepare", root, "default"])
         if a.gpu_dry_run:
             print(json.dumps(run_child([me, "--child", "gpu", root, "dry"]), indent=2))
             return
         t0 = time.perf_counter()
         cpu, parts = {}, []
-        for model in CPU_CASES:
+        for model in ([] if a.no_throughput else CPU_CASES):
             for workers in (1, 2):
                 r = run_child([me, "--child", "cpu", root, model, str(workers)])
                 cpu[f"{model}_{workers}w"] = r
@@ -259,11 +283,18 @@ def main() -> None:
             print(gpu_line, flush=True)
         cmp_line = ""
         if not a.no_compare:
-            c = run_child([me, "--child", "compare", root])
+            croot = root if a.compare_corpus == "default" else os.path.join(root, f"compare-{a.compare_corpus}")
+            run_child([me, "--child", "prepare", croot, a.compare_corpus])
+            c = run_child([me, "--child", "compare", croot, str(a.compare_steps)])
+            c["corpus"] = {"name": a.compare_corpus, **COMPARE_CORPORA[a.compare_corpus]}
             result["compare"] = c
-            cmp_line = (f"; official score tiny pre-trained {c['pretrained']['official_score']:.3f} vs untrained "
-                        f"{c['untrained']['official_score']:.3f} (log-mel stats {c['logmel']['official_score']:.3f}; "
-                        f"pre-training {c['pretrain_steps']} steps in {c['pretrain_seconds']:.0f} s)")
+            pools = "; ".join(f"{pool}-pooled {c[pre]['official_score']:.3f} vs {c[un]['official_score']:.3f}"
+                              for pool in COMPARE_POOLS
+                              for pre, un in [(("pretrained", "untrained") if pool == "mean"
+                                               else (f"pretrained_{pool}", f"untrained_{pool}"))])
+            cmp_line = (f"; official score, tiny pre-trained vs untrained on the {a.compare_corpus} generated "
+                        f"corpus: {pools} (log-mel stats {c['logmel']['official_score']:.3f}; pre-training "
+                        f"{c['pretrain_steps']} steps in {c['pretrain_seconds']:.0f} s)")
             print(cmp_line, flush=True)
         line = (f"pretrain (data2vec2, Ray Train DDP on {os.cpu_count()} CPU cores, steady clips/s): "
                 + "; ".join(parts) + f"; GPU: {gpu_line}" + cmp_line)

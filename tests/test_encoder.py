@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from asd import storage
+from asd.models.encoder import pooled_dim
 from asd.models.encoder import (
     CONFIGS,
     AudioEncoder,
@@ -130,6 +131,30 @@ def test_embed_pooling_modes():
         assert m.embed(x, layer=0).shape == (4, 128)
     with pytest.raises(ValueError, match="pool"):
         m.embed(x, pool="median")
+
+
+def test_frequency_band_pooling_keeps_the_spectral_layout():
+    m = model()
+    x = fbank(3, 96)  # 6 time x 8 frequency patches
+    with torch.no_grad():
+        tokens = m(x).view(3, 6, 8, 128)  # patches are time-major
+        fm = m.embed(x, pool="freq_mean")
+        fms = m.embed(x, pool="freq_meanstd")
+    assert fm.shape == (3, pooled_dim(m.cfg, "freq_mean")) == (3, 8 * 128)
+    assert fms.shape == (3, pooled_dim(m.cfg, "freq_meanstd")) == (3, 2 * 8 * 128)
+    torch.testing.assert_close(fm, tokens.mean(1).flatten(1))
+    torch.testing.assert_close(fms[:, 1024:], tokens.std(1, unbiased=False).flatten(1))
+    # each frequency band has its own slot (bands differ, so the slots do)
+    assert not torch.allclose(fm[:, :128], fm[:, 128:256])
+    # padded frames do not count: a clip padded to 96 frames pools like the 48-frame clip alone
+    short = x[:1, :48]
+    padded = torch.cat([short, torch.zeros(1, 48, 128)], dim=1)
+    pad = torch.zeros(1, 96, dtype=torch.bool)
+    pad[:, 48:] = True
+    with torch.no_grad():
+        alone = m.embed(short, pool="freq_meanstd")
+        masked = m.embed(padded, pool="freq_meanstd", padding_mask=pad)
+    torch.testing.assert_close(masked, alone, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cfg", ["tiny", TINY_BEATS], ids=["tiny", "tiny-relpos"])

@@ -109,7 +109,21 @@ log = logging.getLogger(__name__)
 FBANK_MEAN = 15.41663  # BEATs.preprocess fbank_mean
 FBANK_STD = 6.55582  # BEATs.preprocess fbank_std
 FORMAT_VERSION = 1  # value of "asd_encoder" in this project's checkpoint files
-POOLS = ("mean", "max", "meanmax")
+# Clip pooling of the patch outputs (B, N, D):
+#   mean, max, meanmax (both, 2D)   over every patch;
+#   freq_mean (F*D), freq_meanstd (2*F*D)   over time only, per frequency band of patches
+#   (F = num_mel_bins / patch size), so the embedding keeps where in the spectrum things are.
+#   benchmarks/pretrain.py measured freq_meanstd well above mean for pre-trained encoders.
+POOLS = ("mean", "max", "meanmax", "freq_mean", "freq_meanstd")
+
+
+def pooled_dim(cfg: "EncoderConfig", pool: str) -> int:
+    """Width of the clip embedding that ``AudioEncoder.embed(pool=pool)`` returns."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    bands = cfg.num_mel_bins // cfg.input_patch_size
+    return cfg.encoder_embed_dim * {"mean": 1, "max": 1, "meanmax": 2, "freq_mean": bands,
+                                    "freq_meanstd": 2 * bands}[pool]
 
 
 # ----------------------------------------------------------------------------- config
@@ -580,18 +594,29 @@ class AudioEncoder(nn.Module):
         return layer % n
 
     def embed(self, fbank: Tensor, layer: int | None = None, pool: str = "mean", padding_mask: Tensor | None = None) -> Tensor:
-        """Clip embedding pooled over (non-padded) patches: (B, D), or (B, 2D) for "meanmax"
-        (mean and max concatenated)."""
+        """Clip embedding pooled over (non-padded) patches, ``(B, pooled_dim(cfg, pool))``: see
+        :data:`POOLS`."""
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         x = self.forward(fbank, padding_mask=padding_mask, layer=layer)
+        grid = self._grid(fbank)
         if padding_mask is None:
-            mean, top = x.mean(dim=1), x.amax(dim=1)
+            valid = torch.ones_like(x[..., :1], dtype=torch.bool)
         else:
-            valid = ~self.patch_padding_mask(padding_mask, self._grid(fbank))[..., None]
-            count = valid.sum(dim=1).clamp(min=1)
-            mean = (x * valid).sum(dim=1) / count
-            top = x.masked_fill(~valid, torch.finfo(x.dtype).min).amax(dim=1)
+            valid = ~self.patch_padding_mask(padding_mask, grid)[..., None]
+        if pool.startswith("freq_"):
+            # (B, T, F, D): statistics over time patches, one per frequency band
+            g = x.view(x.shape[0], grid[0], grid[1], -1)
+            v = valid.view(x.shape[0], grid[0], grid[1], 1).to(x.dtype)
+            count = v.sum(dim=1).clamp(min=1)
+            mean = (g * v).sum(dim=1) / count
+            if pool == "freq_mean":
+                return mean.flatten(1)
+            std = (((g - mean[:, None]) ** 2 * v).sum(dim=1) / count).clamp(min=1e-10).sqrt()
+            return torch.cat([mean.flatten(1), std.flatten(1)], dim=-1)
+        count = valid.sum(dim=1).clamp(min=1)
+        mean = (x * valid).sum(dim=1) / count
+        top = x.masked_fill(~valid, torch.finfo(x.dtype).min).amax(dim=1)
         if pool == "mean":
             return mean
         if pool == "max":
