@@ -234,8 +234,7 @@ def _feature_table(rows: pa.Table, computed: dict[str, list], sums: list, sumsqs
     built column by column (a 256 KiB feature per clip, so no per-row Python dicts)."""
     n = rows.num_rows
     cols = {
-        **{k: computed[k] for k in ("sample_rate", "channels", "num_frames", "duration_s", "content_sha256",
-                                    "warnings", "fbank_frames", "fbank")},
+        **computed,
         "num_mel_bins": [bins] * n,
         "fbank_dtype": [dtype] * n,
         "fbank_sum": _per_bin_list(sums, bins),

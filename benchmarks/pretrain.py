@@ -181,6 +181,11 @@ def gpu_run(root: str, dry_run: bool = False) -> dict:
 COMPARE_POOLS = ("mean", "freq_meanstd")
 
 
+def compare_tag(name: str, pool: str) -> str:
+    """Result key (and embeddings tag) of ``name`` ("pretrained"/"untrained") pooled ``pool``."""
+    return name if pool == "mean" else f"{name}_{pool}"
+
+
 def compare(root: str, steps: int | None = None) -> dict:
     """Official score: tiny pre-trained with the job's tiny config (``steps`` overrides its step
     count) vs the same encoder untrained, each pooled every way in :data:`COMPARE_POOLS`."""
@@ -211,7 +216,7 @@ def compare(root: str, steps: int | None = None) -> dict:
     untrained_uri = save_checkpoint(untrained, os.path.join(root, "models", "untrained", "encoder.pt"))
     out = {"pretrain_seconds": pretrain_s, "pretrain_steps": res.steps, "pretrain_final_loss": res.final_loss,
            "pretrain_clips_per_s": res.samples_per_s}
-    runs = [(f"{name}_{pool}" if pool != "mean" else name, {"checkpoint": ck, "pool": pool})
+    runs = [(compare_tag(name, pool), {"checkpoint": ck, "pool": pool})
             for pool in COMPARE_POOLS for name, ck in (("untrained", untrained_uri), ("pretrained", res.encoder))]
     for tag, params in runs + [("logmel", None)]:
         cfg = EmbedConfig(embedder="encoder", params=params, progress=False) if params else EmbedConfig(progress=False)
@@ -232,7 +237,6 @@ def main() -> None:
                    help="generated corpus of the side-by-side comparison (default: large)")
     p.add_argument("--compare-steps", type=int, default=600,
                    help="pre-training steps of the comparison (jobs/conf/pretrain/tiny.yaml has 120)")
-    p.add_argument("--no-throughput", action="store_true", help="skip the CPU throughput runs")
     a = p.parse_args()
     _env()
     if a.child:
@@ -260,7 +264,7 @@ def main() -> None:
             return
         t0 = time.perf_counter()
         cpu, parts = {}, []
-        for model in ([] if a.no_throughput else CPU_CASES):
+        for model in CPU_CASES:
             for workers in (1, 2):
                 r = run_child([me, "--child", "cpu", root, model, str(workers)])
                 cpu[f"{model}_{workers}w"] = r
@@ -288,10 +292,8 @@ def main() -> None:
             c = run_child([me, "--child", "compare", croot, str(a.compare_steps)])
             c["corpus"] = {"name": a.compare_corpus, **COMPARE_CORPORA[a.compare_corpus]}
             result["compare"] = c
-            pools = "; ".join(f"{pool}-pooled {c[pre]['official_score']:.3f} vs {c[un]['official_score']:.3f}"
-                              for pool in COMPARE_POOLS
-                              for pre, un in [(("pretrained", "untrained") if pool == "mean"
-                                               else (f"pretrained_{pool}", f"untrained_{pool}"))])
+            pools = "; ".join(f"{pool}-pooled {c[compare_tag('pretrained', pool)]['official_score']:.3f} vs "
+                              f"{c[compare_tag('untrained', pool)]['official_score']:.3f}" for pool in COMPARE_POOLS)
             cmp_line = (f"; official score, tiny pre-trained vs untrained on the {a.compare_corpus} generated "
                         f"corpus: {pools} (log-mel stats {c['logmel']['official_score']:.3f}; pre-training "
                         f"{c['pretrain_steps']} steps in {c['pretrain_seconds']:.0f} s)")

@@ -460,6 +460,17 @@ class TransformerEncoder(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
+def _masked_moments(x: Tensor, valid: Tensor | None, var: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Mean (and population variance when ``var``) over dim 1, counting only ``valid`` (bool,
+    broadcastable to ``x``; None: every position)."""
+    if valid is None:
+        return x.mean(dim=1), (x.var(dim=1, unbiased=False) if var else None)
+    w = valid.to(x.dtype)
+    count = w.sum(dim=1).clamp(min=1)
+    mean = (x * w).sum(dim=1) / count
+    return mean, ((((x - mean.unsqueeze(1)) ** 2) * w).sum(dim=1) / count if var else None)
+
+
 class AudioEncoder(nn.Module):
     """ViT over 16x16 log-mel patches; module names and shapes follow BEATs (see module docstring)."""
 
@@ -600,28 +611,21 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         x = self.forward(fbank, padding_mask=padding_mask, layer=layer)
         grid = self._grid(fbank)
-        if padding_mask is None:
-            valid = torch.ones_like(x[..., :1], dtype=torch.bool)
-        else:
-            valid = ~self.patch_padding_mask(padding_mask, grid)[..., None]
+        valid = None if padding_mask is None else ~self.patch_padding_mask(padding_mask, grid)[..., None]
         if pool.startswith("freq_"):
             # (B, T, F, D): statistics over time patches, one per frequency band
             g = x.view(x.shape[0], grid[0], grid[1], -1)
-            v = valid.view(x.shape[0], grid[0], grid[1], 1).to(x.dtype)
-            count = v.sum(dim=1).clamp(min=1)
-            mean = (g * v).sum(dim=1) / count
-            if pool == "freq_mean":
+            v = None if valid is None else valid.view(x.shape[0], grid[0], grid[1], 1)
+            mean, var = _masked_moments(g, v, var=pool == "freq_meanstd")
+            if var is None:
                 return mean.flatten(1)
-            std = (((g - mean[:, None]) ** 2 * v).sum(dim=1) / count).clamp(min=1e-10).sqrt()
-            return torch.cat([mean.flatten(1), std.flatten(1)], dim=-1)
-        count = valid.sum(dim=1).clamp(min=1)
-        mean = (x * valid).sum(dim=1) / count
-        top = x.masked_fill(~valid, torch.finfo(x.dtype).min).amax(dim=1)
+            return torch.cat([mean.flatten(1), var.clamp(min=1e-10).sqrt().flatten(1)], dim=-1)
         if pool == "mean":
-            return mean
+            return _masked_moments(x, valid)[0]
+        top = x.amax(dim=1) if valid is None else x.masked_fill(~valid, torch.finfo(x.dtype).min).amax(dim=1)
         if pool == "max":
             return top
-        return torch.cat([mean, top], dim=-1)
+        return torch.cat([_masked_moments(x, valid)[0], top], dim=-1)
 
     def _grid(self, fbank: Tensor) -> tuple[int, int]:
         p = self.cfg.input_patch_size
