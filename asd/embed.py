@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import pyarrow as pa
 
-from asd import storage
+from asd import raycompat, storage
 from asd.featurize import fbank_arrays, read_features_ray
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init()
+    raycompat.prompt_resource_limits()
     DataContext.get_current().enable_progress_bars = cfg.progress
     ds = read_features_ray(root, columns=KEY_COLUMNS + FEATURE_COLUMNS)
     ds = ds.map_batches(

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from asd import SAMPLE_RATE, storage
+from asd import SAMPLE_RATE, raycompat, storage
 from asd.data import audio
 from asd.data.manifest import MANIFEST_SCHEMA, PROBLEM_SCHEMA, Problem, build_manifest, problems_table
 
@@ -497,6 +497,7 @@ def featurize(
     if todo.num_rows:
         if not ray.is_initialized():
             ray.init()
+        raycompat.prompt_resource_limits()
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = cfg.progress

@@ -3,8 +3,8 @@
 For every (machine type, section) a :class:`asd.knn.MemoryBank` holds the
 training (normal) embeddings, split into a source and a target bank; a test
 clip's score is the minimum over the two banks of its cosine kNN distance. The
-banks are built on the driver, put in Ray's object store once, and each scoring
-actor fetches them once (not per batch). Decision thresholds come from
+banks are built on the driver, put in Ray's object store once, and each worker
+that runs scoring tasks fetches them once per run (not per batch). Decision thresholds come from
 leave-one-out scores of the training clips (gamma fit, as the DCASE baseline).
 
 Outputs under ``<root>/scores/<tag>/`` (published with ``_SUCCESS``)::
@@ -17,7 +17,6 @@ Outputs under ``<root>/scores/<tag>/`` (published with ``_SUCCESS``)::
 
 from __future__ import annotations
 
-import collections
 import logging
 import posixpath
 import time
@@ -27,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import knn, storage
+from asd import knn, raycompat, storage
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
-# where results are written, not here: every scoring actor imports this module at start-up.
+# where results are written, not here: every scoring worker imports this module.
 from asd.embed import read_embeddings, vectors
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class ScoreConfig:
     threshold_q: float = 0.9
     threshold_sample: int = 2000  # leave-one-out training scores per domain used for the threshold fit
     batch_size: int = 256
-    num_actors: int = 2
+    concurrency: int | None = None  # most scoring tasks at once (None: as many as the CPUs allow)
     num_cpus: float = 0.5
     plots: bool = True
     progress: bool = True
@@ -105,22 +104,33 @@ def build_banks(train: pa.Table, cfg: ScoreConfig) -> tuple[dict[Group, knn.Memo
     return banks, thresholds
 
 
-class _Scorer:
-    """Ray Data callable class: fetches the banks once per actor, scores batches."""
+# Banks fetched by this worker process, by object id: a worker gets them from the object store
+# once per scoring run (once per node over the network), not per batch. One entry: a new run's
+# banks replace the last run's.
+_WORKER_BANKS: dict[str, dict] = {}
+_ONE_BLAS_THREAD: list = []
 
-    def __init__(self, banks_ref: list, thresholds: dict, k: int):
-        import ray
+
+def _worker_banks(ref) -> dict:
+    import ray
+
+    if not isinstance(ref, ray.ObjectRef):
+        return ref
+    key = ref.hex()
+    if key not in _WORKER_BANKS:
+        _WORKER_BANKS.clear()
+        _WORKER_BANKS[key] = ray.get(ref)
+    return _WORKER_BANKS[key]
+
+
+def _score_udf(batch: pa.Table, banks_ref: list, thresholds: dict, k: int) -> pa.Table:
+    """Ray Data task function: score one batch against the banks this worker holds."""
+    if not _ONE_BLAS_THREAD:
         from threadpoolctl import threadpool_limits
 
-        # one BLAS thread per actor: actors are the parallelism (no oversubscription)
-        self._blas = threadpool_limits(limits=1)
-        ref = banks_ref[0]
-        self.banks = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-        self.thresholds = thresholds
-        self.k = k
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return score_table(batch, self.banks, self.thresholds, self.k)
+        # one BLAS thread per task: tasks are the parallelism (no oversubscription)
+        _ONE_BLAS_THREAD.append(threadpool_limits(limits=1))
+    return score_table(batch, _worker_banks(banks_ref[0]), thresholds, k)
 
 
 def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Table:
@@ -156,25 +166,25 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Ta
     )
 
 
-_RECENT_BANKS: collections.deque = collections.deque(maxlen=2)
-
-
 def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Table:
-    """Score a Ray Dataset of embedding rows on an actor pool; the banks travel once per actor."""
-    import ray
-    from ray.data import ActorPoolStrategy
+    """Score a Ray Dataset of embedding rows in Ray tasks; the banks travel once per worker.
 
+    The banks go into the object store once; each task names them by reference and its worker
+    keeps them (zero-copy on the node) for the run's later tasks. Tasks rather than an actor pool:
+    an actor is a new process per run (0.5-1 s before its first batch, on every run), while tasks
+    reuse the cluster's running workers (``benchmarks/score.py``).
+    """
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    raycompat.prompt_resource_limits()
     banks_ref = ray.put(banks)
-    # the pool's actors may still be starting or stopping after the dataset is consumed; a bank
-    # freed under them fails their constructor (ReferenceCountingAssertionError), so the last
-    # few stay referenced a little longer
-    _RECENT_BANKS.append(banks_ref)
     ds = ds.map_batches(
-        _Scorer,
-        fn_constructor_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
+        _score_udf,
+        fn_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=max(1, cfg.num_actors)),
+        compute=TaskPoolStrategy(size=cfg.concurrency) if cfg.concurrency else None,
         num_cpus=cfg.num_cpus,
     )
     blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]

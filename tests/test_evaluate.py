@@ -141,7 +141,7 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
                    "methods=[ae_mse,ae_mahalanobis,logmel_knn,pretrained_knn,finetuned_knn]",
                    f"finetuned.checkpoint={encoder}", "ae.train.steps=30", "ae.num_actors=1",
                    "pretrained.pretrain.train.steps=2", "pretrained.embed.num_actors=1",
-                   "finetuned.embed.num_actors=1", "logmel.embed.num_actors=1", "score.num_actors=1", "plots=false")
+                   "finetuned.embed.num_actors=1", "logmel.embed.num_actors=1", "score.concurrency=1", "plots=false")
     out = job.run(cfg)
     methods = ["ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn"]
     assert sorted(out["official_scores"]) == sorted(methods)
@@ -216,7 +216,7 @@ def test_finetuned_knn_fine_tunes_in_the_run_on_pseudo_labels_of_the_training_sp
                    f"pretrained.checkpoint={start}", "pretrained.embed.num_actors=1", "finetuned.embed.num_actors=1",
                    "finetuned.finetune.train.steps=3", "finetuned.finetune.train.num_workers=1",
                    "finetuned.finetune.train.crop_frames=64", "finetuned.cluster.n_clusters=3",
-                   "score.num_actors=1", "plots=false")
+                   "score.concurrency=1", "plots=false")
     out = job.run(cfg)
     with open(out["report_json"]) as f:
         info = json.load(f)["methods"]["finetuned_knn"]["info"]

@@ -163,3 +163,17 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert final2["official_score"] == pytest.approx(final["official_score"])
     assert final2["stages"]["pretrain"]["start_step"] == 6  # the finished pre-training is not redone
     assert final2["stages"]["finetune"]["pseudo"]["start_step"] == 4  # nor the fine-tuning
+
+
+def test_scoring_workers_fetch_the_banks_once_per_run(ray_session):
+    import ray
+
+    from asd import score as score_mod
+
+    first = ray.put({"banks": np.arange(4.0)})
+    got = score_mod._worker_banks(first)
+    assert score_mod._worker_banks(first) is got  # a later batch of the run: no second fetch
+    second = ray.put({"banks": np.arange(3.0)})
+    assert len(score_mod._worker_banks(second)["banks"]) == 3  # a new run's banks replace the last
+    assert list(score_mod._WORKER_BANKS) == [second.hex()]
+    assert score_mod._worker_banks({"inline": 1}) == {"inline": 1}  # banks passed by value
