@@ -19,6 +19,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def median(xs: list[float]) -> float:
+    """Median of a few figures (the runs of one measurement)."""
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def run_child(args: list[str], timeout: int = 3600) -> dict:
     """Run ``python <this script> args`` in a fresh process; its last stdout line is JSON."""
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), TQDM_DISABLE="1")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import peak_rss_mb, run_child, write_result  # noqa: E402
+from benchmarks._common import median, peak_rss_mb, run_child, write_result  # noqa: E402
 
 SETTINGS = [  # (batch_size, rows_per_block, num_cpus per task)
     (64, 512, 1.0),
@@ -178,11 +178,6 @@ def ray_job(corpus: str, out: str, batch_size: int, rows_per_block: int, num_cpu
             "batch_size": batch_size, "rows_per_block": rows_per_block, "num_cpus": num_cpus}
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=2000)
@@ -245,12 +240,12 @@ def main() -> None:
                        "cold_ratio": r["cold"]["clips_per_s"] / b["clips_per_s"],
                        "driver_peak_rss_mb": r["peak_rss_mb"]})
         print(f"round {i + 1}: {rounds[-1]['warm_ratio']:.2f}x warm, {rounds[-1]['cold_ratio']:.2f}x cold", flush=True)
-    warm_ratio = _median([x["warm_ratio"] for x in rounds])
-    cold_ratio = _median([x["cold_ratio"] for x in rounds])
+    warm_ratio = median([x["warm_ratio"] for x in rounds])
+    cold_ratio = median([x["cold_ratio"] for x in rounds])
     cores = os.cpu_count() or 1
     line = (f"featurize: Ray Data on {cores} cores vs the same work in one process, median of {len(rounds)} pairs: "
             f"{warm_ratio:.2f}x warm, {cold_ratio:.2f}x cold incl. worker start-up (target {0.8 * cores:.1f}x; "
-            f"{_median([x['warm_clips_per_s'] for x in rounds]):.1f} vs {_median([x['baseline_clips_per_s'] for x in rounds]):.1f} clips/s; "
+            f"{median([x['warm_clips_per_s'] for x in rounds]):.1f} vs {median([x['baseline_clips_per_s'] for x in rounds]):.1f} clips/s; "
             f"best batch={setting[0]} block={setting[1]} cpus/task={setting[2]}; "
             f"driver peak {max(x['driver_peak_rss_mb'] for x in rounds):.0f} MiB; outputs identical; "
             f"{a.clips} x {a.seconds:g} s clips; leaner loop {ref['clips_per_s']:.1f} clips/s)")

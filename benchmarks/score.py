@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import peak_rss_mb, run_child, write_result  # noqa: E402
+from benchmarks._common import median, peak_rss_mb, run_child, write_result  # noqa: E402
 
 DIM = 768
 CASES = [(10_000, 100_000), (100_000, 16_000)]  # (bank size, queries)
@@ -94,11 +94,6 @@ def ray_run(n_bank: int, n_query: int) -> dict:
     return {**cold, "warm": warm, "peak_rss_mb": peak_rss_mb(), "bank_mb": bank.nbytes / 2**20}
 
 
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="numpy/Ray pairs per bank size")
@@ -126,8 +121,8 @@ def main() -> None:
                 assert abs(run["checksum"] - base["checksum"]) < 1e-2 * max(1.0, abs(base["checksum"])), (run, base)
             rounds.append({"numpy_1_thread": base, "ray": r, "ratio": r["queries_per_s"] / base["queries_per_s"],
                            "warm_ratio": r["warm"]["queries_per_s"] / base["queries_per_s"]})
-        ratio, warm_ratio = _median([x["ratio"] for x in rounds]), _median([x["warm_ratio"] for x in rounds])
-        q = {k: _median([f(x) for x in rounds]) for k, f in (
+        ratio, warm_ratio = median([x["ratio"] for x in rounds]), median([x["warm_ratio"] for x in rounds])
+        q = {k: median([f(x) for x in rounds]) for k, f in (
             ("numpy", lambda x: x["numpy_1_thread"]["queries_per_s"]), ("cold", lambda x: x["ray"]["queries_per_s"]),
             ("warm", lambda x: x["ray"]["warm"]["queries_per_s"]))}
         peak = max(x["ray"]["peak_rss_mb"] for x in rounds)
