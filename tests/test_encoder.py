@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from asd import storage
-from asd.models.encoder import pooled_dim
 from asd.models.encoder import (
     CONFIGS,
     AudioEncoder,
@@ -20,6 +19,7 @@ from asd.models.encoder import (
     get_config,
     load_checkpoint,
     normalize_fbank,
+    pooled_dim,
     save_checkpoint,
 )
 
