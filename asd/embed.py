@@ -131,7 +131,7 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init()
-    raycompat.prompt_resource_limits()
+    raycompat.prepare_data_execution()
     DataContext.get_current().enable_progress_bars = cfg.progress
     ds = read_features_ray(root, columns=KEY_COLUMNS + FEATURE_COLUMNS)
     ds = ds.map_batches(

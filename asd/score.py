@@ -177,7 +177,7 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
     import ray
     from ray.data import TaskPoolStrategy
 
-    raycompat.prompt_resource_limits()
+    raycompat.prepare_data_execution()
     banks_ref = ray.put(banks)
     ds = ds.map_batches(
         _score_udf,

@@ -1,4 +1,6 @@
-"""asd.raycompat: Ray Data re-reads resource limits at once while it knows none."""
+"""asd.raycompat: Ray Data re-reads resource limits at once while it knows none, frees a finished
+task's resources in the step that sees it finish (block metadata fetched inline), and its scheduling
+step wakes when one task finishes rather than after its whole 0.1-s wait."""
 
 from __future__ import annotations
 
@@ -64,3 +66,80 @@ def test_empty_limits_are_not_polled_on_every_step():
     mgr, calls = _manager(ExecutionResources.zero(), ExecutionResources.zero(), read_at=time.time())
     assert ResourceManager.get_global_limits(mgr).cpu == 0
     assert calls == []
+
+
+metadata_fetcher = pytest.importorskip("ray.data._internal.execution.metadata_fetcher")
+
+
+def test_rays_default_fetches_block_metadata_on_a_thread(monkeypatch):
+    # the behaviour inline_block_metadata exists for: if this fails, Ray changed and the shim can go
+    monkeypatch.setattr(metadata_fetcher, "_PREFETCH_ON_THREAD", True)
+    assert isinstance(metadata_fetcher.make_metadata_fetcher(), metadata_fetcher.ThreadedMetadataFetcher)
+
+
+def test_block_metadata_is_fetched_inline(monkeypatch):
+    monkeypatch.delenv(raycompat.METADATA_ON_THREAD_ENV, raising=False)
+    monkeypatch.setattr(metadata_fetcher, "_PREFETCH_ON_THREAD", True)
+    assert raycompat.inline_block_metadata()
+    assert raycompat.inline_block_metadata()  # idempotent
+    assert isinstance(metadata_fetcher.make_metadata_fetcher(), metadata_fetcher.InlineMetadataFetcher)
+
+
+def test_a_users_metadata_mode_is_kept(monkeypatch):
+    monkeypatch.setenv(raycompat.METADATA_ON_THREAD_ENV, "1")
+    monkeypatch.setattr(metadata_fetcher, "_PREFETCH_ON_THREAD", True)
+    assert not raycompat.inline_block_metadata()
+    assert isinstance(metadata_fetcher.make_metadata_fetcher(), metadata_fetcher.ThreadedMetadataFetcher)
+
+
+def test_prepare_data_execution_applies_all(monkeypatch):
+    monkeypatch.delenv(raycompat.METADATA_ON_THREAD_ENV, raising=False)
+    monkeypatch.setattr(metadata_fetcher, "_PREFETCH_ON_THREAD", True)
+    raycompat.prepare_data_execution()
+    assert metadata_fetcher._PREFETCH_ON_THREAD is False
+    assert getattr(ResourceManager.get_global_limits, "_asd_prompt_limits", False)
+    assert isinstance(executor_state.ray, raycompat._PromptWait)
+
+
+executor_state = pytest.importorskip("ray.data._internal.execution.streaming_executor_state")
+
+
+def test_rays_scheduling_step_waits_for_every_running_task():
+    # the behaviour prompt_task_completion exists for: if this fails, Ray changed and the shim can go
+    import inspect
+
+    src = inspect.getsource(executor_state.process_completed_tasks)
+    assert "num_returns=len(active_tasks)" in src and "timeout=WAIT_FOR_TASK_COMPLETION_TIMEOUT_S" in src
+
+
+def test_the_scheduling_step_wakes_when_one_task_is_done(ray_session):
+    import ray
+
+    assert raycompat.prompt_task_completion()
+    assert raycompat.prompt_task_completion()  # idempotent: wraps once
+    shim = executor_state.ray
+    assert isinstance(shim, raycompat._PromptWait) and shim._ray is ray
+    assert shim.ObjectRef is ray.ObjectRef  # everything else is Ray's own
+
+    @ray.remote(num_cpus=0)
+    def after(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    fast, slow = after.remote(0), after.remote(60)
+    ray.get(fast)
+    t0 = time.perf_counter()
+    ready, rest = shim.wait([fast, slow], num_returns=2, timeout=30, fetch_local=False)
+    assert time.perf_counter() - t0 < 10  # Ray's own wait would sleep the whole 30 s here
+    assert ready == [fast] and rest == [slow]
+    ready, rest = shim.wait([slow], num_returns=1, timeout=0.05, fetch_local=False)  # one ref: Ray's wait
+    assert ready == [] and rest == [slow]
+    fast2 = after.remote(0)
+    ray.get(fast2)
+    ready, rest = shim.wait([slow, fast2], num_returns=2, timeout=0.05, fetch_local=False)
+    assert ready == [fast2] and rest == [slow]
+    slow2 = after.remote(60)
+    ready, rest = shim.wait([slow, slow2], num_returns=2, timeout=0.05, fetch_local=False)  # none ready in time
+    assert ready == [] and rest == [slow, slow2]
+    for ref in (slow, slow2):
+        ray.cancel(ref, force=True)
