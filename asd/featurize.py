@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from asd import SAMPLE_RATE, raycompat, storage
 from asd.data import audio
@@ -64,6 +65,19 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 
+# The feature matrix is raw float16/float32 bytes, a different value for every clip: dictionary
+# encoding never pays (Parquet hashes every 256 KiB value before giving up), snappy saves 0.2 % on
+# log-mel bytes, and min/max statistics of such values are useless. Left on, they cost about three
+# quarters of a feature file's write (benchmarks/featurize.py). Every other column keeps pyarrow's
+# defaults. Every writer of feature files uses these options.
+RAW_COLUMNS = ("fbank",)
+FEATURE_WRITE_OPTIONS = dict(
+    use_dictionary=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
+    write_statistics=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
+    compression={f.name: "none" if f.name in RAW_COLUMNS else "snappy" for f in FEATURE_SCHEMA},
+)
+
+
 @dataclass
 class FbankConfig:
     """Kaldi-compatible log-mel filterbank, the input BEATs/EAT-style encoders expect."""
@@ -81,7 +95,9 @@ class FeaturizeConfig:
     fbank: FbankConfig = field(default_factory=FbankConfig)
     min_duration_s: float = 0.5
     batch_size: int = 64  # clips per map_batches call (benchmarks/featurize.py measured 8-64)
-    rows_per_block: int = 512  # clips per input block at most (at least 2 blocks per CPU); best in benchmarks/featurize.py
+    # clips per input block (one featurize task) at most; blocks shrink toward the end of a run,
+    # to batch_size (see block_sizes). benchmarks/featurize.py: 128-512 alike
+    rows_per_block: int = 512
     num_cpus: float = 1.0  # per featurize task; fractions let it share small machines
     compute_stats: bool = True
     progress: bool = True
@@ -364,7 +380,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
             part = part.set_column(part.schema.get_field_index("split"), "split",
                                    pa.array([split] * part.num_rows, pa.string()))
         rel = f"machine_type={mt}/section={sec}/{VIEW_RUN_ID}.parquet"
-        storage.write_table(storage.join(fdir, rel), part.drop_columns(PARTITION_COLS))
+        storage.write_table(storage.join(fdir, rel), part.drop_columns(PARTITION_COLS), **FEATURE_WRITE_OPTIONS)
         files.append(rel)
         n_rows += part.num_rows
         clips.update(zip(part.column("clip_id").to_pylist(), part.column("content_sha256").to_pylist()))
@@ -497,14 +513,15 @@ def featurize(
     if todo.num_rows:
         if not ray.is_initialized():
             ray.init()
-        raycompat.prompt_resource_limits()
+        raycompat.prepare_data_execution()
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = cfg.progress
-        # blocks of rows_per_block clips, but at least two per CPU so every core gets work
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        n = max(1, min(cfg.rows_per_block, -(-todo.num_rows // (2 * cpus))))
-        blocks = [todo.slice(i, n) for i in range(0, todo.num_rows, n)]
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.num_cpus))
+        blocks, start = [], 0
+        for n in block_sizes(todo.num_rows, cpus, cfg.rows_per_block, cfg.batch_size):
+            blocks.append(todo.slice(start, n))
+            start += n
         known_ref = ray.put((known, rejected))  # once in the object store, not per task
         # The featurize and write operators must carry the same remote args: Ray Data fuses
         # only operators whose args are compatible. Unfused, every feature block (~250 KiB
@@ -528,7 +545,8 @@ def featurize(
         # Ray deletes a folder it created when no rows were written; on object stores that
         # delete fails (folders are virtual), and they need no folders: don't create one there.
         ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
-                         try_create_dir=not storage.is_remote(staging), ray_remote_args=remote_args)
+                         try_create_dir=not storage.is_remote(staging), ray_remote_args=remote_args,
+                         row_group_size=cfg.batch_size, **FEATURE_WRITE_OPTIONS)
         files = _staged_files(staging)
         if files and cfg.compute_stats:
             partial_stats = _run_stats(staging, files)
@@ -590,6 +608,25 @@ def featurize(
     )
 
 
+def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[int]:
+    """Clips per input block (one featurize task each, in this order) for ``n_rows`` clips on
+    ``slots`` concurrent tasks: guided self-scheduling. Each block takes 1/(2 x slots) of the clips
+    not yet assigned, at most ``max_rows`` and at least ``min_rows`` (a smaller remainder joins the
+    last block: Ray Data would bundle blocks smaller than a batch into one task anyway). Big blocks
+    first keep the number of tasks low; small blocks last let every core finish at about the same
+    time, where equal blocks leave cores idle for up to a block's time while the slowest finishes
+    (cores differ, and the driver's work takes a share of one of them)."""
+    max_rows, min_rows = max(1, max_rows), max(1, min(min_rows, max_rows))
+    sizes: list[int] = []
+    left = n_rows
+    while left > 0:
+        n = max(min_rows, min(max_rows, -(-left // (2 * max(1, slots)))))
+        n = left if left - n < min_rows else n
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
 def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id):
     import ray
 
@@ -638,12 +675,22 @@ def _reason_counts(problems: list[dict]) -> dict[str, int]:
 
 def _add_partial_stats(acc: dict, table: pa.Table) -> dict:
     """Add the per machine type partial sums (frames, sum and sum of squares per bin) of
-    ``table``'s rows to ``acc`` (machine type -> [frames, sum, sumsq])."""
-    for r in table.select(["machine_type", "fbank_frames", "fbank_sum", "fbank_sumsq"]).to_pylist():
-        a = acc.setdefault(r["machine_type"], [0, 0.0, 0.0])
-        a[0] += r["fbank_frames"]
-        a[1] = a[1] + np.asarray(r["fbank_sum"])
-        a[2] = a[2] + np.asarray(r["fbank_sumsq"])
+    ``table``'s rows to ``acc`` (machine type -> [frames, sum, sumsq]), a few numpy sums per
+    machine type (the per-bin lists are read as one flat buffer, not row by row)."""
+    if not table.num_rows:
+        return acc
+    types = np.asarray(table.column("machine_type").to_pylist(), dtype=object)
+    frames = table.column("fbank_frames").to_numpy()
+    per_bin = {}
+    for name in ("fbank_sum", "fbank_sumsq"):
+        col = table.column(name).combine_chunks()
+        per_bin[name] = col.flatten().to_numpy().reshape(len(col), -1)
+    for mt in sorted(set(types.tolist())):
+        rows = types == mt
+        a = acc.setdefault(mt, [0, 0.0, 0.0])
+        a[0] += int(frames[rows].sum())
+        a[1] = a[1] + per_bin["fbank_sum"][rows].sum(axis=0)
+        a[2] = a[2] + per_bin["fbank_sumsq"][rows].sum(axis=0)
     return acc
 
 
@@ -656,9 +703,9 @@ def _stats_record(acc: dict) -> dict:
 def _run_stats(staging: str, files: list[str]) -> dict:
     """Per machine type partial sums (frames, sum, sum of squares per bin) of this run's train normals."""
     t = _staged_table(staging, files, ["machine_type", "split", "label", "fbank_frames", "fbank_sum", "fbank_sumsq"])
-    normals = [i for i, (s, lab) in enumerate(zip(t.column("split").to_pylist(), t.column("label").to_pylist()))
-               if s == "train" and lab in ("normal", None)]
-    return _stats_record(_add_partial_stats({}, t.take(pa.array(normals, pa.int64()))))
+    normal = pc.and_(pc.equal(t.column("split"), "train"),
+                     pc.fill_null(pc.equal(t.column("label"), "normal"), True))  # unlabelled train clips count as normal
+    return _stats_record(_add_partial_stats({}, t.filter(normal)))
 
 
 def _read_staged_quarantine(qdir: str) -> list[dict]:
@@ -674,7 +721,9 @@ __all__ = [
     "FeaturizeConfig",
     "FeaturizeResult",
     "FEATURE_SCHEMA",
+    "FEATURE_WRITE_OPTIONS",
     "Problem",
+    "block_sizes",
     "compute_fbank",
     "committed_files",
     "fbank_array",

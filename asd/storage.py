@@ -178,13 +178,13 @@ def atomic_write_json(uri: str, obj: Any) -> str:
     return atomic_write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_table(uri: str, table) -> str:
-    """Write one Arrow table as a Parquet file, atomically."""
+def write_table(uri: str, table, **options) -> str:
+    """Write one Arrow table as a Parquet file, atomically (``options``: ``pyarrow.parquet.write_table``'s)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, **options)
     return atomic_write_bytes(uri, sink.getvalue().to_pybytes())
 
 

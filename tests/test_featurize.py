@@ -11,8 +11,10 @@ from asd import storage
 from asd.data import audio
 from asd.data.synthetic import default_spec, make_corpus
 from asd.featurize import (
+    RAW_COLUMNS,
     FbankConfig,
     FeaturizeConfig,
+    block_sizes,
     committed_files,
     compute_fbank,
     fbank_arrays,
@@ -56,8 +58,49 @@ def test_features_match_a_direct_computation(ray_session, small_corpus, tmp_path
     frames = np.concatenate(train).astype(np.float64)
     assert np.allclose(stats["all"]["mean"], frames.mean(0), atol=1e-3)
     assert np.allclose(stats["all"]["std"], frames.std(0), atol=1e-3)
+    for mt, st in stats["per_type"].items():  # each type's sums from its own rows only
+        own = np.concatenate([a for a, m, s, l in zip(fbank_arrays(t), t.column("machine_type").to_pylist(),
+                                                      t.column("split").to_pylist(), t.column("label").to_pylist())
+                              if m == mt and s == "train" and l == "normal"]).astype(np.float64)
+        assert np.allclose(st["mean"], own.mean(0), atol=1e-3) and np.allclose(st["std"], own.std(0), atol=1e-3)
     summary = storage.read_json(res.summary_uri)
     assert summary["clips"] == res.n_featurized and summary["rejected"] == {}
+    # feature bytes stored raw (no dictionary, compression or statistics), other columns as pyarrow
+    # writes them; row groups of one batch
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            assert rg.num_rows <= CFG.batch_size
+            cols = {rg.column(i).path_in_schema: rg.column(i) for i in range(rg.num_columns)}
+            for name in RAW_COLUMNS:
+                assert cols[name].compression == "UNCOMPRESSED" and not cols[name].is_stats_set
+                assert not any("DICTIONARY" in e for e in cols[name].encodings)
+            assert cols["clip_id"].compression == "SNAPPY" and cols["clip_id"].is_stats_set
+
+
+@pytest.mark.parametrize("n, slots, max_rows, min_rows", [
+    (2000, 2, 512, 64), (2000, 2, 256, 64), (100_000, 64, 512, 64), (37, 2, 16, 8), (5, 4, 512, 64), (1, 1, 1, 1),
+    (130, 2, 512, 64), (130, 1, 16, 8), (100, 2, 512, 64),
+])
+def test_block_sizes_shrink_toward_the_end(n, slots, max_rows, min_rows):
+    sizes = block_sizes(n, slots, max_rows, min_rows)
+    assert sum(sizes) == n
+    assert all(s <= max_rows for s in sizes)
+    assert sizes == sorted(sizes, reverse=True) or sizes[:-1] == sorted(sizes[:-1], reverse=True)
+    assert all(s >= min(min_rows, n) for s in sizes)
+    assert sizes[-1] < 2 * min_rows or sizes[-1] == max_rows  # a remainder joins a small last block
+    if n >= 2 * slots * max_rows:
+        assert sizes[0] == max_rows  # big corpora: full blocks until the tail
+    if n > max_rows:
+        assert sizes[-1] < max_rows  # the last tasks are smaller than the first
+    # few tasks: full blocks, then a tail that shrinks by 1/(2 x slots) a block (2 x slots x ln(max/min) blocks)
+    assert len(sizes) <= -(-n // max_rows) + 2 * slots * (np.log(max_rows / min_rows) + 1)
+
+
+def test_block_sizes_of_the_benchmark_corpus():
+    assert block_sizes(2000, 2, 512, 64) == [500, 375, 282, 211, 158, 119, 89, 67, 64, 64, 71]
+    assert block_sizes(0, 2, 512, 64) == []
 
 
 def test_bad_files_are_quarantined_and_the_job_finishes(ray_session, tmp_path):
