@@ -11,8 +11,9 @@ One run generates the corpus (cached), then, each in a fresh process:
   * the Ray Data job (``asd.featurize.featurize``) for a few batch/resource settings, twice in
     one Ray session: cold (workers start and import torch) and warm (steady state). Its
     committed rows must hash the same as the baseline's, or the benchmark fails.
-The best setting then runs in ``--rounds`` baseline/Ray pairs back to back; the judged figure is
-the median of the pairs' ratios (target >= 0.8 x cores, on the warm run; the cold ratio beside
+The job's default setting (``FeaturizeConfig``, the first of the sweep, chosen from these runs)
+then runs in ``--rounds`` baseline/Ray pairs back to back; the judged figure is the median of the
+pairs' ratios (target >= 0.8 x cores, on the warm run; the cold ratio beside
 it). Figures, driver peak memory and every run go to ``results/featurize.json``.
 """
 
@@ -30,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median, peak_rss_mb, run_child, write_result  # noqa: E402
 
-SETTINGS = [  # (batch_size, rows_per_block, num_cpus per task)
-    (64, 512, 1.0),
+SETTINGS = [  # besides the job's default: (batch_size, rows_per_block (the first, largest blocks), num_cpus per task)
     (64, 256, 1.0),
+    (64, 128, 1.0),
+    (32, 256, 1.0),
     (16, 64, 1.0),
-    (8, 16, 1.0),
-    (64, 256, 0.5),
+    (64, 512, 0.5),
 ]
 
 
@@ -85,7 +86,7 @@ def baseline(corpus: str, out: str) -> dict:
     import torch
 
     from asd.data.manifest import build_manifest
-    from asd.featurize import PARTITION_COLS, FeaturizeConfig, featurize_batch
+    from asd.featurize import FEATURE_WRITE_OPTIONS, PARTITION_COLS, FeaturizeConfig, featurize_batch
 
     torch.set_num_threads(1)
     cfg = FeaturizeConfig()
@@ -100,7 +101,8 @@ def baseline(corpus: str, out: str) -> dict:
             mask = pc.and_(*(pc.equal(table.column(c), key[c]) for c in PARTITION_COLS))
             folder = os.path.join(out, *(f"{c}={key[c]}" for c in PARTITION_COLS))
             os.makedirs(folder, exist_ok=True)
-            pq.write_table(table.filter(mask).drop_columns(PARTITION_COLS), f"{folder}/part-{part:05d}.parquet")
+            pq.write_table(table.filter(mask).drop_columns(PARTITION_COLS), f"{folder}/part-{part:05d}.parquet",
+                           **FEATURE_WRITE_OPTIONS)
     dt = time.perf_counter() - t0
     peak = peak_rss_mb()  # before the check below reads the output back
     return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "peak_rss_mb": peak, "output": _digest(out)}
@@ -118,7 +120,7 @@ def minimal(corpus: str, out: str) -> dict:
 
     from asd.data.audio import sha256
     from asd.data.manifest import build_manifest
-    from asd.featurize import FbankConfig, compute_fbank
+    from asd.featurize import FEATURE_WRITE_OPTIONS, FbankConfig, compute_fbank
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -130,7 +132,7 @@ def minimal(corpus: str, out: str) -> dict:
     def flush():
         nonlocal rows, part
         if rows:
-            pq.write_table(pa.Table.from_pylist(rows), f"{out}/part-{part:05d}.parquet")
+            pq.write_table(pa.Table.from_pylist(rows), f"{out}/part-{part:05d}.parquet", **FEATURE_WRITE_OPTIONS)
             rows, part = [], part + 1
 
     for r in manifest:
@@ -179,10 +181,12 @@ def ray_job(corpus: str, out: str, batch_size: int, rows_per_block: int, num_cpu
 
 
 def main() -> None:
+    from asd.featurize import FeaturizeConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--rounds", type=int, default=3, help="baseline/Ray pairs for the chosen setting")
+    p.add_argument("--rounds", type=int, default=5, help="baseline/Ray pairs for the chosen setting")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "asd-bench-featurize"))
     p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -219,7 +223,9 @@ def main() -> None:
     print(f"baseline (same work, one process): {base['clips_per_s']:.1f} clips/s; "
           f"leaner reference loop: {ref['clips_per_s']:.1f}", flush=True)
     sweep = []
-    for bs, rpb, cpus in SETTINGS:
+    d = FeaturizeConfig()
+    settings = [(d.batch_size, d.rows_per_block, d.num_cpus)] + [s for s in SETTINGS if s != (d.batch_size, d.rows_per_block, d.num_cpus)]
+    for bs, rpb, cpus in settings:  # the first is the job's default
         r = ray_run(bs, rpb, cpus)
         r["ratio_vs_baseline"] = r["clips_per_s"] / base["clips_per_s"]
         r["cold"]["ratio_vs_baseline"] = r["cold"]["clips_per_s"] / base["clips_per_s"]
@@ -228,13 +234,15 @@ def main() -> None:
               f"{r['cold']['clips_per_s']:.1f} cold ({r['ratio_vs_baseline']:.2f}x / "
               f"{r['cold']['ratio_vs_baseline']:.2f}x baseline {base['clips_per_s']:.1f})", flush=True)
     best = max(sweep, key=lambda r: r["clips_per_s"])
-    setting = (best["batch_size"], best["rows_per_block"], best["num_cpus"])
+    # Judge what users get: the default setting, not the best single run of a noisy sweep.
+    default = sweep[0]
+    setting = (default["batch_size"], default["rows_per_block"], default["num_cpus"])
     # The machine's speed drifts by 10-20 % from minute to minute (shared hosts): the judged figure
     # is the median over pairs run back to back, baseline then Ray, each pair's own ratio.
     rounds = []
     for i in range(a.rounds):
         b = base if i == 0 else base_run()
-        r = best if i == 0 else ray_run(*setting)
+        r = default if i == 0 else ray_run(*setting)
         rounds.append({"baseline_clips_per_s": b["clips_per_s"], "warm_clips_per_s": r["clips_per_s"],
                        "cold_clips_per_s": r["cold"]["clips_per_s"], "warm_ratio": r["clips_per_s"] / b["clips_per_s"],
                        "cold_ratio": r["cold"]["clips_per_s"] / b["clips_per_s"],
@@ -242,16 +250,28 @@ def main() -> None:
         print(f"round {i + 1}: {rounds[-1]['warm_ratio']:.2f}x warm, {rounds[-1]['cold_ratio']:.2f}x cold", flush=True)
     warm_ratio = median([x["warm_ratio"] for x in rounds])
     cold_ratio = median([x["cold_ratio"] for x in rounds])
+    # the sweep ran against the first baseline only; one slow minute there would inflate every
+    # sweep ratio, so they are restated against the median of all the rounds' baselines
+    base_median = median([x["baseline_clips_per_s"] for x in rounds])
+    for r in sweep:
+        r["ratio_vs_baseline"] = r["clips_per_s"] / base_median
+        r["cold"]["ratio_vs_baseline"] = r["cold"]["clips_per_s"] / base_median
+    print("sweep vs the median baseline (%.1f clips/s): %s" % (base_median, ", ".join(
+        f"block={r['rows_per_block']} batch={r['batch_size']} cpus={r['num_cpus']:g} {r['ratio_vs_baseline']:.2f}x"
+        for r in sweep)), flush=True)
     cores = os.cpu_count() or 1
     line = (f"featurize: Ray Data on {cores} cores vs the same work in one process, median of {len(rounds)} pairs: "
             f"{warm_ratio:.2f}x warm, {cold_ratio:.2f}x cold incl. worker start-up (target {0.8 * cores:.1f}x; "
             f"{median([x['warm_clips_per_s'] for x in rounds]):.1f} vs {median([x['baseline_clips_per_s'] for x in rounds]):.1f} clips/s; "
-            f"best batch={setting[0]} block={setting[1]} cpus/task={setting[2]}; "
+            f"default batch={setting[0]} block={setting[1]} cpus/task={setting[2]:g} (best single sweep run: "
+            f"batch={best['batch_size']} block={best['rows_per_block']} cpus/task={best['num_cpus']:g}, "
+            f"{best['ratio_vs_baseline']:.2f}x of the median baseline); "
             f"driver peak {max(x['driver_peak_rss_mb'] for x in rounds):.0f} MiB; outputs identical; "
             f"{a.clips} x {a.seconds:g} s clips; leaner loop {ref['clips_per_s']:.1f} clips/s)")
     write_result("featurize", {"clips": a.clips, "clip_seconds": a.seconds, "baseline": base, "reference_loop": ref,
-                               "ray": sweep, "best": best, "rounds": rounds, "warm_ratio_median": warm_ratio,
-                               "cold_ratio_median": cold_ratio, "target_ratio": 0.8 * cores}, line)
+                               "ray": sweep, "best": best, "default": default, "rounds": rounds, "warm_ratio_median": warm_ratio,
+                               "cold_ratio_median": cold_ratio, "baseline_median_clips_per_s": base_median,
+                               "target_ratio": 0.8 * cores}, line)
     shutil.rmtree(out, ignore_errors=True)
 
 
