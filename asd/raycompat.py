@@ -43,6 +43,7 @@ tasks really finish, so the driver's CPU does not grow with it.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import time
@@ -61,16 +62,25 @@ def prepare_data_execution() -> None:
     prompt_task_completion()
 
 
+def _ray_internal(module: str, unchanged: str, *names: str):
+    """Ray's internal ``module`` when it has every attribute in ``names``; else None, with a debug
+    log saying what is left as Ray does it (``unchanged``) on a Ray laid out differently."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:  # pragma: no cover - another Ray layout
+        mod = None
+    if mod is None or not all(hasattr(mod, n) for n in names):
+        log.debug("%s%s not found; %s", module, f" (with {', '.join(names)})" if names else "", unchanged)
+        return None
+    return mod
+
+
 def inline_block_metadata() -> bool:
     """Have Ray Data fetch output-block metadata inline, unless the user chose a mode with
     ``RAY_DATA_METADATA_PREFETCH_ON_THREAD``. True when inline mode is in effect."""
-    try:
-        from ray.data._internal.execution import metadata_fetcher
-    except ImportError:  # pragma: no cover - another Ray layout
-        log.debug("ray.data metadata_fetcher not found; block metadata fetched as Ray does")
-        return False
-    if not hasattr(metadata_fetcher, "_PREFETCH_ON_THREAD") or not hasattr(metadata_fetcher, "InlineMetadataFetcher"):
-        log.debug("ray.data metadata fetch mode not found; block metadata fetched as Ray does")
+    metadata_fetcher = _ray_internal("ray.data._internal.execution.metadata_fetcher", "block metadata fetched as Ray does",
+                                     "_PREFETCH_ON_THREAD", "InlineMetadataFetcher")
+    if metadata_fetcher is None:
         return False
     if METADATA_ON_THREAD_ENV not in os.environ:
         metadata_fetcher._PREFETCH_ON_THREAD = False  # read by make_metadata_fetcher() per execution
@@ -79,14 +89,13 @@ def inline_block_metadata() -> bool:
 
 def prompt_resource_limits() -> bool:
     """Make Ray Data re-read empty resource limits at once; idempotent. True when active."""
-    try:
-        from ray.data._internal.execution.resource_manager import ResourceManager
-    except ImportError:  # pragma: no cover - another Ray layout
-        log.debug("ray.data ResourceManager not found; resource limits left as Ray reads them")
-        return False
+    manager = _ray_internal("ray.data._internal.execution.resource_manager", "resource limits left as Ray reads them",
+                            "ResourceManager")
+    ResourceManager = getattr(manager, "ResourceManager", None)
     original = getattr(ResourceManager, "get_global_limits", None)
     if original is None or not hasattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
-        log.debug("ResourceManager.get_global_limits not found; resource limits left as Ray reads them")
+        if manager is not None:
+            log.debug("ResourceManager.get_global_limits not found; resource limits left as Ray reads them")
         return False
     if getattr(original, _PATCHED, False):
         return True
@@ -127,17 +136,15 @@ class _PromptWait:
 
 def prompt_task_completion() -> bool:
     """Have Ray Data's scheduling step notice a finished task at once; idempotent. True when active."""
-    try:
-        from ray.data._internal.execution import streaming_executor_state as state
-    except ImportError:  # pragma: no cover - another Ray layout
-        log.debug("ray.data streaming_executor_state not found; task completions noticed as Ray does")
+    state = _ray_internal("ray.data._internal.execution.streaming_executor_state", "task completions noticed as Ray does",
+                          "ray", "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
+    if state is None:
         return False
-    current = getattr(state, "ray", None)
-    if isinstance(current, _PromptWait):
+    if isinstance(state.ray, _PromptWait):
         return True
     import ray
 
-    if current is not ray or not hasattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
+    if state.ray is not ray:
         log.debug("ray.data scheduling step not as expected; task completions noticed as Ray does")
         return False
     state.ray = _PromptWait(ray)
