@@ -517,9 +517,9 @@ def featurize(
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = cfg.progress
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.num_cpus))
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.num_cpus))  # concurrent featurize tasks
         blocks, start = [], 0
-        for n in block_sizes(todo.num_rows, cpus, cfg.rows_per_block, cfg.batch_size):
+        for n in block_sizes(todo.num_rows, slots, cfg.rows_per_block, cfg.batch_size):
             blocks.append(todo.slice(start, n))
             start += n
         known_ref = ray.put((known, rejected))  # once in the object store, not per task

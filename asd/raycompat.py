@@ -1,7 +1,7 @@
 """Small, guarded adjustments to Ray Data behaviour that the stages rely on.
 
 The stages call :func:`prepare_data_execution` before they run a Ray Data
-dataset; it applies the two adjustments below, each idempotent, each a no-op
+dataset; it applies the three adjustments below, each idempotent, each a no-op
 (with a debug log) on a Ray whose internals differ.
 
 **Empty resource limits at start.** Ray Data 2.60 reads the cluster's resources for a new execution from its
@@ -91,11 +91,12 @@ def prompt_resource_limits() -> bool:
     """Make Ray Data re-read empty resource limits at once; idempotent. True when active."""
     manager = _ray_internal("ray.data._internal.execution.resource_manager", "resource limits left as Ray reads them",
                             "ResourceManager")
-    ResourceManager = getattr(manager, "ResourceManager", None)
+    if manager is None:
+        return False
+    ResourceManager = manager.ResourceManager
     original = getattr(ResourceManager, "get_global_limits", None)
     if original is None or not hasattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
-        if manager is not None:
-            log.debug("ResourceManager.get_global_limits not found; resource limits left as Ray reads them")
+        log.debug("ResourceManager.get_global_limits not found; resource limits left as Ray reads them")
         return False
     if getattr(original, _PATCHED, False):
         return True

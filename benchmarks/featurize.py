@@ -186,7 +186,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--rounds", type=int, default=5, help="baseline/Ray pairs for the chosen setting")
+    p.add_argument("--rounds", type=int, default=5, help="baseline/Ray pairs for the default setting")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "asd-bench-featurize"))
     p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -224,7 +224,8 @@ def main() -> None:
           f"leaner reference loop: {ref['clips_per_s']:.1f}", flush=True)
     sweep = []
     d = FeaturizeConfig()
-    settings = [(d.batch_size, d.rows_per_block, d.num_cpus)] + [s for s in SETTINGS if s != (d.batch_size, d.rows_per_block, d.num_cpus)]
+    job_default = (d.batch_size, d.rows_per_block, d.num_cpus)
+    settings = [job_default] + [s for s in SETTINGS if s != job_default]
     for bs, rpb, cpus in settings:  # the first is the job's default
         r = ray_run(bs, rpb, cpus)
         r["ratio_vs_baseline"] = r["clips_per_s"] / base["clips_per_s"]
@@ -262,7 +263,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     line = (f"featurize: Ray Data on {cores} cores vs the same work in one process, median of {len(rounds)} pairs: "
             f"{warm_ratio:.2f}x warm, {cold_ratio:.2f}x cold incl. worker start-up (target {0.8 * cores:.1f}x; "
-            f"{median([x['warm_clips_per_s'] for x in rounds]):.1f} vs {median([x['baseline_clips_per_s'] for x in rounds]):.1f} clips/s; "
+            f"{median([x['warm_clips_per_s'] for x in rounds]):.1f} vs {base_median:.1f} clips/s; "
             f"default batch={setting[0]} block={setting[1]} cpus/task={setting[2]:g} (best single sweep run: "
             f"batch={best['batch_size']} block={best['rows_per_block']} cpus/task={best['num_cpus']:g}, "
             f"{best['ratio_vs_baseline']:.2f}x of the median baseline); "
