@@ -187,8 +187,7 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
         compute=TaskPoolStrategy(size=cfg.concurrency) if cfg.concurrency else None,
         num_cpus=cfg.num_cpus,
     )
-    blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    return pa.concat_tables(blocks).sort_by("clip_id") if blocks else SCORE_SCHEMA.empty_table()
+    return storage.collect_tables(ds, SCORE_SCHEMA).sort_by("clip_id")
 
 
 def scores_dir(root: str, tag: str) -> str:

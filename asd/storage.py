@@ -277,3 +277,18 @@ def ray_read_parquet(paths, **kwargs):
         os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = str(max(2, min(32, cpus)))
     return ray.data.read_parquet(paths, **kwargs)
 
+
+
+def collect_tables(ds, schema):
+    """Every block of the Ray Dataset ``ds`` as one table of ``schema``.
+
+    Blocks with no rows are dropped first: a filter that leaves a block empty (e.g. a feature file
+    holding only training clips, when only test clips are kept) can hand back a table with no
+    columns, which ``pa.concat_tables`` refuses next to the real ones."""
+    import pyarrow as pa
+    import ray
+
+    tables = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])

@@ -718,8 +718,7 @@ def score_autoencoders(
     ds = ds.map_batches(_AEScorer, fn_constructor_kwargs={"models_uri": models_uri}, batch_size=cfg.score_batch_size,
                         batch_format="pyarrow", compute=ActorPoolStrategy(size=max(1, cfg.num_actors)),
                         num_cpus=cfg.num_cpus)
-    blocks = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    raw = pa.concat_tables(blocks) if blocks else _RAW_SCHEMA.empty_table()
+    raw = storage.collect_tables(ds, _RAW_SCHEMA)
     if wanted is not None:
         missing = set(wanted) - set(raw.column("clip_id").to_pylist())
         if missing:
