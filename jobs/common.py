@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 T = TypeVar("T")
 log = logging.getLogger("asd.jobs")
@@ -142,9 +143,39 @@ def check_paths(cfg: DictConfig | dict) -> None:
     walk({k: v for k, v in data.items() if k not in ("hydra",)}, "")
 
 
+DATA_CONFIGS = Path(__file__).resolve().parent / "conf" / "data"
+
+
+def apply_input(cfg: DictConfig) -> DictConfig:
+    """``input=<dir|s3://...>`` is short for ``data=dir data.input=<it>``: read an existing
+    DCASE-layout corpus, generate nothing. Without it, ``input`` is the data group's ``input``."""
+    with open_dict(cfg):
+        if cfg.get("input") and ("data" not in cfg or cfg.input != cfg.data.get("input")):  # idempotent
+            cfg.data = OmegaConf.create({"input": str(cfg.input), "generate": False})
+        if "data" in cfg:
+            cfg.input = cfg.data.input
+    return cfg
+
+
+def refuse_path_as_data(argv: list[str] | None = None) -> None:
+    """Exit with a message that says what to write when ``data=`` is given a path instead of
+    one of the ``jobs/conf/data`` configs (Hydra would only say it cannot find ``data/<path>``)."""
+    options = sorted(p.stem for p in DATA_CONFIGS.glob("*.yaml"))
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") != "data" or value in options:
+            continue
+        if any(c in value for c in "/\\:") or value.startswith((".", "~")) or os.path.exists(value):
+            raise SystemExit(
+                f"data={value}: 'data' picks a corpus config ({', '.join(options)}), not a path. "
+                f"To read the corpus at {value}, write input={value} "
+                f"(the same as data=dir data.input={value}).")
+
+
 def run_job(cfg: DictConfig, run) -> None:
     """The body of every job's Hydra ``main``: logging, path checks, Ray, the stage, its final JSON line."""
     setup_logging(cfg.log_level)
+    apply_input(cfg)
     check_paths(cfg)
     init_ray(cfg.ray)
     final_line(run(cfg))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from asd import storage
 from asd.evaluate import EvaluateConfig, evaluate
 from jobs import make_corpus as make_corpus_job
-from jobs.common import run_job, to_dataclass
+from jobs.common import refuse_path_as_data, run_job, to_dataclass
 
 
 def evaluate_config(cfg: DictConfig) -> EvaluateConfig:
@@ -69,4 +69,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_path_as_data()
     main()

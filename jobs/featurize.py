@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from asd.featurize import FeaturizeConfig, featurize
-from jobs.common import run_job, to_dataclass
+from jobs.common import refuse_path_as_data, run_job, to_dataclass
 
 
 def run(cfg: DictConfig) -> dict:
@@ -20,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_path_as_data()
     main()

@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asd import storage
 from asd.data.synthetic import CorpusSpec, default_spec, make_corpus
-from jobs.common import final_line, log, setup_logging
+from jobs.common import final_line, log, refuse_path_as_data, setup_logging
 
 MARKER = "_CORPUS.json"
 
@@ -39,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_path_as_data()
     main()

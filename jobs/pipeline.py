@@ -36,7 +36,7 @@ from jobs import make_corpus as make_corpus_job
 from jobs import pretrain as pretrain_job
 from jobs import pseudo_label as pseudo_label_job
 from jobs import score as score_job
-from jobs.common import check_paths, final_line, init_ray, log, setup_logging
+from jobs.common import apply_input, check_paths, final_line, init_ray, log, refuse_path_as_data, setup_logging
 
 STAGES = ["make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune", "score"]
 
@@ -52,8 +52,8 @@ def run(cfg: DictConfig) -> dict:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {STAGES}")
+    apply_input(cfg)
     with open_dict(cfg):
-        cfg.input = cfg.data.input
         cfg.output = cfg.root
     embeds = {name: node for name, node in (cfg.get("embeds") or {}).items() if node is not None}
     finetunes = {name: node for name, node in (cfg.get("finetunes") or {}).items() if node is not None}
@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
         node = embeds[serve]
         params = OmegaConf.to_container(node.params, resolve=True)
         set_current_model(cfg.root, node.tag, node.embedder, params, encoder=params.get("checkpoint"))
-        summary.update(_compare(cfg.root, scored, skipped), serving_model=node.tag)
+        summary.update(_compare(cfg.root, scored, skipped, serve=serve), serving_model=node.tag)
     return summary
 
 
@@ -123,13 +123,18 @@ def _with_labels(cfg: DictConfig, node: DictConfig) -> DictConfig:
     return node
 
 
-def _compare(root: str, scored: dict, skipped: dict[str, str] | None = None) -> dict:
-    """Print every report and a side-by-side table; write it as scores/comparison.{md,png}."""
+def _compare(root: str, scored: dict, skipped: dict[str, str] | None = None, serve: str | None = None) -> dict:
+    """Print every report and a side-by-side table; write it as scores/comparison.{md,png}.
+
+    The served embedding (``serve``, the model behind models/CURRENT) leads: its report is printed
+    last (nearest the summary), its column comes first, and the headline ``official_score`` and
+    ``report`` are its own; the other embeddings follow under ``official_scores``/``reports``."""
     results, out = {}, {}
-    for name, res in scored.items():
-        if not res.get("report"):
-            continue
-        print("\n" + storage.read_text(res["report"]), flush=True)
+    order = [n for n in sorted(scored, key=lambda n: n != serve) if scored[n].get("report")]  # served first
+    for name in order[1:] + order[:1]:  # printed with the served report last, nearest the summary
+        print("\n" + storage.read_text(scored[name]["report"]), flush=True)
+    for name in order:
+        res = scored[name]
         results[res["tag"]] = metrics.evaluate_table(storage.read_table(storage.join(res["scores"], "scores.parquet")))
         out.setdefault("reports", {})[name] = res["report"]
         out.setdefault("official_scores", {})[name] = res["official_score"]
@@ -145,14 +150,19 @@ def _compare(root: str, scored: dict, skipped: dict[str, str] | None = None) -> 
             print(f"report ({name}): {uri}", flush=True)
         print(f"comparison: {md}", flush=True)
         out["comparison"] = md
-        first = next(iter(out["official_scores"]))
-        out["report"], out["official_score"] = out["reports"][first], out["official_scores"][first]
+        head = next(iter(out["official_scores"]))  # the served embedding, when it was scored
+        out["report"], out["official_score"] = out["reports"][head], out["official_scores"][head]
+        out["served"] = {"embedding": head, "official_score": out["official_score"], "report": out["report"]}
+        others = ", ".join(f"{n} {100 * v:.2f} %" for n, v in out["official_scores"].items() if n != head)
+        print(f"\nserved model ({head}, models/CURRENT): official score {100 * out['official_score']:.2f} %"
+              + (f"; others: {others}" if others else ""), flush=True)
     return out
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     setup_logging(cfg.log_level)
+    apply_input(cfg)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     check_paths(cfg)
     init_ray(cfg.ray)
@@ -160,4 +170,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_path_as_data()
     main()

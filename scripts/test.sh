@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
-# Install asd with its test extra, start a moto S3 server on 127.0.0.1, run the whole test suite.
-#   bash scripts/test.sh                # everything (slow tests included)
-#   bash scripts/test.sh -m "not slow"  # extra arguments go to pytest
+# Install asd with its test extra (pinned by constraints.txt), start a moto S3 server on 127.0.0.1,
+# run the test suite. Run it inside a virtualenv (.ci/run makes a new one).
+#   bash scripts/test.sh                # everything, slow tests included (~15 min on 2 cores)
+#   bash scripts/test.sh -m "not slow"  # the quick target (a few minutes); extra arguments go to pytest
+# The install is skipped when this interpreter already has this checkout installed with the same
+# pyproject.toml and constraints.txt (ASD_REINSTALL=1 forces it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+WANT="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) $PWD"
+STAMP="$("$PYTHON" -c 'import sys; print(sys.prefix)')/.asd-test-install"
+installed_here() {
+  [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] &&
+    [ "$("$PYTHON" -c 'import asd, moto, pytest, os; print(os.path.dirname(os.path.dirname(asd.__file__)))' 2>/dev/null)" = "$PWD" ]
+}
+if [ "${ASD_REINSTALL:-0}" != 0 ] || ! installed_here; then
+  echo "installing asd[test] into $("$PYTHON" -c 'import sys; print(sys.prefix)') (constraints.txt)"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]" -c constraints.txt
+  echo "$WANT" > "$STAMP"
+else
+  echo "asd[test] already installed from this checkout (same pyproject.toml and constraints.txt); not reinstalling"
+fi
 
 export RAY_AUTH_MODE=disabled            # Ray token auth: off for local test clusters only
 export RAY_USAGE_STATS_ENABLED=0

@@ -79,3 +79,54 @@ def test_a_job_writing_outside_its_root_is_refused_before_it_starts(tmp_path):
                          text=True, timeout=300, cwd=str(tmp_path))
     assert out.returncode != 0 and "outside the run's storage root" in out.stderr
     assert "Started a local Ray instance" not in out.stderr and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("module", ["jobs.pipeline", "jobs.evaluate", "jobs.featurize", "jobs.make_corpus"])
+def test_a_path_given_as_data_says_what_to_write(tmp_path, module):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
+    out = subprocess.run([sys.executable, "-m", module, "data=/path/to/corpus"], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert "write input=/path/to/corpus (the same as data=dir data.input=/path/to/corpus)" in out.stderr
+    assert "Could not find" not in out.stderr and "Started a local Ray instance" not in out.stderr
+
+
+def test_input_is_short_for_data_dir():
+    from omegaconf import OmegaConf
+
+    from jobs.common import apply_input, refuse_path_as_data
+
+    cfg = OmegaConf.create({"input": "s3://b/corpus", "data": {"input": "./outputs/x/corpus", "generate": True,
+                                                                "spec": {"seed": 0}}})
+    apply_input(cfg)
+    assert OmegaConf.to_container(cfg.data) == {"input": "s3://b/corpus", "generate": False}
+    assert cfg.input == "s3://b/corpus"
+    plain = apply_input(OmegaConf.create({"input": None, "data": {"input": "./c", "generate": True}}))
+    assert plain.input == "./c" and plain.data.generate  # no input=: the data group decides
+    assert apply_input(plain).data.generate and apply_input(cfg).input == "s3://b/corpus"  # applying twice: same
+    refuse_path_as_data(["data=dir", "data=roboticarm", "data.input=/x", "input=/x"])  # all fine
+    for bad in ["data=../corpus", "data=s3://b/c", "+data=./c", "data=C:\\corpus"]:
+        with pytest.raises(SystemExit, match="write input="):
+            refuse_path_as_data([bad])
+
+
+@pytest.mark.slow
+def test_pipeline_and_featurize_read_a_corpus_named_by_input(tmp_path, small_corpus):
+    feat = _job("jobs.featurize", f"input={small_corpus}", f"output={tmp_path}/feat", tmp_path=tmp_path)
+    assert feat["n_featurized"] > 0 and feat["features"] == f"{tmp_path}/feat/features"
+    final = _job("jobs.pipeline", f"input={small_corpus}", f"root={tmp_path}/run",
+                 "stages=[featurize,embed,score]", "~embeds.pretrained", "~embeds.finetuned", "serve=logmel",
+                 tmp_path=tmp_path)
+    assert final["stages"]["featurize"]["n_featurized"] == feat["n_featurized"]
+    assert "make_corpus" not in final["stages"] and not (tmp_path / "run" / "corpus").exists()
+    assert final["served"]["embedding"] == "logmel" and 0 <= final["official_score"] <= 1
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_evaluate_reads_the_real_clips_named_by_input(tmp_path, real_data):
+    final = _job("jobs.evaluate", f"input={real_data}/dcase2024_roboticarm", f"root={tmp_path}/run",
+                 "methods=[logmel_knn]", "plots=false", tmp_path=tmp_path)
+    assert set(final["official_scores"]) == {"logmel_knn"} and 0 <= final["official_scores"]["logmel_knn"] <= 1
+    report = json.load(open(final["report_json"]))
+    assert report["data"]["input"] == f"{real_data}/dcase2024_roboticarm" and report["data"]["clips"] == 39 + 57

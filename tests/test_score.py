@@ -145,7 +145,15 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert set(final["stages"]) == {"make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune",
                                     "score"}
     assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == {"logmel", "pretrained", "finetuned"}
-    assert final["report"].endswith("scores/logmel/report.md") and os.path.exists(final["report"])
+    # the headline is the served model's (models/CURRENT), the other embeddings follow
+    served = json.load(open(tmp_path / "run" / "models" / "CURRENT"))["tag"]
+    served_metrics = json.load(open(tmp_path / "run" / "scores" / served / "metrics.json"))
+    assert served == final["serving_model"] == final["served"]["embedding"] == "finetuned"
+    assert final["official_score"] == served_metrics["official_score"] == final["official_scores"]["finetuned"]
+    assert final["report"].endswith("scores/finetuned/report.md") and os.path.exists(final["report"])
+    assert list(final["official_scores"])[0] == "finetuned" and set(final["official_scores"]) == {
+        "logmel", "pretrained", "finetuned"}
+    assert f"served model (finetuned, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
     assert "official score (hmean)" in out.stdout and 0 <= final["official_score"] <= 1
     assert os.path.exists(final["comparison"]) and "finetuned" in open(final["comparison"]).read()
     # pre-trained embeddings -> pseudo labels -> fine-tuning from the pre-trained encoder -> scored
@@ -177,3 +185,31 @@ def test_scoring_workers_fetch_the_banks_once_per_run(ray_session):
     assert len(score_mod._worker_banks(second)["banks"]) == 3  # a new run's banks replace the last
     assert list(score_mod._WORKER_BANKS) == [second.hex()]
     assert score_mod._worker_banks({"inline": 1}) == {"inline": 1}  # banks passed by value
+
+
+def test_collecting_blocks_drops_those_a_filter_left_empty(ray_session):
+    """A feature file holding only training clips leaves an empty block (possibly with no columns)
+    after the test-split filter; collecting the scored blocks must not trip over it."""
+    import pyarrow as pa
+    import ray
+    import ray.data
+    from ray.data.expressions import col
+
+    from asd.score import SCORE_SCHEMA
+
+    def rows(ids, split):
+        return pa.table({"clip_id": ids, "split": [split] * len(ids), "score": [0.5] * len(ids)})
+
+    class Refs:  # what the AE scorer met: a column-less empty block beside real ones
+        def to_arrow_refs(self):
+            return [ray.put(pa.table({})), ray.put(rows(["b", "a"], "test")), ray.put(rows([], "test"))]
+
+    schema = pa.schema([("clip_id", pa.string()), ("split", pa.string()), ("score", pa.float64())])
+    with pytest.raises(pa.ArrowInvalid):
+        pa.concat_tables([ray.get(r) for r in Refs().to_arrow_refs()])
+    got = storage.collect_tables(Refs(), schema)
+    assert got.schema == schema and got.column("clip_id").to_pylist() == ["b", "a"]
+    ds = ray.data.from_arrow([rows(["t1", "t2"], "train"), rows(["x", "y"], "test"), rows(["t3"], "train")])
+    ds = ds.filter(expr=col("split") == "test")
+    assert sorted(storage.collect_tables(ds, schema).column("clip_id").to_pylist()) == ["x", "y"]
+    assert storage.collect_tables(ds.filter(expr=col("split") == "none"), SCORE_SCHEMA).schema == SCORE_SCHEMA
