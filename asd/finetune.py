@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asd import storage
+from asd.models import cnn
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint, pooled_dim
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
@@ -64,7 +65,9 @@ BALANCE = ("class", "domain", "none")
 @dataclass
 class FinetuneConfig:
     tag: str = "finetune"  # models/<tag>/encoder.pt; also the Ray Train run name by default
-    init_checkpoint: str | None = None  # None: <root>/models/pretrain/encoder.pt
+    init_checkpoint: str | None = None  # None: <root>/models/pretrain/encoder.pt (unless `model` is set)
+    model: str | None = None  # "cnn": train asd.models.cnn.CNNEncoder from scratch (no init checkpoint)
+    model_cfg: dict = field(default_factory=dict)  # CNNConfig fields for `model: cnn` (channels, embed_dim, ...)
     labels: str | None = None  # labels folder; None: <root>/labels/pretrained
     label_column: str = "label"  # label | pseudo_label | real_label
     head: str = "adacos"  # adacos | arcface
@@ -102,6 +105,15 @@ class FinetuneConfig:
             raise ValueError("subclusters must be >= 1, lora_rank and freeze_layers >= 0")
         if not 0.0 <= self.mixup_prob <= 1.0:
             raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob}")
+        if self.model not in (None, cnn.ARCH):
+            raise ValueError(f"model must be None (fine-tune init_checkpoint) or {cnn.ARCH!r}, got {self.model!r}")
+        if self.model is not None:
+            if self.init_checkpoint:
+                raise ValueError(f"model={self.model!r} trains from scratch; init_checkpoint must be null")
+            if self.lora_rank or self.freeze_layers or self.layer is not None or self.pool != "mean":
+                raise ValueError(f"model={self.model!r}: lora_rank, freeze_layers and layer do not apply and pool "
+                                 "must be 'mean' (the CNN has one embedding)")
+            cnn.config_from_dict(dict(self.model_cfg))  # unknown keys fail here, before any work
 
 
 @dataclass
@@ -168,12 +180,17 @@ def merge_lora(encoder: AudioEncoder) -> AudioEncoder:
 
 
 class AttributeModel(nn.Module):
-    """Encoder -> pooled embedding -> margin head cosines ``(B, C, S)``."""
+    """Encoder -> pooled embedding -> margin head cosines ``(B, C, S)``. ``encoder_cfg`` names the
+    encoder: an :class:`EncoderConfig` (transformer) or a :class:`asd.models.cnn.CNNConfig`."""
 
-    def __init__(self, encoder_cfg: EncoderConfig, num_classes: int, fcfg: FinetuneConfig):
+    def __init__(self, encoder_cfg: EncoderConfig | cnn.CNNConfig, num_classes: int, fcfg: FinetuneConfig):
         super().__init__()
-        self.encoder = AudioEncoder(encoder_cfg)
-        dim = pooled_dim(encoder_cfg, fcfg.pool)
+        if isinstance(encoder_cfg, cnn.CNNConfig):
+            self.encoder = cnn.CNNEncoder(encoder_cfg)
+            dim = encoder_cfg.embed_dim
+        else:
+            self.encoder = AudioEncoder(encoder_cfg)
+            dim = pooled_dim(encoder_cfg, fcfg.pool)
         self.head: MarginHead = make_head(fcfg.head, dim, num_classes, fcfg.subclusters, fcfg.scale, fcfg.margin)
         self.pool, self.layer = fcfg.pool, fcfg.layer
         if fcfg.lora_rank > 0:
@@ -278,7 +295,7 @@ class AttributeObjective(ObjectiveBase):
             logs["scale"] = float(head.scale)
         return loss, logs
 
-    def encoder(self, module: nn.Module) -> AudioEncoder:
+    def encoder(self, module: nn.Module) -> nn.Module:
         enc = merge_lora(module.encoder) if self.fcfg.lora_rank > 0 else module.encoder
         for p in enc.parameters():
             p.requires_grad_(True)
@@ -344,19 +361,24 @@ def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConf
     out_root = out_root or features_root
     tcfg = stage_train_config(tcfg, fcfg.tag, out_root)
     t0 = time.perf_counter()
-    init = storage.absolute(fcfg.init_checkpoint or storage.join(out_root, "models", "pretrain", "encoder.pt"))
-    if not storage.exists(init):
-        raise FileNotFoundError(f"no encoder to fine-tune at {init} (run pretrain, or set init_checkpoint)")
-    start = load_checkpoint(init, keep_predictor=False)
-    meta = start.meta or {}
-    norm = (float(meta.get("norm_mean", FBANK_MEAN)), float(meta.get("norm_std", FBANK_STD)))
+    if fcfg.model is not None:  # from scratch: a new encoder of that architecture, the default normalisation
+        init, encoder_cfg, norm = None, cnn.config_from_dict(dict(fcfg.model_cfg)), (FBANK_MEAN, FBANK_STD)
+    else:
+        init = storage.absolute(fcfg.init_checkpoint or storage.join(out_root, "models", "pretrain", "encoder.pt"))
+        if not storage.exists(init):
+            raise FileNotFoundError(f"no encoder to fine-tune at {init} (run pretrain, or set init_checkpoint)")
+        start = load_checkpoint(init, keep_predictor=False)
+        meta = start.meta or {}
+        norm = (float(meta.get("norm_mean", FBANK_MEAN)), float(meta.get("norm_std", FBANK_STD)))
+        encoder_cfg = start.cfg
+        del start
     labels = fcfg.labels or storage.join(out_root, "labels", "pretrained")
     classes, clip_class, clip_weight, summary = load_labels(labels, fcfg.label_column, fcfg.balance,
                                                             fcfg.balance_power)
-    log.info("fine-tuning %s on %d clips, %d classes (%s, sizes %d..%d) from %s", fcfg.tag, summary["n_clips"],
-             len(classes), fcfg.label_column, summary["smallest_class"], summary["largest_class"], labels)
-    objective = AttributeObjective(fcfg, start.cfg, classes, clip_class, clip_weight, init_checkpoint=init)
-    del start
+    log.info("fine-tuning %s (%s) on %d clips, %d classes (%s, sizes %d..%d) from %s", fcfg.tag,
+             init or f"{fcfg.model} from scratch", summary["n_clips"], len(classes), fcfg.label_column,
+             summary["smallest_class"], summary["largest_class"], labels)
+    objective = AttributeObjective(fcfg, encoder_cfg, classes, clip_class, clip_weight, init_checkpoint=init)
     res: TrainResult = fit(objective, features_root, tcfg, norm=norm)
     if res.checkpoint is None:
         raise RuntimeError(f"training run {res.run} produced no checkpoint")

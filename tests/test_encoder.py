@@ -423,7 +423,8 @@ def test_own_format_roundtrip_local(tmp_path):
     uri = str(tmp_path / "sub" / "encoder.pt")
     check_own_roundtrip(uri)
     raw = torch.load(uri, weights_only=True)
-    assert raw["asd_encoder"] == 1 and set(raw) == {"asd_encoder", "cfg", "model", "meta"}
+    assert raw["asd_encoder"] == 1 and set(raw) == {"asd_encoder", "arch", "cfg", "model", "meta"}
+    assert raw["arch"] == "transformer"
 
 
 @pytest.mark.s3

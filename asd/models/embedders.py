@@ -59,7 +59,7 @@ class EncoderEmbedder:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.device = resolve_device(device)
         self.model = load_checkpoint(checkpoint, map_location="cpu", keep_predictor=False).to(self.device).eval()
-        patch = self.model.cfg.input_patch_size
+        patch = self.model.min_frames
         if max_frames < patch:
             raise ValueError(f"max_frames must be at least one patch ({patch}), got {max_frames}")
         self.checkpoint = checkpoint
@@ -73,7 +73,7 @@ class EncoderEmbedder:
         self.std = float(meta.get("norm_std", FBANK_STD))
 
     def _segments(self, fb: np.ndarray) -> list[np.ndarray]:
-        patch = self.model.cfg.input_patch_size
+        patch = self.model.min_frames
         if fb.shape[0] < patch:
             reps = -(-patch // max(1, fb.shape[0]))
             fb = np.tile(fb, (reps, 1))[:patch]

@@ -109,6 +109,7 @@ log = logging.getLogger(__name__)
 FBANK_MEAN = 15.41663  # BEATs.preprocess fbank_mean
 FBANK_STD = 6.55582  # BEATs.preprocess fbank_std
 FORMAT_VERSION = 1  # value of "asd_encoder" in this project's checkpoint files
+TRANSFORMER = "transformer"  # "arch" of an AudioEncoder checkpoint (files without "arch" are one)
 # Clip pooling of the patch outputs (B, N, D):
 #   mean, max, meanmax (both, 2D)   over every patch;
 #   freq_mean (F*D), freq_meanstd (2*F*D)   over time only, per frequency band of patches
@@ -642,6 +643,11 @@ class AudioEncoder(nn.Module):
         return torch.sigmoid((logits * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1))
 
     @property
+    def min_frames(self) -> int:
+        """Shortest input (frames) the encoder embeds: one patch."""
+        return self.cfg.input_patch_size
+
+    @property
     def num_parameters(self) -> int:
         """Number of distinct parameters (the shared relative-position table counted once)."""
         return sum(p.numel() for p in self.parameters())
@@ -669,13 +675,15 @@ def _strip_prefixes(sd: dict) -> dict:
     return dict(sd)
 
 
-def save_checkpoint(model: AudioEncoder, uri: str, meta: dict | None = None) -> str:
-    """Write ``{"asd_encoder": 1, "cfg", "model", "meta"}`` atomically to a path or fsspec URI."""
+def save_checkpoint(model: nn.Module, uri: str, meta: dict | None = None) -> str:
+    """Write ``{"asd_encoder": 1, "arch", "cfg", "model", "meta"}`` atomically to a path or fsspec URI
+    (``arch``: ``transformer`` for :class:`AudioEncoder`, ``cnn`` for :class:`asd.models.cnn.CNNEncoder`)."""
     core = model
     while hasattr(core, "_orig_mod") or (hasattr(core, "module") and isinstance(core.module, nn.Module)):
         core = core._orig_mod if hasattr(core, "_orig_mod") else core.module
     payload = {
         "asd_encoder": FORMAT_VERSION,
+        "arch": getattr(core.cfg, "arch", TRANSFORMER),
         "cfg": asdict(core.cfg),
         "model": {k: v.detach().cpu() for k, v in beats_state_dict_from(core).items()},
         # JSON round trip: meta must stay loadable with torch.load(weights_only=True)
@@ -688,7 +696,7 @@ def save_checkpoint(model: AudioEncoder, uri: str, meta: dict | None = None) -> 
 
 def load_checkpoint(
     path_or_uri: str, map_location="cpu", strict: bool = True, keep_predictor: bool = True
-) -> AudioEncoder:
+) -> nn.Module:
     """Build an :class:`AudioEncoder` from a BEATs checkpoint or this project's own format.
 
     BEATs format: ``{"cfg": BEATsConfig dict, "model": state_dict, ...}``; own format:
@@ -698,7 +706,8 @@ def load_checkpoint(
     otherwise matching tensors are loaded and the rest is logged.
     keep_predictor=False drops a fine-tuned checkpoint's classification head.
     Returns the model in eval mode (on ``map_location`` when that is a device), with the file's
-    ``meta`` (own format) in ``model.meta``.
+    ``meta`` (own format) in ``model.meta``: an :class:`AudioEncoder`, or a
+    :class:`asd.models.cnn.CNNEncoder` for a file whose ``arch`` is ``cnn`` (loaded strictly).
     """
     fs, path = storage.filesystem(path_or_uri)
     with fs.open(path, "rb") as f:
@@ -714,6 +723,9 @@ def load_checkpoint(
     if "asd_encoder" in ckpt:
         if int(ckpt["asd_encoder"]) > FORMAT_VERSION:
             raise ValueError(f"{path_or_uri}: checkpoint format {ckpt['asd_encoder']} is newer than {FORMAT_VERSION}")
+        arch = ckpt.get("arch", TRANSFORMER)
+        if arch != TRANSFORMER:
+            return _load_other_arch(path_or_uri, arch, ckpt, map_location)
         cfg = _config_from_dict(dict(ckpt["cfg"]), source=str(path_or_uri))
     else:
         cfg = config_from_beats(dict(ckpt["cfg"]))
@@ -733,6 +745,23 @@ def load_checkpoint(
         bad = set(unexpected) | {k for k, _, _ in mismatched}
         state = {k: v for k, v in state.items() if k not in bad}
     model.load_state_dict(state, strict=False)
+    model.meta = dict(ckpt.get("meta") or {})
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval()
+
+
+def _load_other_arch(path_or_uri: str, arch: str, ckpt: dict, map_location) -> nn.Module:
+    from asd.models import cnn
+
+    if arch != cnn.ARCH:
+        raise ValueError(f"{path_or_uri}: unknown encoder architecture {arch!r} (known: {TRANSFORMER}, {cnn.ARCH})")
+    model = cnn.CNNEncoder(cnn.config_from_dict(dict(ckpt["cfg"])))
+    state = _strip_prefixes(dict(ckpt["model"]))
+    missing, unexpected, mismatched = _compare_state(model, state)
+    if missing or unexpected or mismatched:
+        raise ValueError(_mismatch_message(path_or_uri, missing, unexpected, mismatched))
+    model.load_state_dict(state)
     model.meta = dict(ckpt.get("meta") or {})
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
