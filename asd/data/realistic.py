@@ -75,7 +75,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -87,17 +86,15 @@ import soundfile as sf
 from asd import storage
 from asd.data.synthetic import (
     DOMAINS,
-    LABELS,
-    NO_ATTRIBUTE,
     SPLITS,
     CorpusInfo,
     _attributes_csv,
     _clip_rng,
     _crc,
-    _file_name,
     _progress,
     _pulses,
     _slow_noise,
+    plan_clips,
 )
 
 __all__ = [
@@ -332,7 +329,6 @@ def _jitter_db(rng, n: int, std_db: float) -> np.ndarray:
 
 
 def _fan(m, a, rng, an, n, sr, dur, f):
-    t = np.arange(n) / sr
     fs, ph = _shaft(rng, float(a["speed"]), n, sr, dur)
     blades = 7
     k = np.arange(1, 11)
@@ -531,7 +527,6 @@ _MACHINES = {"fan": _fan, "gearbox": _gearbox, "bearing": _bearing, "pump": _pum
 
 
 def _background(bg: BackgroundSpec, rng, n: int, sr: int, dur: float, f: np.ndarray) -> np.ndarray:
-    t = np.arange(n) / sr
     beta = rng.uniform(*bg.hiss_slope)
     gain = np.maximum(f, 30.0) ** (-beta / 2) * _smooth_eq(rng, f, bg.hiss_bumps_db)
     hiss = _unit(_shape(rng.standard_normal(n), gain))
@@ -632,25 +627,7 @@ class _Clip:
 
 def _plan(spec: RealisticSpec):
     """Every clip in a fixed order (type, section, split, domain, label, index)."""
-    for machine in spec.machine_types:
-        for section in spec.sections:
-            for split in SPLITS:
-                for domain in DOMAINS:
-                    values = machine.attribute_values(domain)
-                    combos = [dict(zip(values, map(str, c))) for c in itertools.product(*values.values())]
-                    if split == "train":
-                        n = spec.n_train_source if domain == "source" else spec.n_train_target
-                        per_label = {"normal": n, "anomaly": 0}
-                    else:
-                        n_anom = spec.n_test_per_domain // 2
-                        per_label = {"normal": spec.n_test_per_domain - n_anom, "anomaly": n_anom}
-                    for label in LABELS:
-                        for index in range(per_label[label]):
-                            attrs = combos[index % len(combos)]
-                            name = _file_name(section, domain, split, label, index,
-                                              attrs if machine.attributes else None)
-                            yield _Clip(machine, section, domain, split, label, index, attrs,
-                                        f"{machine.name}/{split}/{name}")
+    return plan_clips(spec, lambda machine, section: machine, _Clip)
 
 
 def _validate(spec: RealisticSpec) -> None:

@@ -327,9 +327,18 @@ def _file_name(section: str, domain: str, split: str, label: str, index: int, at
 
 def _plan(spec: CorpusSpec):
     """Yield every clip of the corpus in a fixed order (type, section, split, domain, label, index)."""
+    return plan_clips(spec, lambda machine, section: replace(machine, timbre=machine.timbre * 100 + int(section)),
+                      _Clip)
+
+
+def plan_clips(spec, machine_for_section, clip_cls):
+    """Every clip of ``spec`` (clip counts per split/domain/label, attribute combinations in turn,
+    DCASE file names) in a fixed order (type, section, split, domain, label, index), as
+    ``clip_cls(machine_for_section(machine, section), section, domain, split, label, index, attrs,
+    relpath)``. Shared by the generated corpora (``asd.data.realistic`` too)."""
     for machine in spec.machine_types:
         for section in spec.sections:
-            sec_machine = replace(machine, timbre=machine.timbre * 100 + int(section))
+            sec_machine = machine_for_section(machine, section)
             for split in SPLITS:
                 for domain in DOMAINS:
                     values = machine.attribute_values(domain)
@@ -345,8 +354,8 @@ def _plan(spec: CorpusSpec):
                             attrs = combos[index % len(combos)]
                             name = _file_name(section, domain, split, label, index,
                                               attrs if machine.attributes else None)
-                            yield _Clip(sec_machine, section, domain, split, label, index, attrs,
-                                        f"{machine.name}/{split}/{name}")
+                            yield clip_cls(sec_machine, section, domain, split, label, index, attrs,
+                                           f"{machine.name}/{split}/{name}")
 
 
 def _validate(spec: CorpusSpec) -> None:
