@@ -109,6 +109,33 @@ class FinetunedMethodConfig(EncoderMethodConfig):
     finetune_train: TrainConfig = field(default_factory=TrainConfig)
 
 
+CNN_LABELS = ("section", "pseudo", "real", "real_else_pseudo")
+
+
+@dataclass
+class CNNMethodConfig:
+    """kNN on a CNN encoder trained from scratch in this run to classify (machine type, section,
+    attribute) classes of the training split (``finetune.model`` must be ``cnn``). The attribute
+    per method: ``cnn_section`` none (type and section only), ``cnn_pseudo`` Ward pseudo labels of
+    ``cluster_embed``'s embeddings of the training split for every type, ``cnn_real`` the real
+    attributes where a type has them, ``cnn_real_else_pseudo`` real attributes where a type has
+    them and pseudo labels elsewhere. ``checkpoint`` embeds with a given encoder.pt instead."""
+
+    tag: str = "eval-cnn"
+    checkpoint: str | None = None
+    cluster_embed: str = "logmel"  # logmel | pretrained: the representation clustered into pseudo labels
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-cnn", model="cnn"))
+    finetune_train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(embedder="encoder", params={"pool": "mean"}))
+
+    def __post_init__(self):
+        if self.cluster_embed not in ("logmel", "pretrained"):
+            raise ValueError(f"cnn.cluster_embed must be logmel or pretrained, got {self.cluster_embed!r}")
+        if self.finetune.model != "cnn":
+            raise ValueError("cnn.finetune.model must be 'cnn' (the CNN is trained from scratch)")
+
+
 @dataclass
 class EvaluateConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -120,10 +147,14 @@ class EvaluateConfig:
     logmel: EmbedMethodConfig = field(default_factory=EmbedMethodConfig)
     pretrained: EncoderMethodConfig = field(default_factory=EncoderMethodConfig)
     finetuned: FinetunedMethodConfig = field(default_factory=FinetunedMethodConfig)
+    cnn: CNNMethodConfig = field(default_factory=CNNMethodConfig)
+    served_method: str | None = None  # the method that is the pipeline's default recipe (named in the report)
     plots: bool = True  # per-method ROC and histogram plots
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
+        if self.served_method is not None and self.served_method not in METHODS:
+            raise ValueError(f"served_method {self.served_method!r} is not a method; known: {sorted(METHODS)}")
         if not 0.0 < self.derive_fraction < 1.0:
             raise ValueError(f"derive_fraction must be in (0, 1), got {self.derive_fraction}")
 
@@ -420,6 +451,73 @@ def _encoder_knn(ctx: EvalContext, mc: EncoderMethodConfig, checkpoint: str) -> 
     return out
 
 
+def _direct_labels(ctx: EvalContext, uri: str, mode: str) -> str:
+    """Labels of the split's training clips without clustering: ``section`` (no attribute) or
+    ``real`` (the real attributes where the features have them)."""
+    keys = read_features_table(ctx.root, columns=["clip_id", "machine_type", "section", "domain", "attributes"])
+    train = keys.filter(pc.is_in(keys.column("clip_id"), pa.array(sorted(ctx.plan.train_ids), pa.string())))
+    rows = []
+    for r in train.to_pylist():
+        real = "|".join(f"{k}={v}" for k, v in (r["attributes"] or [])) or None
+        rows.append({"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
+                     "domain": r["domain"], "label": real if mode == "real" else None, "pseudo_label": None,
+                     "real_label": real})
+    stage = storage.staging_dir(uri)
+    storage.write_table(storage.join(stage, "labels.parquet"), pa.Table.from_pylist(rows))
+    storage.publish_dir(stage, uri, {"rows": len(rows), "label_source": mode})
+    return uri
+
+
+def _cnn_encoder(ctx: EvalContext, mode: str) -> str:
+    """A CNN trained now on the split's training clips with the labels of ``mode`` (see
+    :class:`CNNMethodConfig`), or the configured checkpoint."""
+    from dataclasses import replace
+
+    import asd.models.embedders  # noqa: F401  (registers "encoder")
+    from asd.cluster import pseudo_label
+    from asd.embed import embed
+    from asd.finetune import finetune
+
+    mc = ctx.cfg.cnn
+    if mc.checkpoint:
+        return mc.checkpoint
+    view = _train_view(ctx)
+    tag = f"{mc.tag}-{mode}"
+    labels = storage.join(ctx.root, "labels", tag)
+    info: dict = {"labels": labels, "label_mode": mode}
+    if mode in ("section", "real"):
+        _direct_labels(ctx, labels, mode)
+    else:
+        if mc.cluster_embed == "logmel":
+            emb_cfg, emb_tag = ctx.cfg.logmel.embed, ctx.cfg.logmel.tag + "-train"
+        else:
+            pre = ctx.cfg.pretrained
+            emb_cfg = replace(pre.embed, embedder="encoder",
+                              params={**(pre.embed.params or {}), "checkpoint": _pretrained_encoder(ctx)})
+            emb_tag = pre.tag + "-train"
+        emb = ctx.once(f"train-embeddings-{emb_tag}", lambda: embed(view, emb_tag, emb_cfg))
+        manifest = storage.join(ctx.root, "manifest", "manifest.parquet")
+        pl = pseudo_label(emb.embeddings, labels, replace(mc.cluster, label_source="pseudo" if mode == "pseudo"
+                                                          else "real_else_pseudo"),
+                          manifest_uri=manifest if storage.exists(manifest) else None)
+        info.update(clustered=mc.cluster_embed, pseudo_label_quality=pl.quality)
+    res = finetune(view, ctx.root, replace(mc.finetune, tag=tag, embed_tag=tag, labels=labels, set_current=False),
+                   replace(mc.finetune_train, name=tag))
+    info.update(encoder=res.encoder, steps=res.steps, num_classes=res.num_classes, final_accuracy=res.final_accuracy)
+    ctx.cache[f"cnn-{mode}"] = info
+    return res.encoder
+
+
+def _cnn_knn(ctx: EvalContext, mode: str) -> MethodOutput:
+    from dataclasses import replace
+
+    mc = ctx.cfg.cnn
+    checkpoint = _cnn_encoder(ctx, mode)
+    out = _encoder_knn(ctx, replace(mc, tag=f"{mc.tag}-{mode}"), checkpoint)
+    out.info["training"] = ctx.cache.get(f"cnn-{mode}")
+    return out
+
+
 register_method(Method(
     "ae_mse", "DCASE autoencoder baseline, MSE score", (AE,),
     lambda ctx: ctx.once("ae", lambda: _ae_scores(ctx))["ae_mse"]))
@@ -440,6 +538,13 @@ register_method(Method(
                        or (None if ctx.cfg.finetuned.checkpoint
                            else _checkpoint_problem("finetuned_knn", "pretrained", ctx.cfg.pretrained.checkpoint,
                                                     False)))))
+_CNN_TITLES = {"section": "type and section labels only", "pseudo": "Ward pseudo labels",
+               "real": "the real attribute labels", "real_else_pseudo": "real attributes, else Ward pseudo labels"}
+for _mode in CNN_LABELS:
+    register_method(Method(
+        f"cnn_{_mode}", f"cosine kNN on a CNN trained from scratch on {_CNN_TITLES[_mode]}", (LOGMEL,),
+        (lambda mode: lambda ctx: _cnn_knn(ctx, mode))(_mode),
+        check=lambda ctx: _checkpoint_problem("cnn", "cnn", ctx.cfg.cnn.checkpoint, False)))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -595,7 +700,8 @@ def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, 
     lines += ["", "## Official score (harmonic mean of AUC-source, AUC-target, pAUC)", "",
               "| method | official score | what |", "|---|---:|---|"]
     for m, d in per_method.items():
-        lines.append(f"| {m} | **{_pct(official[m])}** | {d['title']} |")
+        served = " (the pipeline's served recipe)" if m == cfg.served_method else ""
+        lines.append(f"| {m} | **{_pct(official[m])}** | {d['title']}{served} |")
     lines += ["", "## Score per machine type (harmonic mean of its AUC-s, AUC-t, pAUC; percent)", "",
               _type_scores_markdown(results),
               "## Per machine type and metric (percent; AUC-s, AUC-t, pAUC are harmonic means over sections)", "",
@@ -608,6 +714,7 @@ def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, 
     payload = {
         "title": title, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "root": root, "data": data, "split": split, "official_scores": official,
+        "served_method": cfg.served_method,
         "methods": per_method, "table_markdown": table_md, "notes": notes,
         "featurize": featurized, "seconds": round(time.perf_counter() - t0, 1),
         "config": {"evaluate": json_safe(asdict(cfg)), "job": config_snapshot},

@@ -39,6 +39,8 @@ def evaluate_config(cfg: DictConfig) -> EvaluateConfig:
         "logmel": node["logmel"],
         "pretrained": {**pretrained, "pretrain": pretrain, "pretrain_train": pretrain_train},
         "finetuned": _finetuned(dict(node["finetuned"])),
+        "cnn": _finetuned(dict(node["cnn"])),
+        "served_method": node.get("served_method"),
     })
 
 

@@ -234,3 +234,43 @@ def read_train_ids(root):
     from asd.featurize import read_features_table
 
     return read_features_table(f"{root}/evaluate/train_view", columns=["clip_id"]).column("clip_id").to_pylist()
+
+
+@pytest.mark.slow
+def test_cnn_methods_train_from_scratch_on_their_labels_and_name_the_served_recipe(ray_session, small_corpus,
+                                                                                 tmp_path):
+    """cnn_section / cnn_real_else_pseudo: labels of the training split only (none, or real attributes with
+    Ward pseudo labels of log-mel statistics for the type without them), a CNN trained from scratch on
+    them, kNN on its embeddings; report.json names the served method."""
+    from asd.models.cnn import CNNEncoder
+    from asd.models.encoder import load_checkpoint
+    from jobs import evaluate as job
+
+    root = str(tmp_path / "run")
+    cfg = _compose("data=dir", f"data.input={small_corpus}", f"root={root}",
+                   "methods=[cnn_section,cnn_real_else_pseudo]", "served_method=cnn_real_else_pseudo",
+                   "cnn.finetune.model_cfg.channels=[4,8,8]", "cnn.finetune.model_cfg.embed_dim=16",
+                   "cnn.finetune.train.steps=4", "cnn.finetune.train.crop_frames=64", "cnn.finetune.train.batch_size=8",
+                   "cnn.finetune.train.cpus_per_worker=0.5", "cnn.finetune.train.torch_threads=1",
+                   "cnn.embed.num_actors=1", "logmel.embed.num_actors=1", "cnn.cluster.n_clusters=2",
+                   "score.concurrency=1", "plots=false")
+    out = job.run(cfg)
+    with open(out["report_json"]) as f:
+        rep = json.load(f)
+    assert rep["served_method"] == "cnn_real_else_pseudo"
+    train_ids = set(read_train_ids(root))
+    for mode in ("section", "real_else_pseudo"):
+        info = rep["methods"][f"cnn_{mode}"]["info"]["training"]
+        assert info["steps"] == 4 and info["label_mode"] == mode
+        assert isinstance(load_checkpoint(info["encoder"]), CNNEncoder)
+        labels = storage.read_table(f"{root}/labels/eval-cnn-{mode}/labels.parquet")
+        assert set(labels.column("clip_id").to_pylist()) == train_ids
+    sections = storage.read_table(f"{root}/labels/eval-cnn-section/labels.parquet")
+    assert sections.column("label").null_count == sections.num_rows  # type and section only
+    mixed = storage.read_table(f"{root}/labels/eval-cnn-real_else_pseudo/labels.parquet").to_pylist()
+    gear = {r["label"] for r in mixed if r["machine_type"] == "gearlike"}  # the type without attributes
+    fan = {r["label"] for r in mixed if r["machine_type"] == "fanlike"}
+    assert len(gear) == 2 and all("speed=" in str(v) for v in fan)
+    info = rep["methods"]["cnn_real_else_pseudo"]["info"]["training"]
+    assert info["clustered"] == "logmel" and info["num_classes"] == len({(r["machine_type"], r["label"]) for r in mixed})
+    assert "(the pipeline's served recipe)" in open(out["report_md"]).read()
