@@ -76,9 +76,7 @@ import dataclasses
 import hashlib
 import io
 import json
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 
 import numpy as np
 import soundfile as sf
@@ -86,15 +84,13 @@ import soundfile as sf
 from asd import storage
 from asd.data.synthetic import (
     DOMAINS,
-    SPLITS,
     CorpusInfo,
-    _attributes_csv,
     _clip_rng,
     _crc,
-    _progress,
     _pulses,
     _slow_noise,
     plan_clips,
+    write_corpus,
 )
 
 __all__ = [
@@ -667,23 +663,4 @@ def anomaly_kind_of(spec: RealisticSpec, clip: _Clip) -> str | None:
 def make_corpus(spec: RealisticSpec, out: str, workers: int = 1, progress: bool = True) -> CorpusInfo:
     """Write the corpus under ``out``; same contract as :func:`asd.data.synthetic.make_corpus`."""
     _validate(spec)
-    clips = list(_plan(spec))
-    jobs = ((spec, out, c) for c in clips)
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for _ in _progress(pool.map(_render, jobs, chunksize=8), len(clips), progress):
-                pass
-    else:
-        for _ in _progress(map(_render, jobs), len(clips), progress):
-            pass
-    counts: dict[str, dict[str, int]] = {}
-    for machine in spec.machine_types:
-        mine = [c for c in clips if c.machine.name == machine.name]
-        counts[machine.name] = {s: sum(c.split == s for c in mine) for s in SPLITS}
-        if not machine.attributes:
-            continue
-        for section in spec.sections:
-            rows = [c for c in mine if c.section == section]
-            storage.atomic_write_text(storage.join(out, machine.name, f"attributes_{section}.csv"),
-                                      _attributes_csv(rows))
-    return CorpusInfo(root=out, n_clips=len(clips), counts=counts, files=[c.relpath for c in clips])
+    return write_corpus(spec, out, list(_plan(spec)), _render, workers, progress, chunksize=8)

@@ -417,14 +417,19 @@ def make_corpus(spec: CorpusSpec, out: str, workers: int = 1, progress: bool = T
     attribute CSVs are written after all clips.
     """
     _validate(spec)
-    clips = list(_plan(spec))
+    return write_corpus(spec, out, list(_plan(spec)), _render, workers, progress, chunksize=16)
+
+
+def write_corpus(spec, out: str, clips: list, render, workers: int, progress: bool, chunksize: int) -> CorpusInfo:
+    """Render ``clips`` with ``render((spec, out, clip)) -> relpath`` (in a spawned pool when
+    ``workers > 1``), then write the attribute CSVs; the body of every generator's ``make_corpus``."""
     jobs = ((spec, out, c) for c in clips)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            for _ in _progress(pool.map(_render, jobs, chunksize=16), len(clips), progress):
+            for _ in _progress(pool.map(render, jobs, chunksize=chunksize), len(clips), progress):
                 pass
     else:
-        for _ in _progress(map(_render, jobs), len(clips), progress):
+        for _ in _progress(map(render, jobs), len(clips), progress):
             pass
 
     counts: dict[str, dict[str, int]] = {}
