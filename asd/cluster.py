@@ -73,6 +73,7 @@ LABELS_SCHEMA = pa.schema(
 
 __all__ = [
     "ClusterConfig",
+    "attribute_string",
     "ClusterResult",
     "ChunkedWard",
     "PseudoLabelResult",
@@ -696,7 +697,8 @@ def _max_node_memory_gb() -> float | None:
         return None
 
 
-def _attr_string(attrs) -> str | None:
+def attribute_string(attrs) -> str | None:
+    """A clip's real attributes (``[(key, value), ...]``) as one label, ``"key=value|..."``; None without any."""
     if not attrs:
         return None
     return "|".join(f"{k}={v}" for k, v in attrs)
@@ -712,7 +714,7 @@ def _real_labels(manifest_uri: str | None, embeddings_uri: str) -> dict[str, str
             return {}
         manifest_uri = guess
     table = storage.read_table(manifest_uri, columns=["clip_id", "attributes"])
-    return {c: _attr_string(a) for c, a in zip(table.column("clip_id").to_pylist(),
+    return {c: attribute_string(a) for c, a in zip(table.column("clip_id").to_pylist(),
                                                 table.column("attributes").to_pylist())}
 
 

@@ -454,11 +454,13 @@ def _encoder_knn(ctx: EvalContext, mc: EncoderMethodConfig, checkpoint: str) -> 
 def _direct_labels(ctx: EvalContext, uri: str, mode: str) -> str:
     """Labels of the split's training clips without clustering: ``section`` (no attribute) or
     ``real`` (the real attributes where the features have them)."""
+    from asd.cluster import attribute_string
+
     keys = read_features_table(ctx.root, columns=["clip_id", "machine_type", "section", "domain", "attributes"])
     train = keys.filter(pc.is_in(keys.column("clip_id"), pa.array(sorted(ctx.plan.train_ids), pa.string())))
     rows = []
     for r in train.to_pylist():
-        real = "|".join(f"{k}={v}" for k, v in (r["attributes"] or [])) or None
+        real = attribute_string(r["attributes"])
         rows.append({"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
                      "domain": r["domain"], "label": real if mode == "real" else None, "pseudo_label": None,
                      "real_label": real})
