@@ -29,7 +29,8 @@ def build_spec(data: DictConfig):
         from asd.data import realistic
 
         preset = node.pop("preset", "realistic")
-        return realistic.preset_spec(preset, **node), realistic.make_corpus
+        overrides = {k: v for k, v in node.items() if v is not None}  # null: the preset's own value
+        return realistic.preset_spec(preset, **overrides), realistic.make_corpus
     raise ValueError(f"data.generator must be one of {GENERATORS}, got {generator!r}")
 
 

@@ -160,7 +160,11 @@ def test_make_corpus_job_dispatches_on_generator(tmp_path, monkeypatch):
         assert data.generator == "realistic" and data.spec.preset == preset and data.generate
         spec, make = job.build_spec(data)
         assert isinstance(spec, R.RealisticSpec) and make is R.make_corpus
-        assert R.spec_sha256(spec) == R.spec_sha256(R.preset_spec(preset))
+        assert R.spec_sha256(spec) == R.spec_sha256(R.preset_spec(preset)) == R.FROZEN_SHA256[preset]
+        data.spec.duration_s = 0.5  # a size override (null in the YAML: the preset's value)
+        small, _ = job.build_spec(data)
+        assert small.duration_s == 0.5 and small.n_train_source == spec.n_train_source
+        assert R.spec_sha256(small) != R.FROZEN_SHA256[preset]
     spec, make = job.build_spec(OmegaConf.load(conf / "synthetic.yaml"))  # no key: synthetic
     assert type(spec).__name__ == "CorpusSpec" and make.__module__ == "asd.data.synthetic"
     with pytest.raises(ValueError):

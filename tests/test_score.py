@@ -138,30 +138,35 @@ def test_pipeline_job_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "jobs.pipeline", f"root={tmp_path}/run", "ray.num_cpus=2", "ray.progress=false",
            "data.spec.n_train_source=10", "data.spec.n_train_target=2", "data.spec.n_test_per_domain=6",
            "data.spec.duration_s=1.0", "pretrain.train.steps=6", "pretrain.train.checkpoint_every=3",
-           "finetunes.pseudo.train.steps=4", "finetunes.pseudo.train.checkpoint_every=2"]
+           "finetunes.pseudo.train.steps=4", "finetunes.pseudo.train.checkpoint_every=2",
+           "finetunes.cnn.train.steps=4", "finetunes.cnn.train.checkpoint_every=2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(final["stages"]) == {"make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune",
                                     "score"}
-    assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == {"logmel", "pretrained", "finetuned"}
+    assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == {"logmel", "pretrained", "finetuned", "cnn"}
     # the headline is the served model's (models/CURRENT), the other embeddings follow
     served = json.load(open(tmp_path / "run" / "models" / "CURRENT"))["tag"]
     served_metrics = json.load(open(tmp_path / "run" / "scores" / served / "metrics.json"))
-    assert served == final["serving_model"] == final["served"]["embedding"] == "finetuned"
-    assert final["official_score"] == served_metrics["official_score"] == final["official_scores"]["finetuned"]
-    assert final["report"].endswith("scores/finetuned/report.md") and os.path.exists(final["report"])
-    assert list(final["official_scores"])[0] == "finetuned" and set(final["official_scores"]) == {
-        "logmel", "pretrained", "finetuned"}
-    assert f"served model (finetuned, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
+    assert served == final["serving_model"] == final["served"]["embedding"] == "cnn"
+    assert final["official_score"] == served_metrics["official_score"] == final["official_scores"]["cnn"]
+    assert final["report"].endswith("scores/cnn/report.md") and os.path.exists(final["report"])
+    assert list(final["official_scores"])[0] == "cnn" and set(final["official_scores"]) == {
+        "logmel", "pretrained", "finetuned", "cnn"}
+    assert f"served model (cnn, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
     assert "official score (hmean)" in out.stdout and 0 <= final["official_score"] <= 1
     assert os.path.exists(final["comparison"]) and "finetuned" in open(final["comparison"]).read()
-    # pre-trained embeddings -> pseudo labels -> fine-tuning from the pre-trained encoder -> scored
-    assert final["stages"]["pseudo_label"]["labels"] == f"{tmp_path}/run/labels/pretrained"
+    # log-mel embeddings -> pseudo labels -> the transformer fine-tuned from the pre-trained encoder and
+    # the CNN trained from scratch, both on those labels -> scored; the CNN serves
+    assert final["stages"]["pseudo_label"]["labels"] == f"{tmp_path}/run/labels/logmel"
     ft = final["stages"]["finetune"]["pseudo"]
     assert ft["steps"] == 4 and ft["num_classes"] >= 4 and ft["encoder"] == f"{tmp_path}/run/models/finetune/encoder.pt"
+    ft_cnn = final["stages"]["finetune"]["cnn"]
+    assert ft_cnn["steps"] == 4 and ft_cnn["num_classes"] == ft["num_classes"]
+    assert ft_cnn["encoder"] == f"{tmp_path}/run/models/cnn/encoder.pt"
     current = json.load(open(tmp_path / "run" / "models" / "CURRENT"))
-    assert current["tag"] == "finetuned" and current["params"]["checkpoint"] == ft["encoder"]
+    assert current["tag"] == "cnn" and current["params"]["checkpoint"] == ft_cnn["encoder"]
     assert final["stages"]["pretrain"]["steps"] == 6
     # a second run regenerates nothing and featurizes nothing new
     out2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
@@ -171,6 +176,7 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert final2["official_score"] == pytest.approx(final["official_score"])
     assert final2["stages"]["pretrain"]["start_step"] == 6  # the finished pre-training is not redone
     assert final2["stages"]["finetune"]["pseudo"]["start_step"] == 4  # nor the fine-tuning
+    assert final2["stages"]["finetune"]["cnn"]["start_step"] == 4
 
 
 def test_scoring_workers_fetch_the_banks_once_per_run(ray_session):
