@@ -61,7 +61,7 @@ from asd import metrics, report, storage
 from asd.baselines.autoencoder import AEConfig, ae_root, default_train_config
 from asd.cluster import ClusterConfig
 from asd.embed import EmbedConfig
-from asd.finetune import FinetuneConfig
+from asd.finetune import FinetuneConfig, SingleClassError
 from asd.featurize import FeaturizeConfig, read_features_table
 from asd.pretrain import PretrainConfig
 from asd.score import SCORE_SCHEMA, ScoreConfig
@@ -610,10 +610,16 @@ def evaluate(
         raise ValueError(f"no test clips in {input_uri!r}: nothing to score")
     results: dict[str, metrics.MetricsResult] = {}
     per_method: dict[str, dict] = {}
+    not_run: dict[str, str] = {}  # method -> why it could not run on this corpus
     for m in methods:
         tm = time.perf_counter()
         log.info("=== method %s ===", m.name)
-        out = m.run(ctx)
+        try:
+            out = m.run(ctx)
+        except SingleClassError as exc:  # e.g. section labels of a corpus with one type and one section
+            log.warning("method %s not run: %s", m.name, exc)
+            not_run[m.name] = f"not run: {exc}"
+            continue
         scored = set(out.scores.column("clip_id").to_pylist())
         if scored & train_ids:
             raise AssertionError(f"{m.name} scored training clips {sorted(scored & train_ids)[:3]}")
@@ -628,8 +634,10 @@ def evaluate(
         per_method[m.name] = {"title": m.title, "scores": res.scores, "n_scored": res.n_scored,
                               "official_score": res.official_score, "metrics": res.metrics,
                               "seconds": round(time.perf_counter() - tm, 1), "info": out.info}
+    if not results:
+        raise MethodUnavailable("no method could run on this corpus: " + "; ".join(f"{m}: {why}" for m, why in not_run.items()))
     return _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, plan, featurized, results,
-                         per_method, t0)
+                         per_method, t0, not_run)
 
 
 def _clip_keys(root: str, needs: set[str]) -> pa.Table:
@@ -668,7 +676,8 @@ def _pct(v) -> str:
 
 
 def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, plan, featurized, results,
-                  per_method, t0) -> EvaluateResult:
+                  per_method, t0, not_run: dict[str, str] | None = None) -> EvaluateResult:
+    not_run = dict(not_run or {})
     out_dir = storage.join(root, "evaluate")
     title = f"Accuracy against the DCASE autoencoder baseline: {name or input_uri}"
     counts = plan.counts()
@@ -704,6 +713,8 @@ def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, 
     for m, d in per_method.items():
         served = " (the pipeline's served recipe)" if m == cfg.served_method else ""
         lines.append(f"| {m} | **{_pct(official[m])}** | {d['title']}{served} |")
+    for m, why in not_run.items():
+        lines.append(f"| {m} | – | {get_method(m).title}: {why} |")
     lines += ["", "## Score per machine type (harmonic mean of its AUC-s, AUC-t, pAUC; percent)", "",
               _type_scores_markdown(results),
               "## Per machine type and metric (percent; AUC-s, AUC-t, pAUC are harmonic means over sections)", "",
@@ -716,7 +727,7 @@ def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, 
     payload = {
         "title": title, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "root": root, "data": data, "split": split, "official_scores": official,
-        "served_method": cfg.served_method,
+        "served_method": cfg.served_method, "not_run": not_run,
         "methods": per_method, "table_markdown": table_md, "notes": notes,
         "featurize": featurized, "seconds": round(time.perf_counter() - t0, 1),
         "config": {"evaluate": json_safe(asdict(cfg)), "job": config_snapshot},

@@ -138,7 +138,7 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
     monkeypatch.setattr(asd.pretrain, "pretrain", fake_pretrain)
     root = str(tmp_path / "run")
     cfg = _compose("data=dir", f"data.input={corpus}", f"root={root}", f"report_to={tmp_path}/copy/evaluate_test",
-                   "methods=[ae_mse,ae_mahalanobis,logmel_knn,pretrained_knn,finetuned_knn]",
+                   "methods=[ae_mse,ae_mahalanobis,logmel_knn,pretrained_knn,finetuned_knn,cnn_section]",
                    f"finetuned.checkpoint={encoder}", "ae.train.steps=30", "ae.num_actors=1",
                    "pretrained.pretrain.train.steps=2", "pretrained.embed.num_actors=1",
                    "finetuned.embed.num_actors=1", "logmel.embed.num_actors=1", "score.concurrency=1", "plots=false")
@@ -152,11 +152,16 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
         rep = json.load(f)
     assert rep["split"]["derived"][0]["train_clips"] == {"source": 2, "target": 2}  # floor(4 normals * 0.5)
     assert len(rep["data"]["sha256"]) == 64 and rep["data"]["clips"] == 16
-    assert rep["config"]["job"]["methods"] == methods
+    assert rep["config"]["job"]["methods"] == methods + ["cnn_section"]
     assert rep["methods"]["pretrained_knn"]["info"]["pretrain"]["steps"] == 2
+    # one type with one section: section labels give one class, so cnn_section cannot train; the
+    # report says so and the other methods are still reported
+    assert list(rep["not_run"]) == ["cnn_section"] and "only one class" in rep["not_run"]["cnn_section"]
+    assert "cnn_section" not in rep["methods"] and "cnn_section" not in rep["official_scores"]
     with open(f"{root}/evaluate/report.md") as f:
         md = f.read()
     assert "has no train split" in md and all(f"| {m} |" in md for m in methods)
+    assert "| cnn_section | – |" in md and "not run: " in md
     train = {c for c, r in zip(*_split_rows(rep)) if r == TRAIN}
     assert len(train) == 4 and all("_normal_" in c for c in train)
     # the encoder would be pre-trained on a feature view of exactly the training clips
