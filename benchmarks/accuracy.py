@@ -1,11 +1,26 @@
-"""Accuracy record: run the pipeline on a data set and keep its official metrics.
+"""Accuracy record of the served recipe against the baselines, in one command.
 
-    python benchmarks/accuracy.py                       # real DCASE 2024 RoboticArm clips
-    python benchmarks/accuracy.py --data synthetic      # the embedded default corpus
+    python -m benchmarks.accuracy                        # every part (about 1.5 h on 2 cores)
+    python -m benchmarks.accuracy --parts real small     # some parts
+    python -m benchmarks.accuracy --parts pipeline       # the main command as a user runs it
 
-Runs ``python -m jobs.pipeline data=<data>`` in a fresh process (root under a temp
-folder) and copies ``metrics.json`` and ``report.md`` of every scored embedding to
-``results/accuracy_<data>_<tag>.{json,md}``. Later encoders must beat these numbers.
+Parts (each runs the jobs in fresh processes, corpora and run roots under ``--work``):
+
+* ``calibration``: ``benchmarks.calibrate_realistic`` (the two baselines only, both presets);
+* ``ablation``: the paper's ablation on the full ``realistic`` preset, seed 0, one
+  ``jobs.evaluate`` run -> ``results/ablation_realistic.{md,json,png}``;
+* ``seeds``: AE-MSE, log-mel kNN and the served recipe (``cnn_pseudo``) on the full preset,
+  seeds 0/1/2 -> ``results/seeds_realistic.{json,txt}``;
+* ``small``: both baselines and the served recipe on ``realistic_small`` (the main command's
+  corpus), seeds 0/1/2 -> ``results/served_realistic_small.{json,txt}``;
+* ``real``: the real clips of ``../shared/data/real`` (skipped when absent) ->
+  ``results/served_roboticarm.*`` and ``results/served_dcase2023_samples.*``;
+* ``pipeline``: ``python -m jobs.pipeline`` with no arguments -> ``results/accuracy_pipeline.*``.
+
+Every part writes JSON plus a line of text; the summary goes to ``results/accuracy.{json,txt}``
+(parts not rerun keep their last record there, dated).
+The served recipe is fixed by ``jobs/conf`` (``served_method`` of ``jobs/conf/evaluate.yaml``);
+nothing here picks a setting from test labels.
 """
 
 from __future__ import annotations
@@ -13,42 +28,171 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from benchmarks._common import RESULTS, write_result  # noqa: E402
+
+SERVED = "cnn_pseudo"  # jobs/conf/evaluate.yaml served_method: the pipeline's default recipe
+BASELINES = ("ae_mse", "ae_mahalanobis", "logmel_knn")
+ABLATION = ["ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn", "cnn_section", "cnn_pseudo",
+            "cnn_real"]
+SEEDS = (0, 1, 2)
+PARTS = ("calibration", "ablation", "seeds", "small", "real", "pipeline")
+
+
+def _env(work: Path) -> dict:
+    return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), TQDM_DISABLE="1",
+                ASD_HYDRA_DIR=str(work / "hydra"))
+
+
+def _run(cmd: list[str], work: Path, what: str) -> dict:
+    """Run a job; its last stdout line is its JSON summary. Progress on stderr."""
+    t0 = time.time()
+    print(f"[accuracy] {what}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    out = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=_env(work), cwd=str(REPO))
+    if out.returncode != 0:
+        raise SystemExit(f"{what} failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
+    print(f"[accuracy] {what}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def corpus(preset: str, seed: int, work: Path) -> str:
+    out = work / f"{preset}-s{seed}" / "corpus"
+    _run(["-m", "jobs.make_corpus", f"data={preset}", f"data.spec.seed={seed}", f"out={out}"], work,
+         f"corpus {preset} seed {seed}")  # skipped by the job when already there with this spec
+    return str(out)
+
+
+def evaluate(input_uri: str, methods: list[str], root: Path, work: Path, name: str,
+             report_to: str | None = None) -> dict:
+    """One ``jobs.evaluate`` run; returns its report.json."""
+    cmd = ["-m", "jobs.evaluate", f"input={input_uri}", f"root={root}", "methods=[" + ",".join(methods) + "]",
+           f"name={name}", "ray.progress=false"]
+    if report_to:
+        cmd.append(f"report_to={report_to}")
+    final = _run(cmd, work, f"evaluate {name}")
+    return json.loads(Path(final["report_json"]).read_text())
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _seed_table(rows: list[dict], methods: list[str]) -> dict:
+    """Per seed: every method, the better baseline and the served recipe's margin over it."""
+    out = []
+    for r in rows:
+        s = r["official_scores"]
+        base = [s[m] for m in BASELINES if s.get(m) is not None]
+        best = max(base) if base else None
+        margin = None if best is None or s.get(SERVED) is None else s[SERVED] - best
+        out.append({"seed": r["seed"], **{m: s.get(m) for m in methods}, "best_baseline": best,
+                    "served_minus_best_baseline": margin})
+    margins = [r["served_minus_best_baseline"] for r in out if r["served_minus_best_baseline"] is not None]
+    return {"rows": out, "median": {m: statistics.median(r[m] for r in out if r[m] is not None) for m in methods
+                                    if any(r[m] is not None for r in out)},
+            "median_served_minus_best_baseline": statistics.median(margins) if margins else None}
+
+
+def _seed_line(label: str, table: dict, methods: list[str]) -> str:
+    per = "; ".join(f"{m} " + "/".join(_pct(r[m]) for r in table["rows"]) + f" (median {_pct(table['median'].get(m))})"
+                    for m in methods)
+    margins = "/".join("n/a" if r["served_minus_best_baseline"] is None else f"{100 * r['served_minus_best_baseline']:+.2f}"
+                       for r in table["rows"])
+    med = table["median_served_minus_best_baseline"]
+    return (f"{label}, seeds {'/'.join(str(r['seed']) for r in table['rows'])}: {per}; served ({SERVED}) minus the "
+            f"better baseline {margins} (median {'n/a' if med is None else f'{100 * med:+.2f}'} points)")
+
+
+def part_calibration(work: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.calibrate_realistic"]
+    print(f"[accuracy] calibration: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, env=_env(work), cwd=str(REPO))
+    line = (RESULTS / "calibration_realistic.txt").read_text().strip()
+    return {"record": str(RESULTS / "calibration_realistic.json"), "line": line}
+
+
+def part_ablation(work: Path) -> dict:
+    src = corpus("realistic", 0, work)
+    rep = evaluate(src, ABLATION, work / "ablation", work, "realistic_seed0_ablation",
+                   report_to=str(RESULTS / "ablation_realistic"))
+    s = rep["official_scores"]
+    line = "ablation, realistic seed 0: " + "; ".join(f"{m} {_pct(s.get(m))}" for m in ABLATION)
+    return {"official_scores": s, "report": str(RESULTS / "ablation_realistic.md"), "line": line}
+
+
+def _seeds(preset: str, methods: list[str], work: Path, name: str, label: str) -> dict:
+    rows = []
+    for seed in SEEDS:
+        rep = evaluate(corpus(preset, seed, work), methods, work / f"{name}-s{seed}", work, f"{preset}_seed{seed}")
+        rows.append({"seed": seed, "official_scores": rep["official_scores"]})
+    table = _seed_table(rows, methods)
+    line = _seed_line(label, table, methods)
+    write_result(name, {"preset": preset, "methods": methods, "served": SERVED, **table}, line)
+    return {"line": line, **table}
+
+
+def part_seeds(work: Path) -> dict:
+    return _seeds("realistic", ["ae_mse", "logmel_knn", SERVED], work, "seeds_realistic", "realistic (full)")
+
+
+def part_small(work: Path) -> dict:
+    return _seeds("realistic_small", [*BASELINES, SERVED], work, "served_realistic_small", "realistic_small")
+
+
+def part_real(work: Path) -> dict:
+    real = Path(os.environ.get("ASD_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+    out = {}
+    for sub, name in (("dcase2024_roboticarm", "served_roboticarm"), ("dcase2023_dev_samples", "served_dcase2023_samples")):
+        if not (real / sub).is_dir():
+            print(f"[accuracy] real: {real / sub} absent; skipped", file=sys.stderr, flush=True)
+            continue
+        rep = evaluate(str(real / sub), [*BASELINES, "cnn_section", SERVED], work / name, work, sub,
+                       report_to=str(RESULTS / name))
+        out[sub] = {"official_scores": rep["official_scores"], "not_run": rep.get("not_run", {}),
+                    "test_clips": {mt: c["test"] for mt, c in rep["split"]["counts"].items()}}
+    line = "real: " + "; ".join(f"{sub}: " + ", ".join(f"{m} {_pct(v)}" for m, v in d["official_scores"].items())
+                                for sub, d in out.items())
+    return {"line": line, **out}
+
+
+def part_pipeline(work: Path) -> dict:
+    t0 = time.time()
+    final = _run(["-m", "jobs.pipeline", f"root={work / 'pipeline'}", "ray.progress=false"], work, "pipeline")
+    seconds = time.time() - t0
+    scores = final["official_scores"]
+    line = (f"python -m jobs.pipeline ({seconds / 60:.1f} min): served {final['served']['embedding']} "
+            f"{_pct(final['official_score'])}; " + ", ".join(f"{n} {_pct(v)}" for n, v in scores.items()
+                                                          if n != final["served"]["embedding"]))
+    write_result("accuracy_pipeline", {"official_scores": scores, "served": final["served"]["embedding"],
+                                       "seconds": round(seconds, 1)}, line)
+    return {"line": line, "official_scores": scores, "seconds": seconds}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="roboticarm")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for jobs.pipeline")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--work", default=None, help="corpora and run roots (default: a new temp folder)")
     a = p.parse_args()
-    work = tempfile.mkdtemp(prefix="asd-accuracy-")
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), ASD_HYDRA_DIR=f"{work}/hydra")
-    if a.data == "roboticarm" and "ASD_REAL_DATA" not in env:
-        env["ASD_REAL_DATA"] = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
-    cmd = [sys.executable, "-m", "jobs.pipeline", f"data={a.data}", f"root={work}/run", "ray.progress=false", *a.overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
-    if out.returncode != 0:
-        raise SystemExit(f"pipeline failed:\n{out.stderr[-4000:]}")
-    final = json.loads(out.stdout.strip().splitlines()[-1])
-    scores = Path(work) / "run" / "scores"
-    lines, figures = [], {}
-    for tag_dir in sorted(p for p in scores.iterdir() if p.is_dir()):
-        m = json.loads((tag_dir / "metrics.json").read_text())
-        shutil.copy(tag_dir / "report.md", RESULTS / f"accuracy_{a.data}_{tag_dir.name}.md")
-        figures[tag_dir.name] = m
-        lines.append(f"{tag_dir.name}: {100 * m['official_score']:.2f} %")
-    line = f"accuracy on {a.data} (official DCASE hmean of AUC-s, AUC-t, pAUC): " + "; ".join(lines)
-    write_result(f"accuracy_{a.data}", {"data": a.data, "command": " ".join(cmd[1:]), "metrics": figures,
-                                        "stages": final["stages"]}, line)
-    shutil.rmtree(work, ignore_errors=True)
+    work = Path(a.work or tempfile.mkdtemp(prefix="asd-accuracy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[accuracy] corpora and runs under {work}", file=sys.stderr, flush=True)
+    summary = RESULTS / "accuracy.json"  # parts not rerun now keep their last record (with its date)
+    results = json.loads(summary.read_text()).get("parts", {}) if summary.exists() else {}
+    for part in a.parts:
+        results[part] = {**globals()[f"part_{part}"](work), "date": time.strftime("%Y-%m-%d")}
+        print(f"[accuracy] {part}: {results[part]['line']}", file=sys.stderr, flush=True)
+    results = {k: results[k] for k in PARTS if k in results}
+    write_result("accuracy", {"served": SERVED, "parts": results, "work": str(work)},
+                 " | ".join(r["line"] for r in results.values()))
 
 
 if __name__ == "__main__":
