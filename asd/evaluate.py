@@ -676,8 +676,7 @@ def _pct(v) -> str:
 
 
 def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, plan, featurized, results,
-                  per_method, t0, not_run: dict[str, str] | None = None) -> EvaluateResult:
-    not_run = dict(not_run or {})
+                  per_method, t0, not_run: dict[str, str]) -> EvaluateResult:
     out_dir = storage.join(root, "evaluate")
     title = f"Accuracy against the DCASE autoencoder baseline: {name or input_uri}"
     counts = plan.counts()

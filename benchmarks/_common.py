@@ -25,10 +25,10 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
-def run_child(args: list[str], timeout: int = 3600) -> dict:
-    """Run ``python <this script> args`` in a fresh process; its last stdout line is JSON."""
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), TQDM_DISABLE="1")
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+def run_child(args: list[str], timeout: int | None = 3600, env: dict | None = None, cwd: str | None = None) -> dict:
+    """Run ``python <args>`` in a fresh process (``env``: extra variables); its last stdout line is JSON."""
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), TQDM_DISABLE="1", **(env or {}))
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child {args} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
