@@ -60,6 +60,11 @@ FEATURE_SCHEMA = pa.schema(
         # per-bin sums over frames (float64), so normalisation statistics need no second pass
         pa.field("fbank_sum", pa.list_(pa.float64())),
         pa.field("fbank_sumsq", pa.list_(pa.float64())),
+        # modulation spectrum (ModulationConfig): (mod_bins, mod_bands) raw bytes; null when disabled
+        pa.field("mod_bands", pa.int32()),
+        pa.field("mod_bins", pa.int32()),
+        pa.field("mod_dtype", pa.string()),
+        pa.field("mod", pa.binary()),
         pa.field("run_id", pa.string()),
     ]
 )
@@ -70,7 +75,7 @@ FEATURE_SCHEMA = pa.schema(
 # log-mel bytes, and min/max statistics of such values are useless. Left on, they cost about three
 # quarters of a feature file's write (benchmarks/featurize.py). Every other column keeps pyarrow's
 # defaults. Every writer of feature files uses these options.
-RAW_COLUMNS = ("fbank",)
+RAW_COLUMNS = ("fbank", "mod")
 FEATURE_WRITE_OPTIONS = dict(
     use_dictionary=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
     write_statistics=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
@@ -91,8 +96,47 @@ class FbankConfig:
 
 
 @dataclass
+class ModulationConfig:
+    """The modulation spectrum of a clip: how fast the energy of each frequency band fluctuates.
+
+    Machine faults often show as periodic fluctuation rather than as a new spectral peak:
+    bearing defect impulses at BPFO/BPFI (tens to hundreds of Hz), a cracked gear tooth once per
+    revolution, valve timing, imbalance at the shaft rate. A 10 ms log-mel frame rate sees
+    fluctuation up to 50 Hz only and averages faster ones away; this front end keeps them.
+
+    Per clip: power STFT (``win`` samples, Hann, ``hop`` samples: 2 ms at 16 kHz, a 500 Hz
+    envelope rate), ``bands`` log-spaced bands from ``fmin_hz`` to ``fmax_hz`` (FFT bins weighted
+    by their overlap with a band, so narrow low bands are never empty), the log energy envelope
+    of each band with its mean removed and a Hann taper, ``|rfft|`` of it, averaged into ``bins``
+    equal bins over (0, ``max_hz``], log. Stored as a ``(bins, bands)`` matrix (columns ``mod``,
+    ``mod_bins``, ``mod_bands``, ``mod_dtype``), 8 KiB a clip at the defaults, whatever the clip
+    length: the input of :mod:`asd.models.modnet`.
+    """
+
+    enabled: bool = True
+    bands: int = 16
+    fmin_hz: float = 100.0
+    fmax_hz: float = 7900.0
+    win: int = 128
+    hop: int = 32
+    bins: int = 256  # modulation bins over (0, max_hz]; a multiple of 16 (training takes it whole)
+    max_hz: float = 250.0  # at most half the envelope rate (sample_rate / hop / 2)
+    dtype: str = "float16"
+
+    def check(self, sample_rate: int) -> None:
+        if self.bands < 1 or self.bins < 16 or self.bins % 16 or self.win < 8 or self.hop < 1:
+            raise ValueError(f"modulation: bands >= 1, bins a multiple of 16, win >= 8, hop >= 1 (got {self})")
+        if not 0 < self.fmin_hz < self.fmax_hz <= sample_rate / 2:
+            raise ValueError(f"modulation: need 0 < fmin_hz < fmax_hz <= {sample_rate / 2} (got {self})")
+        if not 0 < self.max_hz <= sample_rate / self.hop / 2:
+            raise ValueError(f"modulation: max_hz must be in (0, {sample_rate / self.hop / 2}] (half the envelope "
+                             f"rate at hop {self.hop}), got {self.max_hz}")
+
+
+@dataclass
 class FeaturizeConfig:
     fbank: FbankConfig = field(default_factory=FbankConfig)
+    modulation: ModulationConfig = field(default_factory=ModulationConfig)
     min_duration_s: float = 0.5
     batch_size: int = 64  # clips per map_batches call (benchmarks/featurize.py measured 8-64)
     # clips per input block (one featurize task) at most; blocks shrink toward the end of a run,
@@ -106,7 +150,10 @@ class FeaturizeConfig:
     kill_worker_once_marker: str | None = None
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self.fbank), sort_keys=True).encode()).hexdigest()[:12]
+        front = asdict(self.fbank)
+        if self.modulation.enabled:  # without it, the hash of log-mel-only roots made before it existed
+            front["modulation"] = asdict(self.modulation)
+        return hashlib.sha256(json.dumps(front, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -152,16 +199,86 @@ def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
     return fb.numpy()
 
 
+def _overlap_weights(lo: np.ndarray, hi: np.ndarray, centres: np.ndarray, width: float) -> np.ndarray:
+    """(len(lo), len(centres)) share of each interval [lo, hi) covered by the cells
+    [centre - width / 2, centre + width / 2), divided by the interval's width (averaging weights)."""
+    a = np.maximum(lo[:, None], centres[None, :] - width / 2)
+    b = np.minimum(hi[:, None], centres[None, :] + width / 2)
+    return np.clip(b - a, 0.0, None) / (hi - lo)[:, None]
+
+
+def compute_modulation(wave: np.ndarray, sample_rate: int, cfg: ModulationConfig) -> np.ndarray:
+    """(cfg.bins, cfg.bands) float32 log modulation spectrum of a mono waveform (see :class:`ModulationConfig`)."""
+    x = np.asarray(wave, np.float64)
+    if x.shape[0] < cfg.win:
+        x = np.pad(x, (0, cfg.win - x.shape[0]))
+    n_frames = 1 + (x.shape[0] - cfg.win) // cfg.hop
+    frames = np.lib.stride_tricks.sliding_window_view(x, cfg.win)[:: cfg.hop][:n_frames]
+    power = np.abs(np.fft.rfft(frames * np.hanning(cfg.win), axis=1)) ** 2  # (n_frames, win/2 + 1)
+    edges = np.geomspace(cfg.fmin_hz, cfg.fmax_hz, cfg.bands + 1)
+    fft_hz = np.arange(power.shape[1]) * sample_rate / cfg.win
+    band_w = _overlap_weights(edges[:-1], edges[1:], fft_hz, sample_rate / cfg.win)  # (bands, fft bins)
+    env = np.log(power @ band_w.T + 1e-10)  # (n_frames, bands)
+    env = (env - env.mean(axis=0)) * np.hanning(n_frames)[:, None]
+    spec = np.abs(np.fft.rfft(env, axis=0))  # (n_frames // 2 + 1, bands)
+    rate = sample_rate / cfg.hop
+    mod_hz = np.arange(spec.shape[0]) * rate / n_frames
+    spec[0] = 0.0  # the envelope's mean (removed above) is no modulation
+    means = _interval_means(spec, rate / n_frames, np.linspace(0.0, cfg.max_hz, cfg.bins + 1))
+    return np.log(means + 1e-6).astype(np.float32)
+
+
+def _interval_means(values: np.ndarray, width: float, edges: np.ndarray) -> np.ndarray:
+    """Means of a piecewise-constant function over [edges[k], edges[k + 1]): ``values[j]`` holds on
+    the cell [(j - 1/2) width, (j + 1/2) width); beyond the last cell it is 0. (len(edges) - 1, B)."""
+    n = values.shape[0]
+    cum = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)]) * width
+    pos = np.clip(edges / width + 0.5, 0.0, float(n))
+    i = np.minimum(np.floor(pos).astype(int), n - 1)
+    at = cum[i] + (pos - i)[:, None] * (cum[i + 1] - cum[i])
+    return (at[1:] - at[:-1]) / np.diff(edges)[:, None]
+
+
+# The matrices a feature row stores: name -> (bytes, dtype, rows, columns) columns.
+MATRICES = {
+    "fbank": ("fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"),  # log-mel: (frames, mel bins)
+    "mod": ("mod", "mod_dtype", "mod_bins", "mod_bands"),  # modulation spectrum: (modulation bins, bands)
+}
+
+
+def matrix_columns(name: str = "fbank") -> list[str]:
+    """The feature columns that hold matrix ``name`` (one of :data:`MATRICES`)."""
+    try:
+        return list(MATRICES[name])
+    except KeyError:
+        raise ValueError(f"unknown feature matrix {name!r}; known: {sorted(MATRICES)}") from None
+
+
+def matrix_array(row: dict, name: str = "fbank") -> np.ndarray:
+    """Matrix ``name`` of a feature row as float32; a row without it raises ValueError naming the clip."""
+    data, dtype, rows, cols = MATRICES[name]
+    if row.get(data) is None:
+        raise ValueError(f"clip {row.get('clip_id', '?')!r} has no {name!r} features (featurized with "
+                         f"{'modulation.enabled=false' if name == 'mod' else 'another front end'}); featurize the "
+                         "corpus into a fresh root with it enabled")
+    arr = np.frombuffer(row[data], dtype=np.dtype(row[dtype]))
+    return arr.reshape(int(row[rows]), int(row[cols])).astype(np.float32)
+
+
+def matrix_arrays(table: pa.Table, name: str = "fbank") -> list[np.ndarray]:
+    """Matrix ``name`` of every row of an Arrow table or batch."""
+    wanted = matrix_columns(name) + (["clip_id"] if "clip_id" in table.column_names else [])
+    return [matrix_array(r, name) for r in table.select(wanted).to_pylist()]
+
+
 def fbank_array(row: dict) -> np.ndarray:
-    """The (frames, bins) float32 feature matrix of a feature row."""
-    arr = np.frombuffer(row["fbank"], dtype=np.dtype(row["fbank_dtype"]))
-    return arr.reshape(int(row["fbank_frames"]), int(row["num_mel_bins"])).astype(np.float32)
+    """The (frames, bins) float32 log-mel matrix of a feature row."""
+    return matrix_array(row, "fbank")
 
 
 def fbank_arrays(table: pa.Table) -> list[np.ndarray]:
-    """Feature matrices of every row of an Arrow table or batch."""
-    cols = table.select(["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]).to_pylist()
-    return [fbank_array(r) for r in cols]
+    """Log-mel matrices of every row of an Arrow table or batch."""
+    return matrix_arrays(table, "fbank")
 
 
 def _quarantine_part(problems: list[dict], folder: str) -> None:
@@ -198,7 +315,9 @@ def featurize_batch(
     problems: list[dict] = []
     keep: list[int] = []  # rows of ``batch`` that became features
     computed: dict[str, list] = {k: [] for k in ("sample_rate", "channels", "num_frames", "duration_s",
-                                                 "content_sha256", "warnings", "fbank_frames", "fbank")}
+                                                 "content_sha256", "warnings", "fbank_frames", "fbank",
+                                                 "mod_bands", "mod_bins", "mod_dtype", "mod")}
+    mcfg = cfg.modulation
     sums, sumsqs = [], []
     bins = cfg.fbank.num_mel_bins
     ids, paths, warns = (batch.column(c).to_pylist() for c in ("clip_id", "path", "warnings"))
@@ -224,6 +343,8 @@ def featurize_batch(
                                  content_sha256=sha))
             continue
         fb = compute_fbank(dec.wave, cfg.fbank).astype(cfg.fbank.dtype)
+        mod = (compute_modulation(dec.wave, cfg.fbank.sample_rate, mcfg).astype(mcfg.dtype)
+               if mcfg.enabled else None)
         seen = fb.astype(np.float32, copy=False)  # statistics of the values readers will see
         sums.append(seen.sum(axis=0, dtype=np.float64))
         sumsqs.append(np.square(seen).sum(axis=0, dtype=np.float64))
@@ -231,7 +352,11 @@ def featurize_batch(
         for k, v in (("sample_rate", dec.source.sample_rate), ("channels", dec.source.channels),
                      ("num_frames", dec.source.num_frames), ("duration_s", dec.source.duration_s),
                      ("content_sha256", sha), ("warnings", list(warns[i] or []) + dec.warnings),
-                     ("fbank_frames", fb.shape[0]), ("fbank", fb.tobytes())):
+                     ("fbank_frames", fb.shape[0]), ("fbank", fb.tobytes()),
+                     ("mod_bands", None if mod is None else mod.shape[1]),
+                     ("mod_bins", None if mod is None else mod.shape[0]),
+                     ("mod_dtype", None if mod is None else mcfg.dtype),
+                     ("mod", None if mod is None else mod.tobytes())):
             computed[k].append(v)
     _quarantine_part(problems, quarantine_dir)
     return _feature_table(batch.take(pa.array(keep, pa.int64())), computed, sums, sumsqs, bins, cfg.fbank.dtype, run_id)
@@ -472,7 +597,7 @@ def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig) -
         "rejected": dict(sorted(rejects.items())),
         "runs": [c["run_id"] for c in commits],
         "last_run": last,
-        "config": asdict(cfg.fbank),
+        "config": {**asdict(cfg.fbank), "modulation": asdict(cfg.modulation)},
         "config_hash": cfg.config_hash(),
     }
 
@@ -491,6 +616,8 @@ def featurize(
     import ray
 
     cfg = cfg or FeaturizeConfig()
+    if cfg.modulation.enabled:
+        cfg.modulation.check(cfg.fbank.sample_rate)
     t0 = time.perf_counter()
     storage.check_reachable(input_uri)
     storage.check_reachable(output_root, must_exist=False)
@@ -718,6 +845,12 @@ def _read_staged_quarantine(qdir: str) -> list[dict]:
 
 __all__ = [
     "FbankConfig",
+    "MATRICES",
+    "ModulationConfig",
+    "compute_modulation",
+    "matrix_array",
+    "matrix_arrays",
+    "matrix_columns",
     "FeaturizeConfig",
     "FeaturizeResult",
     "FEATURE_SCHEMA",

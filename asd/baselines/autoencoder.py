@@ -200,7 +200,7 @@ def ae_root(root: str) -> str:
 def frontend_config(cfg: AEConfig, base: FeaturizeConfig | None = None) -> FeaturizeConfig:
     """The featurize stage's config for the baseline front end (batching etc. from ``base``)."""
     base = base or FeaturizeConfig()
-    return replace(base, fbank=cfg.fbank())
+    return replace(base, fbank=cfg.fbank(), modulation=replace(base.modulation, enabled=False))
 
 
 def featurize_frontend(input_uri: str, root: str, cfg: AEConfig | None = None,
