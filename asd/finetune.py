@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asd import storage
-from asd.models import cnn
+from asd.models import cnn, modnet
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint, pooled_dim
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
@@ -54,20 +54,25 @@ from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, exp
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("label", "pseudo_label", "real_label")
+IDENTITY_NORM = (0.0, 0.5)  # (x - mean) / (2 std) = x: for inputs the model normalises itself
 
 
 class SingleClassError(ValueError):
     """The labels give one class only (e.g. real attributes on a corpus with one attribute value)."""
 
 BALANCE = ("class", "domain", "none")
+# encoders trained from scratch: FinetuneConfig.model -> config from model_cfg
+SCRATCH_MODELS = {cnn.ARCH: cnn.config_from_dict, modnet.ARCH: modnet.config_from_dict}
 
 
 @dataclass
 class FinetuneConfig:
     tag: str = "finetune"  # models/<tag>/encoder.pt; also the Ray Train run name by default
     init_checkpoint: str | None = None  # None: <root>/models/pretrain/encoder.pt (unless `model` is set)
-    model: str | None = None  # "cnn": train asd.models.cnn.CNNEncoder from scratch (no init checkpoint)
-    model_cfg: dict = field(default_factory=dict)  # CNNConfig fields for `model: cnn` (channels, embed_dim, ...)
+    # "cnn": train asd.models.cnn.CNNEncoder (log-mel) from scratch; "mod": asd.models.modnet.ModEncoder
+    # (the modulation spectrum); None: fine-tune init_checkpoint
+    model: str | None = None
+    model_cfg: dict = field(default_factory=dict)  # CNNConfig / ModConfig fields (channels, embed_dim, ...)
     labels: str | None = None  # labels folder; None: <root>/labels/pretrained
     label_column: str = "label"  # label | pseudo_label | real_label
     head: str = "adacos"  # adacos | arcface
@@ -105,15 +110,16 @@ class FinetuneConfig:
             raise ValueError("subclusters must be >= 1, lora_rank and freeze_layers >= 0")
         if not 0.0 <= self.mixup_prob <= 1.0:
             raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob}")
-        if self.model not in (None, cnn.ARCH):
-            raise ValueError(f"model must be None (fine-tune init_checkpoint) or {cnn.ARCH!r}, got {self.model!r}")
+        if self.model not in SCRATCH_MODELS and self.model is not None:
+            raise ValueError(f"model must be None (fine-tune init_checkpoint) or one of {sorted(SCRATCH_MODELS)}, "
+                             f"got {self.model!r}")
         if self.model is not None:
             if self.init_checkpoint:
                 raise ValueError(f"model={self.model!r} trains from scratch; init_checkpoint must be null")
             if self.lora_rank or self.freeze_layers or self.layer is not None or self.pool != "mean":
                 raise ValueError(f"model={self.model!r}: lora_rank, freeze_layers and layer do not apply and pool "
                                  "must be 'mean' (the CNN has one embedding)")
-            cnn.config_from_dict(dict(self.model_cfg))  # unknown keys fail here, before any work
+            SCRATCH_MODELS[self.model](dict(self.model_cfg))  # unknown keys fail here, before any work
 
 
 @dataclass
@@ -183,10 +189,14 @@ class AttributeModel(nn.Module):
     """Encoder -> pooled embedding -> margin head cosines ``(B, C, S)``. ``encoder_cfg`` names the
     encoder: an :class:`EncoderConfig` (transformer) or a :class:`asd.models.cnn.CNNConfig`."""
 
-    def __init__(self, encoder_cfg: EncoderConfig | cnn.CNNConfig, num_classes: int, fcfg: FinetuneConfig):
+    def __init__(self, encoder_cfg: EncoderConfig | cnn.CNNConfig | modnet.ModConfig, num_classes: int,
+                 fcfg: FinetuneConfig):
         super().__init__()
         if isinstance(encoder_cfg, cnn.CNNConfig):
             self.encoder = cnn.CNNEncoder(encoder_cfg)
+            dim = encoder_cfg.embed_dim
+        elif isinstance(encoder_cfg, modnet.ModConfig):
+            self.encoder = modnet.ModEncoder(encoder_cfg)
             dim = encoder_cfg.embed_dim
         else:
             self.encoder = AudioEncoder(encoder_cfg)
@@ -250,6 +260,7 @@ class AttributeObjective(ObjectiveBase):
         self.clip_class = dict(clip_class)
         self.clip_weight = dict(clip_weight or {})
         self.init_checkpoint = init_checkpoint
+        self.input = modnet.INPUT if isinstance(encoder_cfg, modnet.ModConfig) else "fbank"
 
     def build(self) -> nn.Module:
         return AttributeModel(self.encoder_cfg, len(self.classes), self.fcfg)
@@ -361,7 +372,12 @@ def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConf
     out_root = out_root or features_root
     tcfg = stage_train_config(tcfg, fcfg.tag, out_root)
     t0 = time.perf_counter()
-    if fcfg.model is not None:  # from scratch: a new encoder of that architecture, the default normalisation
+    if fcfg.model == modnet.ARCH:  # from scratch on the modulation spectrum: the model standardises its input
+        init, encoder_cfg, norm = None, modnet.config_from_dict(dict(fcfg.model_cfg)), IDENTITY_NORM
+        if tcfg.crop_frames != encoder_cfg.bins:
+            raise ValueError(f"model=mod takes whole modulation spectra: train.crop_frames must be "
+                             f"{encoder_cfg.bins} (model_cfg.bins), got {tcfg.crop_frames}")
+    elif fcfg.model is not None:  # from scratch: a new encoder of that architecture, the default normalisation
         init, encoder_cfg, norm = None, cnn.config_from_dict(dict(fcfg.model_cfg)), (FBANK_MEAN, FBANK_STD)
     else:
         init = storage.absolute(fcfg.init_checkpoint or storage.join(out_root, "models", "pretrain", "encoder.pt"))

@@ -57,12 +57,12 @@ import torch
 import torch.nn as nn
 
 from asd import storage
-from asd.featurize import read_features_ray, read_features_table
+from asd.featurize import matrix_columns, read_features_ray, read_features_table
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-FEATURE_COLUMNS = ["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]
+FEATURE_COLUMNS = matrix_columns("fbank")
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
@@ -134,7 +134,8 @@ class Objective(Protocol):
     to the Ray workers and rebuilt there)."""
 
     name: str
-    columns: tuple[str, ...]  # feature columns the objective needs besides fbank (e.g. attributes)
+    columns: tuple[str, ...]  # feature columns the objective needs besides its matrix (e.g. attributes)
+    input: str  # the feature matrix it trains on (asd.featurize.MATRICES), batched as batch["fbank"]
     find_unused_parameters: bool
 
     def build(self) -> nn.Module:
@@ -165,6 +166,7 @@ class ObjectiveBase:
 
     name = "objective"
     columns: tuple[str, ...] = ()
+    input = "fbank"
     find_unused_parameters = False
 
     def initialize(self, module: nn.Module) -> None:
@@ -227,7 +229,9 @@ def crop_batch(arrays: list[np.ndarray], crop: int, rng: np.random.Generator, me
 
 
 class FeatureBatches:
-    """Epochs of training batches ``{"fbank": (B, crop, bins) float32, <column>: list}``.
+    """Epochs of training batches ``{"fbank": (B, crop, bins) float32, <column>: list}``; the
+    ``"fbank"`` entry holds the feature matrix ``matrix`` (log-mel by default, or the modulation
+    spectrum ``mod``) whatever it is.
 
     ``read_pass(epoch)`` yields Arrow batches of feature rows for one pass (a Ray Data
     shard's ``iter_batches``, or slices of a table). With ``cache=True`` the whole pass is
@@ -248,6 +252,7 @@ class FeatureBatches:
         cfg: TrainConfig,
         *,
         columns: Iterable[str] = (),
+        matrix: str = "fbank",
         norm: tuple[float, float] = (FBANK_MEAN, FBANK_STD),
         rank: int = 0,
         cache: bool = False,
@@ -257,6 +262,8 @@ class FeatureBatches:
         self.weights = weights
         self.cfg = cfg
         self.columns = tuple(columns)
+        self.matrix_cols = matrix_columns(matrix)
+        self.matrix = matrix
         self.norm = norm
         self.rank = rank
         self.cache = cache
@@ -267,13 +274,17 @@ class FeatureBatches:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
         names = set(batch.column_names)
-        wanted = FEATURE_COLUMNS + [c for c in self.columns if c not in FEATURE_COLUMNS]
+        wanted = self.matrix_cols + [c for c in self.columns if c not in self.matrix_cols]
         if "clip_id" in names and "clip_id" not in wanted:
             wanted.append("clip_id")
+        data, dtype, n_rows, n_cols = self.matrix_cols
         out = []
         for r in batch.select(wanted).to_pylist():
-            raw = np.frombuffer(r["fbank"], dtype=np.dtype(r["fbank_dtype"]))
-            fb = raw.reshape(int(r["fbank_frames"]), int(r["num_mel_bins"]))
+            if r[data] is None:
+                raise ValueError(f"clip {r.get('clip_id')!r} has no {self.matrix!r} features; featurize the corpus "
+                                 f"into a fresh root with that front end enabled")
+            raw = np.frombuffer(r[data], dtype=np.dtype(r[dtype]))
+            fb = raw.reshape(int(r[n_rows]), int(r[n_cols]))
             out.append((fb, {c: r[c] for c in self.columns}, str(r.get("clip_id") or "")))
         return out
 
@@ -600,10 +611,11 @@ def train_plain(
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    cols = list(dict.fromkeys(FEATURE_COLUMNS + ["clip_id", "split"] + list(objective.columns)))
+    matrix = getattr(objective, "input", "fbank")
+    cols = list(dict.fromkeys(matrix_columns(matrix) + ["clip_id", "split"] + list(objective.columns)))
     table = read_features_table(features_root, columns=cols)
     table = table.filter(pa.compute.is_in(table.column("split"), pa.array(list(cfg.splits))))
-    source = FeatureBatches(table_batches(table, cfg, rank, world), cfg, columns=objective.columns,
+    source = FeatureBatches(table_batches(table, cfg, rank, world), cfg, columns=objective.columns, matrix=matrix,
                             norm=tuple(norm) if norm is not None else fbank_norm(cfg, features_root), rank=rank,
                             cache=True, weights=getattr(objective, "sample_weights", None))
 
@@ -774,7 +786,8 @@ def _ray_worker(config: dict) -> dict | None:
             local_shuffle_seed=(cfg.seed * 1000 + epoch * 10 + rank) if cfg.shuffle_buffer else None,
         )
 
-    source = FeatureBatches(read_pass, cfg, columns=objective.columns, norm=tuple(config["norm"]), rank=rank,
+    source = FeatureBatches(read_pass, cfg, columns=objective.columns, matrix=getattr(objective, "input", "fbank"),
+                            norm=tuple(config["norm"]), rank=rank,
                             cache=bool(config["cache"]), weights=getattr(objective, "sample_weights", None))
 
     def wrap(module: nn.Module) -> nn.Module:
@@ -861,10 +874,10 @@ class StageResult:
         return asdict(self)
 
 
-def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[str]):
+def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[str], matrix: str = "fbank"):
     from ray.data.expressions import col
 
-    cols = list(dict.fromkeys(FEATURE_COLUMNS + ["clip_id", "split"] + list(columns)))
+    cols = list(dict.fromkeys(matrix_columns(matrix) + ["clip_id", "split"] + list(columns)))
     ds = read_features_ray(features_root, columns=cols)
     cond = None
     for s in cfg.splits:
@@ -873,13 +886,14 @@ def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[st
     return ds.filter(expr=cond)
 
 
-def _shard_megabytes(features_root: str, cfg: TrainConfig) -> float:
+def _shard_megabytes(features_root: str, cfg: TrainConfig, matrix: str = "fbank") -> float:
     """Estimated in-memory size (MiB) of one worker's share of the training rows."""
-    t = read_features_table(features_root, columns=["split", "fbank_frames", "num_mel_bins", "fbank_dtype"])
+    _, dtype, n_rows, n_cols = matrix_columns(matrix)
+    t = read_features_table(features_root, columns=["split", n_rows, n_cols, dtype])
     total = 0
     for r in t.to_pylist():
-        if r["split"] in cfg.splits:
-            total += int(r["fbank_frames"]) * int(r["num_mel_bins"]) * np.dtype(r["fbank_dtype"]).itemsize
+        if r["split"] in cfg.splits and r[dtype] is not None:
+            total += int(r[n_rows]) * int(r[n_cols]) * np.dtype(r[dtype]).itemsize
     return total / cfg.num_workers / 2**20
 
 
@@ -914,11 +928,13 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
     if not ray.is_initialized():
         ray.init()
     norm = tuple(norm) if norm is not None else fbank_norm(cfg, features_root)
-    shard_mb = _shard_megabytes(features_root, cfg)
+    matrix = getattr(objective, "input", "fbank")
+    shard_mb = _shard_megabytes(features_root, cfg, matrix)
     if shard_mb == 0:
-        raise ValueError(f"no training rows (splits {list(cfg.splits)}) under {features_root!r}")
+        raise ValueError(f"no training rows with {matrix!r} features (splits {list(cfg.splits)}) under "
+                         f"{features_root!r}")
     cache = shard_mb <= cfg.cache_mb
-    ds = _training_dataset(features_root, cfg, objective.columns)
+    ds = _training_dataset(features_root, cfg, objective.columns, matrix)
     afs, fs_path = storage.arrow_filesystem(storage_path)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:

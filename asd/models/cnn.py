@@ -85,6 +85,8 @@ class ResBlock(nn.Module):
 class CNNEncoder(nn.Module):
     """Log-mel crops ``(B, T, F)`` -> embeddings ``(B, embed_dim)`` (see the module docstring)."""
 
+    input = "fbank"  # the feature matrix it reads (asd.featurize.MATRICES)
+
     def __init__(self, cfg: CNNConfig | None = None):
         super().__init__()
         self.cfg = cfg or CNNConfig()

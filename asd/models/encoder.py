@@ -475,6 +475,8 @@ def _masked_moments(x: Tensor, valid: Tensor | None, var: bool = False) -> tuple
 class AudioEncoder(nn.Module):
     """ViT over 16x16 log-mel patches; module names and shapes follow BEATs (see module docstring)."""
 
+    input = "fbank"  # the feature matrix it reads (asd.featurize.MATRICES)
+
     def __init__(self, cfg: EncoderConfig | str = "base"):
         super().__init__()
         cfg = get_config(cfg)
@@ -677,7 +679,8 @@ def _strip_prefixes(sd: dict) -> dict:
 
 def save_checkpoint(model: nn.Module, uri: str, meta: dict | None = None) -> str:
     """Write ``{"asd_encoder": 1, "arch", "cfg", "model", "meta"}`` atomically to a path or fsspec URI
-    (``arch``: ``transformer`` for :class:`AudioEncoder`, ``cnn`` for :class:`asd.models.cnn.CNNEncoder`)."""
+    (``arch``: ``transformer`` for :class:`AudioEncoder`, ``cnn`` for :class:`asd.models.cnn.CNNEncoder`,
+    ``mod`` for :class:`asd.models.modnet.ModEncoder`)."""
     core = model
     while hasattr(core, "_orig_mod") or (hasattr(core, "module") and isinstance(core.module, nn.Module)):
         core = core._orig_mod if hasattr(core, "_orig_mod") else core.module
@@ -707,7 +710,8 @@ def load_checkpoint(
     keep_predictor=False drops a fine-tuned checkpoint's classification head.
     Returns the model in eval mode (on ``map_location`` when that is a device), with the file's
     ``meta`` (own format) in ``model.meta``: an :class:`AudioEncoder`, or a
-    :class:`asd.models.cnn.CNNEncoder` for a file whose ``arch`` is ``cnn`` (loaded strictly).
+    :class:`asd.models.cnn.CNNEncoder` or :class:`asd.models.modnet.ModEncoder` for a file whose ``arch``
+    is ``cnn`` or ``mod`` (loaded strictly).
     """
     fs, path = storage.filesystem(path_or_uri)
     with fs.open(path, "rb") as f:
@@ -752,11 +756,13 @@ def load_checkpoint(
 
 
 def _load_other_arch(path_or_uri: str, arch: str, ckpt: dict, map_location) -> nn.Module:
-    from asd.models import cnn
+    from asd.models import cnn, modnet
 
-    if arch != cnn.ARCH:
-        raise ValueError(f"{path_or_uri}: unknown encoder architecture {arch!r} (known: {TRANSFORMER}, {cnn.ARCH})")
-    model = cnn.CNNEncoder(cnn.config_from_dict(dict(ckpt["cfg"])))
+    archs = {cnn.ARCH: (cnn.CNNEncoder, cnn.config_from_dict), modnet.ARCH: (modnet.ModEncoder, modnet.config_from_dict)}
+    if arch not in archs:
+        raise ValueError(f"{path_or_uri}: unknown encoder architecture {arch!r} (known: {TRANSFORMER}, {sorted(archs)})")
+    cls, from_dict = archs[arch]
+    model = cls(from_dict(dict(ckpt["cfg"])))
     state = _strip_prefixes(dict(ckpt["model"]))
     missing, unexpected, mismatched = _compare_state(model, state)
     if missing or unexpected or mismatched:
