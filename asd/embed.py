@@ -1,7 +1,8 @@
 """Embeddings of clips, computed over the feature Parquet with Ray Data.
 
-One interface: an *embedder* maps a list of log-mel matrices ``(frames, bins)`` to
-an ``(n, d)`` float32 array. :func:`embed` applies one over every committed
+One interface: an *embedder* maps lists of feature matrices, one list per name in its
+``inputs`` (default ``("fbank",)``: log-mel ``(frames, bins)``; ``mod``: the modulation
+spectrum), to an ``(n, d)`` float32 array. :func:`embed` applies one over every committed
 feature row with ``map_batches`` on an actor pool (the embedder, e.g. a model, is
 built once per actor; GPU actors when asked for, fractional CPUs otherwise) and
 writes ``<root>/embeddings/<tag>/`` keyed by ``clip_id``.
@@ -21,18 +22,19 @@ import numpy as np
 import pyarrow as pa
 
 from asd import raycompat, storage
-from asd.featurize import fbank_arrays, read_features_ray
+from asd.featurize import matrix_arrays, matrix_columns, read_features_ray
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
-FEATURE_COLUMNS = ["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]
+FEATURE_COLUMNS = matrix_columns("fbank")
 
 
 class Embedder(Protocol):
     name: str
+    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.featurize.MATRICES)
 
-    def __call__(self, features: list[np.ndarray]) -> np.ndarray: ...
+    def __call__(self, *features: list[np.ndarray]) -> np.ndarray: ...
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -44,6 +46,7 @@ class LogMelStats:
     """Per-bin mean and standard deviation over time (optionally of deltas too), L2-normalised."""
 
     name = "logmel_stats"
+    inputs = ("fbank",)
 
     def __init__(self, deltas: bool = False):
         self.deltas = deltas
@@ -77,6 +80,19 @@ def make_embedder(name: str, params: dict[str, Any] | None = None) -> Embedder:
     return factory(**(params or {}))
 
 
+def embedder_inputs(name: str, params: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The feature matrices embedder ``name`` reads with ``params``, without building it (a
+    factory's ``inputs_for(**params)``, else its ``inputs``, else log-mel)."""
+    if name not in EMBEDDERS:
+        import asd.models.embedders  # noqa: F401
+    factory = EMBEDDERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
+    if hasattr(factory, "inputs_for"):
+        return tuple(factory.inputs_for(**(params or {})))
+    return tuple(getattr(factory, "inputs", ("fbank",)))
+
+
 @dataclass
 class EmbedConfig:
     embedder: str = "logmel_stats"
@@ -107,9 +123,10 @@ class _EmbedActor:
 
         torch.set_num_threads(1)
         self.embedder = make_embedder(name, params)
+        self.inputs = tuple(getattr(self.embedder, "inputs", ("fbank",)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = self.embedder(fbank_arrays(batch))
+        vectors = self.embedder(*[matrix_arrays(batch, m) for m in self.inputs])
         dim = vectors.shape[1] if vectors.ndim == 2 and len(vectors) else 0
         flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
         vec = pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.array([], pa.list_(pa.float32(), 0))
@@ -133,7 +150,8 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
         ray.init()
     raycompat.prepare_data_execution()
     DataContext.get_current().enable_progress_bars = cfg.progress
-    ds = read_features_ray(root, columns=KEY_COLUMNS + FEATURE_COLUMNS)
+    inputs = embedder_inputs(cfg.embedder, cfg.params)
+    ds = read_features_ray(root, columns=KEY_COLUMNS + [c for m in inputs for c in matrix_columns(m)])
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs=dict(name=cfg.embedder, params=dict(cfg.params)),

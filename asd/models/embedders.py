@@ -8,7 +8,14 @@ one block, L2-normalised. The fbank is normalised exactly as in training: the ch
 ``meta`` (``norm_mean``/``norm_std``, written by :mod:`asd.pretrain`) or BEATs' constants.
 Clips longer than ``max_frames`` are embedded in windows of ``max_frames`` frames (the last
 window aligned to the clip's end) and the window embeddings averaged; clips shorter than one
-patch are tiled.
+patch are tiled. The checkpoint's architecture names the feature matrix it reads (``inputs``):
+log-mel for transformers and :mod:`asd.models.cnn`, the modulation spectrum for
+:mod:`asd.models.modnet` (its whole matrix is one window).
+
+``concat``: several embedders side by side, ``members=[{embedder, params}, ...]``: each
+member's L2-normalised embedding, concatenated and L2-normalised again, so every member weighs
+the same in a cosine kNN. The served recipe concatenates a log-mel CNN and a modulation CNN
+trained separately on the same pseudo labels.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import numpy as np
 import torch
 
-from asd.embed import l2n, register
+from asd.embed import l2n, make_embedder, register
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, load_checkpoint, normalize_fbank
 
 log = logging.getLogger(__name__)
@@ -41,9 +48,14 @@ def windows(frames: int, size: int) -> list[tuple[int, int]]:
 
 
 class EncoderEmbedder:
-    """Pooled encoder features of log-mel matrices: ``(n, d)`` float32, rows L2-normalised."""
+    """Pooled encoder features of feature matrices: ``(n, d)`` float32, rows L2-normalised."""
 
     name = "encoder"
+
+    @staticmethod
+    def inputs_for(checkpoint: str, **_) -> tuple[str, ...]:
+        """The feature matrix the checkpoint's encoder reads (known on the driver, before any actor)."""
+        return (getattr(load_checkpoint(checkpoint, map_location="cpu", keep_predictor=False), "input", "fbank"),)
 
     def __init__(
         self,
@@ -59,6 +71,7 @@ class EncoderEmbedder:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self.device = resolve_device(device)
         self.model = load_checkpoint(checkpoint, map_location="cpu", keep_predictor=False).to(self.device).eval()
+        self.inputs = (getattr(self.model, "input", "fbank"),)
         patch = self.model.min_frames
         if max_frames < patch:
             raise ValueError(f"max_frames must be at least one patch ({patch}), got {max_frames}")
@@ -117,6 +130,32 @@ class EncoderEmbedder:
         return l2n((out / count[:, None]).astype(np.float32))
 
 
-register("encoder", EncoderEmbedder)
+class ConcatEmbedder:
+    """Members' L2-normalised embeddings side by side, L2-normalised: ``(n, sum of dims)``."""
 
-__all__ = ["EncoderEmbedder", "resolve_device", "windows"]
+    name = "concat"
+
+    def __init__(self, members: list[dict]):
+        if not members:
+            raise ValueError("concat needs at least one member {embedder, params}")
+        self.members = [make_embedder(m["embedder"], dict(m.get("params") or {})) for m in members]
+        self.inputs = tuple(dict.fromkeys(i for m in self.members for i in getattr(m, "inputs", ("fbank",))))
+
+    @staticmethod
+    def inputs_for(members: list[dict], **_) -> tuple[str, ...]:
+        from asd.embed import embedder_inputs
+
+        return tuple(dict.fromkeys(i for m in members for i in embedder_inputs(m["embedder"], m.get("params"))))
+
+    def __call__(self, *arrays: list[np.ndarray]) -> np.ndarray:
+        by_input = dict(zip(self.inputs, arrays))
+        parts = [l2n(m(*[by_input[i] for i in getattr(m, "inputs", ("fbank",))])) for m in self.members]
+        if not parts[0].size:
+            return np.zeros((0, 0), np.float32)
+        return l2n(np.concatenate(parts, axis=1))
+
+
+register("encoder", EncoderEmbedder)
+register("concat", ConcatEmbedder)
+
+__all__ = ["ConcatEmbedder", "EncoderEmbedder", "resolve_device", "windows"]
