@@ -14,6 +14,24 @@ from asd.models.encoder import AudioEncoder, load_checkpoint, save_checkpoint
 SMALL = CNNConfig(channels=(4, 4, 8, 8), embed_dim=16)
 
 
+def write_section_labels(root: str) -> str:
+    """Labels of the featurized training clips of ``root`` by type and section alone (one pseudo label)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from asd.featurize import read_features_table
+
+    t = read_features_table(root, columns=["clip_id", "machine_type", "section", "domain", "split"])
+    rows = [{"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
+             "domain": r["domain"], "label": None, "pseudo_label": 0, "real_label": None}
+            for r in t.filter(pc.field("split") == "train").to_pylist()]
+    labels = storage.join(root, "labels", "sections")
+    stage = storage.staging_dir(labels)
+    storage.write_table(storage.join(stage, "labels.parquet"), pa.Table.from_pylist(rows))
+    storage.publish_dir(stage, labels, {"rows": len(rows)})
+    return labels
+
+
 def test_cnn_embeds_any_length_and_keeps_the_frequency_layout():
     torch.manual_seed(0)
     enc = CNNEncoder(SMALL).eval()
@@ -84,9 +102,6 @@ def test_finetune_config_checks_what_a_cnn_cannot_do():
 
 @pytest.mark.slow
 def test_a_cnn_trained_from_scratch_learns_the_classes_and_feeds_scoring(small_corpus, ray_session, tmp_path):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from asd.embed import EmbedConfig, embed, read_embeddings
     from asd.featurize import FeaturizeConfig, featurize, read_features_table
     from asd.finetune import FinetuneConfig, finetune
@@ -95,13 +110,7 @@ def test_a_cnn_trained_from_scratch_learns_the_classes_and_feeds_scoring(small_c
     root = str(tmp_path)
     featurize(small_corpus, root, FeaturizeConfig(progress=False))
     t = read_features_table(root, columns=["clip_id", "machine_type", "section", "domain", "split", "attributes"])
-    rows = [{"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
-             "domain": r["domain"], "label": None, "pseudo_label": 0, "real_label": None}
-            for r in t.filter(pc.field("split") == "train").to_pylist()]
-    labels = storage.join(root, "labels", "sections")
-    stage = storage.staging_dir(labels)
-    storage.write_table(storage.join(stage, "labels.parquet"), pa.Table.from_pylist(rows))
-    storage.publish_dir(stage, labels, {"rows": len(rows)})
+    labels = write_section_labels(root)
     fcfg = FinetuneConfig(tag="cnn", model="cnn", model_cfg={"channels": [8, 8, 16, 16], "embed_dim": 32},
                           labels=labels, mixup_prob=0.0)
     tcfg = TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=4, crop_frames=96, log_every=5,
