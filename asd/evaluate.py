@@ -137,6 +137,24 @@ class CNNMethodConfig:
 
 
 @dataclass
+class ModMethodConfig:
+    """The modulation-spectrum CNN (:mod:`asd.models.modnet`, ``finetune.model`` must be ``mod``)
+    trained from scratch in this run on the same Ward pseudo labels as ``cnn_pseudo``:
+    ``mod_pseudo`` scores its embedding alone, ``fused_pseudo`` (the served recipe) concatenates it
+    with ``cnn_pseudo``'s (the ``concat`` embedder)."""
+
+    tag: str = "eval-mod"
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-mod", model="mod"))
+    finetune_train: TrainConfig = field(default_factory=lambda: TrainConfig(crop_frames=256))
+    embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(embedder="encoder", params={"pool": "mean"}))
+    fused_tag: str = "eval-fused"
+
+    def __post_init__(self):
+        if self.finetune.model != "mod":
+            raise ValueError("mod.finetune.model must be 'mod' (the modulation CNN is trained from scratch)")
+
+
+@dataclass
 class EvaluateConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     derive_fraction: float = 0.5  # share of a section's normal test clips that forms a missing train split
@@ -148,6 +166,7 @@ class EvaluateConfig:
     pretrained: EncoderMethodConfig = field(default_factory=EncoderMethodConfig)
     finetuned: FinetunedMethodConfig = field(default_factory=FinetunedMethodConfig)
     cnn: CNNMethodConfig = field(default_factory=CNNMethodConfig)
+    mod: ModMethodConfig = field(default_factory=ModMethodConfig)
     served_method: str | None = None  # the method that is the pipeline's default recipe (named in the report)
     plots: bool = True  # per-method ROC and histogram plots
 
@@ -470,22 +489,22 @@ def _direct_labels(ctx: EvalContext, uri: str, mode: str) -> str:
     return uri
 
 
-def _cnn_encoder(ctx: EvalContext, mode: str) -> str:
-    """A CNN trained now on the split's training clips with the labels of ``mode`` (see
-    :class:`CNNMethodConfig`), or the configured checkpoint."""
+def _labels(ctx: EvalContext, mode: str) -> dict:
+    """The training split's labels of ``mode`` (see :class:`CNNMethodConfig`), made once per run and
+    shared by every encoder trained on them: ``{"labels": uri, "label_mode", ...}``."""
+    return ctx.once(f"labels-{mode}", lambda: _make_labels(ctx, mode))
+
+
+def _make_labels(ctx: EvalContext, mode: str) -> dict:
     from dataclasses import replace
 
     import asd.models.embedders  # noqa: F401  (registers "encoder")
     from asd.cluster import pseudo_label
     from asd.embed import embed
-    from asd.finetune import finetune
 
     mc = ctx.cfg.cnn
-    if mc.checkpoint:
-        return mc.checkpoint
     view = _train_view(ctx)
-    tag = f"{mc.tag}-{mode}"
-    labels = storage.join(ctx.root, "labels", tag)
+    labels = storage.join(ctx.root, "labels", f"{mc.tag}-{mode}")
     info: dict = {"labels": labels, "label_mode": mode}
     if mode in ("section", "real"):
         _direct_labels(ctx, labels, mode)
@@ -503,11 +522,68 @@ def _cnn_encoder(ctx: EvalContext, mode: str) -> str:
                                                           else "real_else_pseudo"),
                           manifest_uri=manifest if storage.exists(manifest) else None)
         info.update(clustered=mc.cluster_embed, pseudo_label_quality=pl.quality)
-    res = finetune(view, ctx.root, replace(mc.finetune, tag=tag, embed_tag=tag, labels=labels, set_current=False),
-                   replace(mc.finetune_train, name=tag))
-    info.update(encoder=res.encoder, steps=res.steps, num_classes=res.num_classes, final_accuracy=res.final_accuracy)
-    ctx.cache[f"cnn-{mode}"] = info
-    return res.encoder
+    return info
+
+
+def _train_on_labels(ctx: EvalContext, key: str, tag: str, fcfg: FinetuneConfig, tcfg: TrainConfig,
+                     mode: str) -> str:
+    """An encoder trained from scratch now (``fcfg.model``) on the labels of ``mode``; its training
+    facts go to ``ctx.cache[key]``. Once per run and key."""
+    from dataclasses import replace
+
+    from asd.finetune import finetune
+
+    def train() -> dict:
+        info = dict(_labels(ctx, mode))
+        res = finetune(_train_view(ctx), ctx.root,
+                       replace(fcfg, tag=tag, embed_tag=tag, labels=info["labels"], set_current=False),
+                       replace(tcfg, name=tag))
+        info.update(encoder=res.encoder, steps=res.steps, num_classes=res.num_classes,
+                    final_accuracy=res.final_accuracy, seconds=res.seconds)
+        return info
+
+    return ctx.once(key, train)["encoder"]
+
+
+def _cnn_encoder(ctx: EvalContext, mode: str) -> str:
+    """A CNN trained now on the split's training clips with the labels of ``mode`` (see
+    :class:`CNNMethodConfig`), or the configured checkpoint."""
+    mc = ctx.cfg.cnn
+    if mc.checkpoint:
+        return mc.checkpoint
+    return _train_on_labels(ctx, f"cnn-{mode}", f"{mc.tag}-{mode}", mc.finetune, mc.finetune_train, mode)
+
+
+def _mod_encoder(ctx: EvalContext) -> str:
+    """The modulation CNN trained now on the pseudo labels (:class:`ModMethodConfig`)."""
+    mc = ctx.cfg.mod
+    return _train_on_labels(ctx, "mod-pseudo", f"{mc.tag}-pseudo", mc.finetune, mc.finetune_train, "pseudo")
+
+
+def _mod_knn(ctx: EvalContext) -> MethodOutput:
+    from dataclasses import replace
+
+    mc = ctx.cfg.mod
+    out = _encoder_knn(ctx, replace(ctx.cfg.cnn, tag=f"{mc.tag}-pseudo", embed=mc.embed), _mod_encoder(ctx))
+    out.info["training"] = ctx.cache.get("mod-pseudo")
+    return out
+
+
+def _fused_knn(ctx: EvalContext) -> MethodOutput:
+    """kNN on the concatenated embeddings of the log-mel CNN and the modulation CNN (both on the
+    pseudo labels): the ``concat`` embedder, as the pipeline serves it."""
+    from dataclasses import replace
+
+    import asd.models.embedders  # noqa: F401  (registers "concat")
+
+    cnn_ckpt, mod_ckpt = _cnn_encoder(ctx, "pseudo"), _mod_encoder(ctx)
+    members = [{"embedder": "encoder", "params": {**(ctx.cfg.cnn.embed.params or {}), "checkpoint": cnn_ckpt}},
+               {"embedder": "encoder", "params": {**(ctx.cfg.mod.embed.params or {}), "checkpoint": mod_ckpt}}]
+    out = _knn(ctx, ctx.cfg.mod.fused_tag, replace(ctx.cfg.mod.embed, embedder="concat",
+                                                   params={"members": members}))
+    out.info.update(members=[cnn_ckpt, mod_ckpt],
+                    training={"cnn": ctx.cache.get("cnn-pseudo"), "mod": ctx.cache.get("mod-pseudo")})
+    return out
 
 
 def _cnn_knn(ctx: EvalContext, mode: str) -> MethodOutput:
@@ -547,6 +623,13 @@ for _mode in CNN_LABELS:
         f"cnn_{_mode}", f"cosine kNN on a CNN trained from scratch on {_CNN_TITLES[_mode]}", (LOGMEL,),
         (lambda mode: lambda ctx: _cnn_knn(ctx, mode))(_mode),
         check=lambda ctx: _checkpoint_problem("cnn", "cnn", ctx.cfg.cnn.checkpoint, False)))
+register_method(Method(
+    "mod_pseudo", "cosine kNN on a modulation-spectrum CNN trained from scratch on Ward pseudo labels", (LOGMEL,),
+    _mod_knn))
+register_method(Method(
+    "fused_pseudo", "cosine kNN on the log-mel CNN and the modulation CNN side by side (Ward pseudo labels)",
+    (LOGMEL,), _fused_knn,
+    check=lambda ctx: _checkpoint_problem("cnn", "cnn", ctx.cfg.cnn.checkpoint, False)))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -778,11 +861,23 @@ def _notes(per_method: dict) -> list[str]:
                              "covariance is the source one (the official rule), so AE-Mahalanobis there is a "
                              "source-only score.")
             break
+    def trained(tr: dict) -> str:
+        acc = tr.get("final_accuracy")
+        return (f"trained from scratch in this run for {tr.get('steps')} steps on the training split's "
+                f"{tr.get('label_mode')} labels ({tr.get('num_classes')} classes"
+                + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "") + ")")
+
     for m, d in per_method.items():
         pre = d["info"].get("pretrain")
+        tr = d["info"].get("training") or {}
+        members = {k: v for k, v in tr.items() if isinstance(v, dict)} if "steps" not in tr else {}
         if pre:
             notes.append(f"{m}: encoder pre-trained in this run for {pre['steps']} steps on the training split "
                          f"(final loss {pre['final_loss']:.4g}).")
+        elif "steps" in tr:
+            notes.append(f"{m}: encoder {trained(tr)}.")
+        elif members:
+            notes.append(f"{m}: " + "; ".join(f"{k} encoder {trained(v)}" for k, v in members.items()) + ".")
         elif d["info"].get("checkpoint"):
             notes.append(f"{m}: encoder `{d['info']['checkpoint']}`, trained outside this run (which clips it "
                          "saw in training is not checked here).")

@@ -40,6 +40,7 @@ def evaluate_config(cfg: DictConfig) -> EvaluateConfig:
         "pretrained": {**pretrained, "pretrain": pretrain, "pretrain_train": pretrain_train},
         "finetuned": _finetuned(dict(node["finetuned"])),
         "cnn": _finetuned(dict(node["cnn"])),
+        "mod": _finetuned(dict(node["mod"])),
         "served_method": node.get("served_method"),
     })
 
@@ -49,7 +50,8 @@ def _finetuned(node: dict) -> dict:
     cluster = dict(node.pop("cluster", None) or {})
     if "auto_range" in cluster:
         cluster["auto_range"] = tuple(cluster["auto_range"])
-    return {**node, "finetune": finetune, "finetune_train": finetune.pop("train", None) or {}, "cluster": cluster}
+    out = {**node, "finetune": finetune, "finetune_train": finetune.pop("train", None) or {}}
+    return {**out, "cluster": cluster} if cluster else out  # the mod method clusters nothing (cnn's labels)
 
 
 def run(cfg: DictConfig) -> dict:

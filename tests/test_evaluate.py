@@ -279,3 +279,39 @@ def test_cnn_methods_train_from_scratch_on_their_labels_and_name_the_served_reci
     info = rep["methods"]["cnn_real_else_pseudo"]["info"]["training"]
     assert info["clustered"] == "logmel" and info["num_classes"] == len({(r["machine_type"], r["label"]) for r in mixed})
     assert "(the pipeline's served recipe)" in open(out["report_md"]).read()
+
+
+@pytest.mark.slow
+def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(ray_session, small_corpus, tmp_path):
+    """mod_pseudo trains the modulation CNN on cnn_pseudo's labels; fused_pseudo concatenates the two
+    CNNs' embeddings without training either again; the notes say both were trained in the run."""
+    from asd.embed import read_embeddings, vectors
+    from asd.models.encoder import load_checkpoint
+    from asd.models.modnet import ModEncoder
+    from jobs import evaluate as job
+
+    root = str(tmp_path / "run")
+    cfg = _compose("data=dir", f"data.input={small_corpus}", f"root={root}",
+                   "methods=[cnn_pseudo,mod_pseudo,fused_pseudo]",
+                   "cnn.finetune.model_cfg.channels=[4,8,8]", "cnn.finetune.model_cfg.embed_dim=16",
+                   "cnn.finetune.train.steps=4", "cnn.finetune.train.crop_frames=64", "cnn.finetune.train.batch_size=8",
+                   "cnn.finetune.train.cpus_per_worker=0.5", "cnn.finetune.train.torch_threads=1",
+                   "mod.finetune.model_cfg.channels=[8,8]", "mod.finetune.model_cfg.pooled=4",
+                   "mod.finetune.model_cfg.embed_dim=8", "mod.finetune.train.steps=4",
+                   "mod.finetune.train.batch_size=8", "mod.finetune.train.cpus_per_worker=0.5",
+                   "mod.finetune.train.torch_threads=1", "cnn.embed.num_actors=1", "mod.embed.num_actors=1",
+                   "logmel.embed.num_actors=1", "cnn.cluster.n_clusters=2", "score.concurrency=1", "plots=false")
+    out = job.run(cfg)
+    with open(out["report_json"]) as f:
+        rep = json.load(f)
+    assert set(rep["official_scores"]) == {"cnn_pseudo", "mod_pseudo", "fused_pseudo"}
+    cnn_info = rep["methods"]["cnn_pseudo"]["info"]["training"]
+    mod_info = rep["methods"]["mod_pseudo"]["info"]["training"]
+    assert mod_info["labels"] == cnn_info["labels"] and mod_info["steps"] == 4
+    assert isinstance(load_checkpoint(mod_info["encoder"]), ModEncoder)
+    fused = rep["methods"]["fused_pseudo"]["info"]
+    assert fused["members"] == [cnn_info["encoder"], mod_info["encoder"]]  # the same two models, not retrained
+    e = read_embeddings(fused["embeddings"])
+    assert vectors(e).shape[1] == 16 + 8
+    md = open(out["report_md"]).read()
+    assert "mod_pseudo: encoder trained from scratch in this run for 4 steps" in md and "trained outside" not in md
