@@ -9,7 +9,8 @@ Parts (each runs the jobs in fresh processes, corpora and run roots under ``--wo
 * ``calibration``: ``benchmarks.calibrate_realistic`` (the two baselines only, both presets);
 * ``ablation``: the paper's ablation on the full ``realistic`` preset, seed 0, one
   ``jobs.evaluate`` run -> ``results/ablation_realistic.{md,json,png}``;
-* ``seeds``: AE-MSE, log-mel kNN and the served recipe (``cnn_pseudo``) on the full preset,
+* ``seeds``: AE-MSE, log-mel kNN, the served recipe (``fused_pseudo``) and the other learned
+  recipes (``cnn_pseudo``, ``mod_pseudo``) on the full preset,
   seeds 0/1/2 -> ``results/seeds_realistic.{json,txt}``;
 * ``small``: both baselines and the served recipe on ``realistic_small`` (the main command's
   corpus), seeds 0/1/2 -> ``results/served_realistic_small.{json,txt}``;
@@ -51,8 +52,10 @@ def served_method() -> str:
 SERVED = served_method()
 BASELINES = ("ae_mse", "ae_mahalanobis", "logmel_knn")
 ABLATION = ["ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn", "cnn_section", "cnn_pseudo",
-            "cnn_real"]  # the paper's ablation; cnn_pseudo is the served recipe (SERVED)
+            "cnn_real", "mod_pseudo", "fused_pseudo"]  # the paper's ablation, and the served recipe (SERVED)
 SEEDS = (0, 1, 2)
+# the learned recipes measured beside the served one on the full-preset seeds (each CNN alone, and side by side)
+CANDIDATES = [m for m in ("cnn_pseudo", "mod_pseudo", "fused_pseudo") if m != SERVED]
 PARTS = ("calibration", "ablation", "seeds", "small", "real", "pipeline")
 
 
@@ -143,7 +146,8 @@ def _seeds(preset: str, methods: list[str], work: Path, name: str, label: str) -
 
 
 def part_seeds(work: Path) -> dict:
-    return _seeds("realistic", ["ae_mse", "logmel_knn", SERVED], work, "seeds_realistic", "realistic (full)")
+    return _seeds("realistic", ["ae_mse", "logmel_knn", SERVED, *CANDIDATES], work, "seeds_realistic",
+                  "realistic (full)")
 
 
 def part_small(work: Path) -> dict:

@@ -115,7 +115,7 @@ def test_pipeline_and_featurize_read_a_corpus_named_by_input(tmp_path, small_cor
     feat = _job("jobs.featurize", f"input={small_corpus}", f"output={tmp_path}/feat", tmp_path=tmp_path)
     assert feat["n_featurized"] > 0 and feat["features"] == f"{tmp_path}/feat/features"
     final = _job("jobs.pipeline", f"input={small_corpus}", f"root={tmp_path}/run",
-                 "stages=[featurize,embed,score]", "~embeds.pretrained", "~embeds.finetuned", "~embeds.cnn", "serve=logmel",
+                 "stages=[featurize,embed,score]", "~embeds.pretrained", "~embeds.finetuned", "~embeds.cnn", "~embeds.mod", "~embeds.fused", "serve=logmel",
                  tmp_path=tmp_path)
     assert final["stages"]["featurize"]["n_featurized"] == feat["n_featurized"]
     assert "make_corpus" not in final["stages"] and not (tmp_path / "run" / "corpus").exists()

@@ -152,7 +152,7 @@ def test_pipeline_job_runs_on_two_nodes_against_s3(s3_bucket, tmp_path):
             # about two nodes and S3, not accuracy
             "ray=cluster", "ray.progress=false", f"root={root}", "data=synthetic",
             "stages=[make_corpus,featurize,pretrain,embed,score]",
-            "~embeds.finetuned", "~embeds.cnn", "data.spec.n_train_source=6", "data.spec.n_train_target=2",
+            "~embeds.finetuned", "~embeds.cnn", "~embeds.mod", "~embeds.fused", "data.spec.n_train_source=6", "data.spec.n_train_target=2",
             "data.spec.n_test_per_domain=4", "data.spec.duration_s=1.0", "data.workers=1",
             "pretrain.train.steps=4", "pretrain.train.checkpoint_every=2", "pretrain.train.batch_size=8",
             # small batches, so every stage has several tasks to spread (64 rows would be one batch)

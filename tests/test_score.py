@@ -139,34 +139,38 @@ def test_pipeline_job_end_to_end(tmp_path):
            "data.spec.n_train_source=10", "data.spec.n_train_target=2", "data.spec.n_test_per_domain=6",
            "data.spec.duration_s=1.0", "pretrain.train.steps=6", "pretrain.train.checkpoint_every=3",
            "finetunes.pseudo.train.steps=4", "finetunes.pseudo.train.checkpoint_every=2",
-           "finetunes.cnn.train.steps=4", "finetunes.cnn.train.checkpoint_every=2"]
+           "finetunes.cnn.train.steps=4", "finetunes.cnn.train.checkpoint_every=2",
+           "finetunes.mod.train.steps=4", "finetunes.mod.train.checkpoint_every=2"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(final["stages"]) == {"make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune",
                                     "score"}
-    assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == {"logmel", "pretrained", "finetuned", "cnn"}
+    every = {"logmel", "pretrained", "finetuned", "cnn", "mod", "fused"}
+    assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == every
     # the headline is the served model's (models/CURRENT), the other embeddings follow
     served = json.load(open(tmp_path / "run" / "models" / "CURRENT"))["tag"]
     served_metrics = json.load(open(tmp_path / "run" / "scores" / served / "metrics.json"))
-    assert served == final["serving_model"] == final["served"]["embedding"] == "cnn"
-    assert final["official_score"] == served_metrics["official_score"] == final["official_scores"]["cnn"]
-    assert final["report"].endswith("scores/cnn/report.md") and os.path.exists(final["report"])
-    assert list(final["official_scores"])[0] == "cnn" and set(final["official_scores"]) == {
-        "logmel", "pretrained", "finetuned", "cnn"}
-    assert f"served model (cnn, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
+    assert served == final["serving_model"] == final["served"]["embedding"] == "fused"
+    assert final["official_score"] == served_metrics["official_score"] == final["official_scores"]["fused"]
+    assert final["report"].endswith("scores/fused/report.md") and os.path.exists(final["report"])
+    assert set(final["official_scores"]) == every  # (the final line's keys are sorted: no order to check)
+    assert f"served model (fused, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
     assert "official score (hmean)" in out.stdout and 0 <= final["official_score"] <= 1
     assert os.path.exists(final["comparison"]) and "finetuned" in open(final["comparison"]).read()
     # log-mel embeddings -> pseudo labels -> the transformer fine-tuned from the pre-trained encoder and
-    # the CNN trained from scratch, both on those labels -> scored; the CNN serves
+    # the two CNNs trained from scratch, all on those labels -> scored; the two CNNs side by side serve
     assert final["stages"]["pseudo_label"]["labels"] == f"{tmp_path}/run/labels/logmel"
     ft = final["stages"]["finetune"]["pseudo"]
     assert ft["steps"] == 4 and ft["num_classes"] >= 4 and ft["encoder"] == f"{tmp_path}/run/models/finetune/encoder.pt"
     ft_cnn = final["stages"]["finetune"]["cnn"]
     assert ft_cnn["steps"] == 4 and ft_cnn["num_classes"] == ft["num_classes"]
     assert ft_cnn["encoder"] == f"{tmp_path}/run/models/cnn/encoder.pt"
+    ft_mod = final["stages"]["finetune"]["mod"]
+    assert ft_mod["steps"] == 4 and ft_mod["num_classes"] == ft["num_classes"]
     current = json.load(open(tmp_path / "run" / "models" / "CURRENT"))
-    assert current["tag"] == "cnn" and current["params"]["checkpoint"] == ft_cnn["encoder"]
+    assert current["tag"] == "fused" and current["embedder"] == "concat"
+    assert [m["params"]["checkpoint"] for m in current["params"]["members"]] == [ft_cnn["encoder"], ft_mod["encoder"]]
     assert final["stages"]["pretrain"]["steps"] == 6
     # a second run regenerates nothing and featurizes nothing new
     out2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
