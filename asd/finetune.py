@@ -372,13 +372,13 @@ def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConf
     out_root = out_root or features_root
     tcfg = stage_train_config(tcfg, fcfg.tag, out_root)
     t0 = time.perf_counter()
-    if fcfg.model == modnet.ARCH:  # from scratch on the modulation spectrum: the model standardises its input
-        init, encoder_cfg, norm = None, modnet.config_from_dict(dict(fcfg.model_cfg)), IDENTITY_NORM
-        if tcfg.crop_frames != encoder_cfg.bins:
+    if fcfg.model is not None:  # from scratch: a new encoder of that architecture
+        init, encoder_cfg = None, SCRATCH_MODELS[fcfg.model](dict(fcfg.model_cfg))
+        # the modulation CNN standardises its own input; log-mel models take the default normalisation
+        norm = IDENTITY_NORM if fcfg.model == modnet.ARCH else (FBANK_MEAN, FBANK_STD)
+        if fcfg.model == modnet.ARCH and tcfg.crop_frames != encoder_cfg.bins:
             raise ValueError(f"model=mod takes whole modulation spectra: train.crop_frames must be "
                              f"{encoder_cfg.bins} (model_cfg.bins), got {tcfg.crop_frames}")
-    elif fcfg.model is not None:  # from scratch: a new encoder of that architecture, the default normalisation
-        init, encoder_cfg, norm = None, cnn.config_from_dict(dict(fcfg.model_cfg)), (FBANK_MEAN, FBANK_STD)
     else:
         init = storage.absolute(fcfg.init_checkpoint or storage.join(out_root, "models", "pretrain", "encoder.pt"))
         if not storage.exists(init):
