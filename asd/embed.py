@@ -93,6 +93,24 @@ def embedder_inputs(name: str, params: dict[str, Any] | None = None) -> tuple[st
     return tuple(getattr(factory, "inputs", ("fbank",)))
 
 
+def embedder_blocks(name: str, params: dict[str, Any] | None = None) -> list[dict] | None:
+    """How scoring splits this embedder's vectors: ``[{"dim", "weight"}, ...]`` for an embedder
+    whose members are scored separately and their distances summed (``concat`` with
+    ``fusion: score``), else ``None`` (one vector, one kNN). Known on the driver."""
+    if name not in EMBEDDERS:
+        import asd.models.embedders  # noqa: F401
+    factory = EMBEDDERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
+    return factory.blocks_for(**(params or {})) if hasattr(factory, "blocks_for") else None
+
+
+def embedding_blocks(uri: str) -> list[dict] | None:
+    """The block layout recorded with a published embeddings folder (:func:`embedder_blocks`)."""
+    info = storage.read_json(storage.join(uri, storage.SUCCESS)) or {}
+    return info.get("blocks")
+
+
 @dataclass
 class EmbedConfig:
     embedder: str = "logmel_stats"
@@ -168,6 +186,11 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     table = read_embeddings(staging, published=False, columns=["clip_id", "embedding"])
     dim = table.schema.field("embedding").type.list_size if table.num_rows else 0
     info = {"embedder": cfg.embedder, "params": cfg.params, "rows": table.num_rows, "dim": dim}
+    blocks = embedder_blocks(cfg.embedder, cfg.params)
+    if blocks is not None:
+        if table.num_rows and sum(b["dim"] for b in blocks) != dim:
+            raise ValueError(f"{cfg.embedder}: blocks {blocks} do not add up to the embedding width {dim}")
+        info["blocks"] = blocks
     storage.publish_dir(staging, final, info)
     elapsed = time.perf_counter() - t0
     log.info("embedded %d clips (dim %d) with %s into %s in %.1f s", table.num_rows, dim, cfg.embedder, final, elapsed)

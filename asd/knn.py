@@ -46,6 +46,7 @@ DOMAINS = (SOURCE, TARGET)
 
 __all__ = [
     "DOMAINS",
+    "FusedBank",
     "MemoryBank",
     "SOURCE",
     "TARGET",
@@ -213,6 +214,12 @@ class MemoryBank:
         target: ``(m_t, d)`` float32 L2-normalised target embeddings; may be ``(0, d)``.
         n_source_clips: number of source training clips the bank was built from
             (equals ``len(source)`` unless condensed). ``None`` means ``len(source)``.
+        source_scale, target_scale: each bank's distances are divided by its scale before
+            the minimum is taken (1.0: raw distances). ``build(normalize="loo_mean")`` sets
+            them to the mean leave-one-out kNN distance of the bank's own clips, so that a
+            dense source bank of hundreds of clips and a sparse target bank of ten meet on
+            one scale: a test clip is judged by how far it lies from a bank relative to how
+            far that bank's normal clips lie from one another.
 
     Build with :meth:`build`; the instance is picklable (Ray object store) and
     round-trips through :meth:`to_arrays` / :meth:`from_arrays` (``np.savez``).
@@ -221,6 +228,8 @@ class MemoryBank:
     source: np.ndarray
     target: np.ndarray
     n_source_clips: int | None = None
+    source_scale: float = 1.0
+    target_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.source = _as_matrix(self.source, "source bank")
@@ -233,6 +242,11 @@ class MemoryBank:
         if self.n_source_clips is None:
             self.n_source_clips = int(self.source.shape[0])
         self.n_source_clips = int(self.n_source_clips)
+        for name in ("source_scale", "target_scale"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite positive number, got {value}")
+            setattr(self, name, value)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -242,6 +256,8 @@ class MemoryBank:
         domains: Sequence[str | None],
         condense_source: int | None = None,
         seed: int = 0,
+        normalize: str | None = None,
+        k: int = 1,
     ) -> MemoryBank:
         """Build the banks from normal training embeddings and their domain labels.
 
@@ -254,11 +270,17 @@ class MemoryBank:
                 Skipped when the source bank has at most that many rows. The target
                 bank is never condensed.
             seed: k-means random state.
+            normalize: ``None`` (raw distances) or ``"loo_mean"``: each bank's scale is the
+                mean leave-one-out ``k``-NN distance among its own clips (computed before
+                condensation). A bank of fewer than two clips has no such distance and
+                takes the other bank's scale (1.0 if neither has one).
+            k: neighbours of the leave-one-out distances (the scoring ``k``).
         """
         emb = l2_normalize(_as_matrix(embeddings, "embeddings"))
         is_target = _domain_mask(domains, emb.shape[0])
         source, target = emb[~is_target], emb[is_target]
         n_source = int(source.shape[0])
+        scales = bank_scales(source, target, normalize, k)
         if condense_source is not None:
             n_clusters = int(condense_source)
             if n_clusters < 1:
@@ -269,6 +291,8 @@ class MemoryBank:
             source=np.ascontiguousarray(source),
             target=np.ascontiguousarray(target),
             n_source_clips=n_source,
+            source_scale=scales[SOURCE],
+            target_scale=scales[TARGET],
         )
 
     # ----------------------------------------------------------------- properties
@@ -297,11 +321,13 @@ class MemoryBank:
     ) -> dict[str, np.ndarray]:
         """kNN distance of each query to each bank: ``{"source": ..., "target": ...}``.
 
+        Each bank's distances are divided by its scale (1.0 unless built with ``normalize``).
         An empty bank gives ``+inf`` for every query.
         """
         return {
-            name: knn_distance(queries, bank, k=k, chunk_size=chunk_size, device=device, bank_normalized=True)
-            for name, bank in ((SOURCE, self.source), (TARGET, self.target))
+            name: knn_distance(queries, bank, k=k, chunk_size=chunk_size, device=device, bank_normalized=True) / scale
+            for name, bank, scale in ((SOURCE, self.source, self.source_scale),
+                                      (TARGET, self.target, self.target_scale))
         }
 
     def score(
@@ -317,6 +343,11 @@ class MemoryBank:
         """
         by_bank = self.score_by_bank(queries, k=k, chunk_size=chunk_size, device=device)
         return np.minimum(by_bank[SOURCE], by_bank[TARGET])
+
+    def score_parts(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(score, source distance, target distance)`` of each query (score: their minimum)."""
+        by_bank = self.score_by_bank(queries, k=k)
+        return np.minimum(by_bank[SOURCE], by_bank[TARGET]), by_bank[SOURCE], by_bank[TARGET]
 
     def train_scores(
         self,
@@ -356,13 +387,15 @@ class MemoryBank:
         scores = np.empty(emb.shape[0], dtype=np.float32)
         kw = dict(k=k, chunk_size=chunk_size, device=device)
         rng = np.random.default_rng(seed)
-        for mask, other_bank in ((~is_target, self.target), (is_target, self.source)):
+        scale = {SOURCE: self.source_scale, TARGET: self.target_scale}
+        for mask, own_name, other_bank, other_name in ((~is_target, SOURCE, self.target, TARGET),
+                                                       (is_target, TARGET, self.source, SOURCE)):
             own = emb[mask]
             if own.shape[0] == 0:
                 continue
             if sample is None or own.shape[0] <= sample:
-                loo = knn_distance(own, own, exclude_self=True, **kw)
-                other = knn_distance(own, other_bank, **kw)
+                loo = knn_distance(own, own, exclude_self=True, **kw) / scale[own_name]
+                other = knn_distance(own, other_bank, **kw) / scale[other_name]
                 scores[mask] = np.minimum(loo, other)
                 continue
             pick = np.sort(rng.choice(own.shape[0], size=sample, replace=False))
@@ -371,7 +404,8 @@ class MemoryBank:
             # is itself at distance 0, so the mean of the other k is (k+1)/k times the mean
             kk = min(k, own.shape[0] - 1)
             loo = knn_distance(q, own, k=kk + 1, chunk_size=chunk_size, device=device) * (kk + 1) / kk
-            other = knn_distance(q, other_bank, **kw)
+            loo = loo / scale[own_name]
+            other = knn_distance(q, other_bank, **kw) / scale[other_name]
             part = np.full(own.shape[0], np.nan, dtype=np.float32)
             part[pick] = np.minimum(loo, other)
             scores[mask] = part
@@ -384,23 +418,122 @@ class MemoryBank:
             "source": self.source,
             "target": self.target,
             "n_source_clips": np.asarray(self.n_source_clips, dtype=np.int64),
+            "scales": np.asarray([self.source_scale, self.target_scale], dtype=np.float64),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> MemoryBank:
         """Inverse of :meth:`to_arrays`; accepts the dict or an ``np.load`` NpzFile."""
         n_source = int(np.asarray(arrays["n_source_clips"])) if "n_source_clips" in arrays else None
+        scales = np.asarray(arrays["scales"], dtype=np.float64) if "scales" in arrays else (1.0, 1.0)
         return cls(
             source=np.array(arrays["source"], dtype=np.float32),
             target=np.array(arrays["target"], dtype=np.float32),
             n_source_clips=n_source,
+            source_scale=float(scales[0]),
+            target_scale=float(scales[1]),
         )
 
     def __repr__(self) -> str:
         return (
             f"MemoryBank(source={self.source.shape}, target={self.target.shape}, "
-            f"n_source_clips={self.n_source_clips}, condensed={self.condensed})"
+            f"n_source_clips={self.n_source_clips}, condensed={self.condensed}, "
+            f"scales=({self.source_scale:.4g}, {self.target_scale:.4g}))"
         )
+
+
+@dataclass(eq=False)
+class FusedBank:
+    """Score-level fusion: one :class:`MemoryBank` per block of the embedding (a member of a
+    ``concat`` embedder with ``fusion: score``) and the weighted sum of their scores.
+
+    Each block is L2-normalised and searched on its own, so every member finds its own nearest
+    neighbours; a clip's score is ``sum_b weight_b * min(source_b, target_b)``, and its per-bank
+    columns are the weighted sums of the members' source and target distances.
+    """
+
+    banks: list[MemoryBank]
+    weights: list[float]
+    dims: list[int]
+
+    def __post_init__(self) -> None:
+        if not self.banks or not (len(self.banks) == len(self.weights) == len(self.dims)):
+            raise ValueError("a fused bank needs one weight and one width per member bank")
+        self.bounds = np.cumsum([0, *self.dims]).tolist()
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, domains: Sequence[str | None], blocks: Sequence[Mapping],
+              condense_source: int | None = None, seed: int = 0, normalize: str | None = None,
+              k: int = 1) -> FusedBank:
+        """``blocks``: ``[{"dim", "weight"}, ...]`` in order, adding up to the embedding width."""
+        emb = _as_matrix(embeddings, "embeddings")
+        dims = [int(b["dim"]) for b in blocks]
+        if sum(dims) != emb.shape[1]:
+            raise ValueError(f"blocks of widths {dims} do not add up to the embedding width {emb.shape[1]}")
+        bounds = np.cumsum([0, *dims])
+        banks = [MemoryBank.build(emb[:, a:b], domains, condense_source=condense_source, seed=seed,
+                                  normalize=normalize, k=k) for a, b in zip(bounds[:-1], bounds[1:])]
+        return cls(banks=banks, weights=[float(b["weight"]) for b in blocks], dims=dims)
+
+    def _parts(self, x: np.ndarray):
+        x = _as_matrix(x, "queries")
+        if x.shape[1] != self.bounds[-1]:
+            raise ValueError(f"queries have dimension {x.shape[1]}, the fused bank {self.bounds[-1]}")
+        return zip(self.banks, self.weights, (x[:, a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])))
+
+    def score_parts(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(score, source, target)``: weighted sums over the member banks (see the class docstring)."""
+        total = [np.zeros(len(queries), np.float64) for _ in range(3)]
+        for bank, w, q in self._parts(queries):
+            for acc, part in zip(total, bank.score_parts(q, k=k)):
+                acc += w * part
+        return tuple(t.astype(np.float32) for t in total)
+
+    def score(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
+        return self.score_parts(queries, k=k)[0]
+
+    def train_scores(self, embeddings: np.ndarray, domains: Sequence[str | None], k: int = 1,
+                     sample: int | None = None, seed: int = 0) -> np.ndarray:
+        """Leave-one-out training scores, fused as test scores are (same sampled clips in every member)."""
+        total = None
+        for bank, w, e in self._parts(embeddings):
+            part = w * bank.train_scores(e, domains, k=k, sample=sample, seed=seed).astype(np.float64)
+            total = part if total is None else total + part
+        return total.astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.banks)
+
+
+NORMALIZE = (None, "loo_mean")
+SCALE_SAMPLE = 2000  # leave-one-out queries per bank for its scale
+
+
+def bank_scales(source: np.ndarray, target: np.ndarray, normalize: str | None, k: int = 1) -> dict[str, float]:
+    """Per-bank distance scales (see :meth:`MemoryBank.build`) of L2-normalised bank rows."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if normalize is None:
+        return {SOURCE: 1.0, TARGET: 1.0}
+    scales: dict[str, float | None] = {}
+    for name, rows in ((SOURCE, source), (TARGET, target)):
+        if rows.shape[0] < 2:
+            scales[name] = None
+            continue
+        kk = min(int(k), rows.shape[0] - 1)
+        if rows.shape[0] <= SCALE_SAMPLE:
+            loo = _knn_numpy(rows, rows, kk, 4096, exclude_self=True)
+        else:  # a large bank: a fixed sample of queries; each one's nearest of k+1 is itself
+            pick = np.random.default_rng(0).choice(rows.shape[0], size=SCALE_SAMPLE, replace=False)
+            loo = _knn_numpy(rows[np.sort(pick)], rows, kk + 1, 4096) * (kk + 1) / kk
+        mean = float(np.mean(loo))
+        # identical clips (distance 0) give no scale either
+        scales[name] = mean if mean > 1e-6 else None
+    for name, other in ((SOURCE, TARGET), (TARGET, SOURCE)):
+        if scales[name] is None:
+            scales[name] = scales[other]
+    return {name: (1.0 if v is None else v) for name, v in scales.items()}
 
 
 def _kmeans_centroids(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd import storage
-from asd.embed import EmbedConfig, embed, embeddings_dir, read_embeddings
+from asd.embed import EmbedConfig, embed, embedding_blocks, embeddings_dir, read_embeddings
 from asd.featurize import FeaturizeConfig, featurize
 from asd.score import ScoreConfig, build_banks, score_table, training_embeddings, write_dcase_csvs
 
@@ -136,7 +136,8 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
         log.info("rescore %s: nothing new in %s (%d clips already scored)", date, inbox, night.num_rows)
         return _result(date, out, model, night, new, feat, old, changed=False, t0=t0)
 
-    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score)
+    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score,
+                                    embedding_blocks(model["embeddings"]))
     scored = score_table(new, banks, thresholds, cfg.score.k)
     rows = pa.table({
         "clip_id": scored.column("clip_id"),

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from asd import knn, raycompat, storage
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
 # where results are written, not here: every scoring worker imports this module.
-from asd.embed import read_embeddings, vectors
+from asd.embed import embedding_blocks, read_embeddings, vectors
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ SCORE_SCHEMA = pa.schema(
 class ScoreConfig:
     k: int = 1
     condense_source: int | None = None  # k-means centroids for the source bank (None: exact)
+    normalize: str | None = None  # None | loo_mean: each bank's distances over its clips' mean leave-one-out distance
     threshold_method: str = "gamma"  # gamma | percentile
     threshold_q: float = 0.9
     threshold_sample: int = 2000  # leave-one-out training scores per domain used for the threshold fit
@@ -79,8 +80,12 @@ class ScoreResult:
 Group = tuple[str, str]
 
 
-def build_banks(train: pa.Table, cfg: ScoreConfig) -> tuple[dict[Group, knn.MemoryBank], dict[Group, float]]:
-    """Memory banks and decision thresholds per (machine type, section) from training embeddings."""
+def build_banks(train: pa.Table, cfg: ScoreConfig,
+                blocks: list[dict] | None = None) -> tuple[dict[Group, knn.MemoryBank], dict[Group, float]]:
+    """Memory banks and decision thresholds per (machine type, section) from training embeddings.
+
+    ``blocks`` (recorded with the embeddings, :func:`asd.embed.embedding_blocks`): score-level
+    fusion of the members, a :class:`asd.knn.FusedBank` per group; ``None``: one bank per group."""
     banks: dict[Group, knn.MemoryBank] = {}
     thresholds: dict[Group, float] = {}
     vec = vectors(train)
@@ -92,7 +97,11 @@ def build_banks(train: pa.Table, cfg: ScoreConfig) -> tuple[dict[Group, knn.Memo
         groups.setdefault(key, []).append(i)
     for key, idx in sorted(groups.items()):
         e, d = vec[idx], [dom[i] for i in idx]
-        bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source)
+        if blocks:
+            bank = knn.FusedBank.build(e, d, blocks, condense_source=cfg.condense_source, normalize=cfg.normalize,
+                                       k=cfg.k)
+        else:
+            bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source, normalize=cfg.normalize, k=cfg.k)
         banks[key] = bank
         train_scores = bank.train_scores(e, d, k=cfg.k, sample=cfg.threshold_sample)
         finite = train_scores[np.isfinite(train_scores)]
@@ -138,16 +147,14 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Ta
     vec = vectors(batch)
     keys = list(zip(batch.column("machine_type").to_pylist(), batch.column("section").to_pylist()))
     n = batch.num_rows
+    score = np.full(n, np.inf, np.float32)
     s_src = np.full(n, np.inf, np.float32)
     s_tgt = np.full(n, np.inf, np.float32)
     for key in sorted(set(keys)):
         if key not in banks:
             raise KeyError(f"no training clips for machine type {key[0]!r} section {key[1]!r}: cannot score it")
         idx = np.array([i for i, kk in enumerate(keys) if kk == key])
-        by_bank = banks[key].score_by_bank(vec[idx], k=k)
-        s_src[idx] = by_bank[knn.SOURCE]
-        s_tgt[idx] = by_bank[knn.TARGET]
-    score = np.minimum(s_src, s_tgt)
+        score[idx], s_src[idx], s_tgt[idx] = banks[key].score_parts(vec[idx], k=k)
     thr = np.array([thresholds.get(kk, np.inf) for kk in keys], np.float32)
     return pa.table(
         {
@@ -231,7 +238,7 @@ def score(
     train = training_embeddings(embeddings_uri)
     if train.num_rows == 0:
         raise ValueError(f"{embeddings_uri!r} has no normal training clips: nothing to score against")
-    banks, thresholds = build_banks(train, cfg)
+    banks, thresholds = build_banks(train, cfg, embedding_blocks(embeddings_uri))
 
     if not ray.is_initialized():
         ray.init()

@@ -363,3 +363,89 @@ def test_sampled_train_scores_equal_full_leave_one_out():
         picked = np.isfinite(part)
         assert picked[:280].sum() == 50 and picked[280:].all()  # target has 20 <= 50: all scored
         np.testing.assert_allclose(part[picked], full[picked], atol=1e-5)
+
+
+# --------------------------------------------------------------- bank normalisation
+def test_loo_mean_scales_put_a_sparse_target_bank_on_the_source_scale():
+    rng = np.random.default_rng(3)
+    # dense source bank (many clips, small gaps), sparse target bank (few clips, large gaps)
+    e0, e1 = np.eye(16, dtype=np.float32)[:2]
+    src = l2_normalize(e0 + 0.1 * rng.normal(size=(300, 16)).astype(np.float32))
+    tgt = l2_normalize(e1 + 0.4 * rng.normal(size=(8, 16)).astype(np.float32))
+    emb = np.vstack([src, tgt])
+    domains = ["source"] * 300 + ["target"] * 8
+    raw = MemoryBank.build(emb, domains)
+    norm = MemoryBank.build(emb, domains, normalize="loo_mean")
+    assert (raw.source_scale, raw.target_scale) == (1.0, 1.0)
+    for bank, rows in ((norm.source_scale, src), (norm.target_scale, tgt)):
+        assert bank == pytest.approx(brute_force(rows, rows, 1, exclude_self=True).mean(), rel=1e-4)
+    assert norm.target_scale > 5 * norm.source_scale
+    # a query is scored against each bank relative to that bank's own spread
+    q = np.vstack([e0, e1])
+    by_bank = norm.score_by_bank(q)
+    raw_by_bank = raw.score_by_bank(q)
+    np.testing.assert_allclose(by_bank["source"], raw_by_bank["source"] / norm.source_scale, rtol=1e-5)
+    np.testing.assert_allclose(by_bank["target"], raw_by_bank["target"] / norm.target_scale, rtol=1e-5)
+    # training scores (thresholds) are on the same scale as test scores
+    loo = norm.train_scores(emb, domains)
+    np.testing.assert_allclose(loo[:300].mean(), 1.0, atol=0.2)
+
+
+def test_loo_mean_with_tiny_banks_and_sampled_large_banks(monkeypatch):
+    rng = np.random.default_rng(4)
+    emb = l2_normalize(rng.normal(size=(40, 8)).astype(np.float32))
+    one_target = MemoryBank.build(emb, ["source"] * 39 + ["target"], normalize="loo_mean")
+    assert one_target.target_scale == one_target.source_scale != 1.0  # no spread: the other bank's scale
+    alone = MemoryBank.build(emb[:1], ["source"], normalize="loo_mean")
+    assert (alone.source_scale, alone.target_scale) == (1.0, 1.0)
+    full = MemoryBank.build(emb, ["source"] * 40, normalize="loo_mean", k=2)
+    import asd.knn as knn_mod
+
+    monkeypatch.setattr(knn_mod, "SCALE_SAMPLE", 39)  # the sampled path on 39 of 40 rows
+    sampled = MemoryBank.build(emb, ["source"] * 40, normalize="loo_mean", k=2)
+    assert sampled.source_scale == pytest.approx(full.source_scale, rel=0.1)
+    with pytest.raises(ValueError, match="normalize"):
+        MemoryBank.build(emb, ["source"] * 40, normalize="zscore")
+    with pytest.raises(ValueError, match="source_scale"):
+        MemoryBank(source=emb, target=emb[:0], source_scale=0.0)
+
+
+def test_scales_survive_serialisation():
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(30, 4)).astype(np.float32)
+    bank = MemoryBank.build(emb, ["source"] * 25 + ["target"] * 5, normalize="loo_mean")
+    back = MemoryBank.from_arrays(bank.to_arrays())
+    assert (back.source_scale, back.target_scale) == (bank.source_scale, bank.target_scale)
+    assert pickle.loads(pickle.dumps(bank)).target_scale == bank.target_scale
+
+
+# ------------------------------------------------------------------ score-level fusion
+def test_fused_bank_sums_each_members_own_nearest_neighbour_distance():
+    from asd.knn import FusedBank
+
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(60, 8)).astype(np.float32)
+    b = rng.normal(size=(60, 4)).astype(np.float32)
+    emb = np.hstack([a, b])
+    domains = ["source"] * 50 + ["target"] * 10
+    fused = FusedBank.build(emb, domains, [{"dim": 8, "weight": 1.0}, {"dim": 4, "weight": 0.25}])
+    qa, qb = rng.normal(size=(7, 8)).astype(np.float32), rng.normal(size=(7, 4)).astype(np.float32)
+    bank_a, bank_b = MemoryBank.build(a, domains), MemoryBank.build(b, domains)
+    score, src, tgt = fused.score_parts(np.hstack([qa, qb]))
+    np.testing.assert_allclose(score, bank_a.score(qa) + 0.25 * bank_b.score(qb), rtol=1e-5)
+    np.testing.assert_allclose(src, bank_a.score_by_bank(qa)["source"] + 0.25 * bank_b.score_by_bank(qb)["source"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(tgt, bank_a.score_by_bank(qa)["target"] + 0.25 * bank_b.score_by_bank(qb)["target"],
+                               rtol=1e-5)
+    # not the same as one kNN on the concatenation: each member finds its own neighbour
+    one = MemoryBank.build(np.hstack([l2_normalize(a), l2_normalize(b)]), domains)
+    assert not np.allclose(score, one.score(np.hstack([l2_normalize(qa), l2_normalize(qb)])), rtol=1e-3)
+    loo = fused.train_scores(emb, domains, sample=20, seed=1)
+    expect = bank_a.train_scores(a, domains, sample=20, seed=1) + 0.25 * bank_b.train_scores(b, domains, sample=20,
+                                                                                               seed=1)
+    np.testing.assert_allclose(loo, expect, rtol=1e-5)  # the same sampled clips in every member (NaN elsewhere)
+    assert np.isnan(loo).sum() == 30
+    with pytest.raises(ValueError, match="do not add up"):
+        FusedBank.build(emb, domains, [{"dim": 8, "weight": 1.0}])
+    with pytest.raises(ValueError, match="dimension"):
+        fused.score_parts(qa)

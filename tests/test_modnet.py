@@ -168,3 +168,35 @@ def test_the_mod_encoder_trains_through_the_finetune_stage_and_embeds_side_by_si
     with pytest.raises(ValueError, match="no training rows with 'mod' features"):
         finetune(off, off, FinetuneConfig(tag="mod", model="mod", labels=labels, time_masks=0, freq_masks=0),
                  TrainConfig(crop_frames=256, steps=2, num_workers=1))
+
+
+def test_the_concat_embedder_weights_members_and_keeps_blocks_for_score_fusion(tmp_path):
+    from asd.embed import embedder_blocks, make_embedder
+    from asd.models.cnn import CNNConfig, CNNEncoder
+
+    torch.manual_seed(0)
+    cnn_uri = save_checkpoint(CNNEncoder(CNNConfig(channels=(4, 4, 8), embed_dim=16)).eval(), str(tmp_path / "c.pt"))
+    mod_uri = save_checkpoint(ModEncoder(SMALL).eval(), str(tmp_path / "m.pt"))
+    members = [{"embedder": "encoder", "params": {"checkpoint": cnn_uri, "device": "cpu"}, "weight": 3.0},
+               {"embedder": "encoder", "params": {"checkpoint": mod_uri, "device": "cpu"}, "weight": 1.0}]
+    rng = np.random.default_rng(1)
+    fb = [rng.normal(0, 1, (n, 128)).astype(np.float32) for n in (50, 80)]
+    mod = [rng.normal(0, 1, (256, 16)).astype(np.float32) for _ in range(2)]
+    # embedding fusion: part norms are sqrt(w / sum w), so a cosine is the weighted mean of the members'
+    out = make_embedder("concat", {"members": members})(fb, mod)
+    assert np.allclose(np.linalg.norm(out[:, :16], axis=1), 0.75 ** 0.5, atol=1e-5)
+    assert embedder_blocks("concat", {"members": members}) is None
+    # score fusion: unit-norm blocks and their widths and weights, known on the driver
+    blocks = embedder_blocks("concat", {"members": members, "fusion": "score"})
+    assert blocks == [{"dim": 16, "weight": 3.0}, {"dim": SMALL.embed_dim, "weight": 1.0}]
+    out = make_embedder("concat", {"members": members, "fusion": "score"})(fb, mod)
+    assert out.shape == (2, 16 + SMALL.embed_dim)
+    assert np.allclose(np.linalg.norm(out[:, :16], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(out[:, 16:], axis=1), 1.0, atol=1e-5)
+    assert embedder_blocks("logmel_stats") is None
+    with pytest.raises(ValueError, match="cannot state its width"):  # its width depends on the features
+        embedder_blocks("concat", {"members": [{"embedder": "logmel_stats"}], "fusion": "score"})
+    with pytest.raises(ValueError, match="fusion"):
+        make_embedder("concat", {"members": members, "fusion": "vote"})
+    with pytest.raises(ValueError, match="positive"):
+        embedder_blocks("concat", {"members": [{**members[0], "weight": 0}], "fusion": "score"})

@@ -112,3 +112,46 @@ def test_rescore_on_s3(served, small_corpus, tmp_path, s3_bucket):
     res = rescore(f"{s3_bucket}/inbox/2026-11-24", f"{s3_bucket}/root", date="2026-11-24", cfg=CFG)
     assert res.n_new == 6 and storage.is_published(res.partition)
     assert rescore(f"{s3_bucket}/inbox/2026-11-24", f"{s3_bucket}/root", date="2026-11-24", cfg=CFG).n_new == 0
+
+
+def test_a_score_fused_model_is_rescored_member_by_member(served, small_corpus, tmp_path):
+    """A served ``concat`` model with ``fusion: score`` (the pipeline's default recipe): the nightly scores
+    are the weighted sums of each member's own kNN distance, from the blocks recorded with its embeddings."""
+    import numpy as np
+    import torch
+
+    from asd import knn
+    from asd.embed import embedding_blocks, read_embeddings, vectors
+    from asd.models.cnn import CNNConfig, CNNEncoder
+    from asd.models.encoder import save_checkpoint
+
+    root = _copy_root(served, tmp_path)
+    torch.manual_seed(0)
+    ckpts = [save_checkpoint(CNNEncoder(CNNConfig(channels=(4, 4, 8), embed_dim=8)).eval(), str(tmp_path / f"c{i}.pt"))
+             for i in range(2)]
+    params = {"fusion": "score", "members": [{"embedder": "encoder", "weight": w, "params": {"checkpoint": c,
+                                                                                          "device": "cpu"}}
+                                             for c, w in zip(ckpts, (1.0, 0.5))]}
+    emb = embed(str(root), "fused", EmbedConfig(embedder="concat", params=params, num_actors=1, progress=False))
+    assert embedding_blocks(emb.embeddings) == [{"dim": 8, "weight": 1.0}, {"dim": 8, "weight": 0.5}]
+    set_current_model(str(root), "fused", "concat", params)
+    inbox = tmp_path / "inbox" / "2026-11-26"
+    clips = _night(small_corpus, inbox, slice(0, 3))
+    night = rescore(str(inbox), str(root), date="2026-11-26", cfg=CFG)
+    assert night.n_new == 3
+    got = pq.read_table(Path(night.partition) / "scores.parquet").sort_by("clip_id").to_pylist()
+    # by hand: the training clips of the first clip's group, one bank per member, the weighted sum
+    e = read_embeddings(emb.embeddings)
+    rows = e.to_pylist()
+    mt = clips[0].parent.parent.name
+    first = next(r for r in got if r["clip_id"].endswith("section_00_0000.wav") and r["machine_type"] == mt)
+    train = [i for i, r in enumerate(rows) if r["split"] == "train" and r["machine_type"] == mt
+             and r["section"] == first["section"]]
+    # the night's clip is a copy of this test clip: the same bytes, the same embedding
+    test_row = next(i for i, r in enumerate(rows) if r["clip_id"].endswith(clips[0].name) and r["machine_type"] == mt)
+    vec = vectors(e)
+    doms = [rows[i]["domain"] for i in train]
+    expect = sum(w * float(knn.MemoryBank.build(vec[train, a:a + 8], doms).score(vec[test_row:test_row + 1, a:a + 8])[0])
+                 for a, w in ((0, 1.0), (8, 0.5)))
+    assert first["score"] == pytest.approx(expect, rel=1e-4)
+    assert np.isfinite([r["threshold"] for r in got]).all()

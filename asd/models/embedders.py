@@ -12,10 +12,19 @@ patch are tiled. The checkpoint's architecture names the feature matrix it reads
 log-mel for transformers and :mod:`asd.models.cnn`, the modulation spectrum for
 :mod:`asd.models.modnet` (its whole matrix is one window).
 
-``concat``: several embedders side by side, ``members=[{embedder, params}, ...]``: each
-member's L2-normalised embedding, concatenated and L2-normalised again, so every member weighs
-the same in a cosine kNN. The served recipe concatenates a log-mel CNN and a modulation CNN
-trained separately on the same pseudo labels.
+``concat``: several embedders side by side, ``members=[{embedder, params, weight}, ...]``:
+each member's L2-normalised embedding, concatenated. ``fusion`` says how a kNN uses them:
+
+* ``embedding`` (default): each member scaled by the square root of its weight and the whole
+  vector L2-normalised, so the cosine distance is the weighted mean of the members' cosine
+  distances and one nearest neighbour is found for all members together;
+* ``score``: the members are kept as blocks (recorded with the embeddings,
+  :func:`asd.embed.embedder_blocks`) and scoring finds each member's own nearest neighbours
+  and sums the weighted distances (:class:`asd.knn.FusedBank`) - score-level fusion, as an
+  ensemble of detectors.
+
+The served recipe is score-level fusion of log-mel CNNs and modulation CNNs trained
+separately (several training seeds each) on the same pseudo labels.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import numpy as np
 import torch
 
 from asd.embed import l2n, make_embedder, register
-from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, load_checkpoint, normalize_fbank
+from asd.models.encoder import (FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, load_checkpoint, normalize_fbank,
+                                pooled_dim)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,12 @@ class EncoderEmbedder:
     def inputs_for(checkpoint: str, **_) -> tuple[str, ...]:
         """The feature matrix the checkpoint's encoder reads (known on the driver, before any actor)."""
         return (getattr(load_checkpoint(checkpoint, map_location="cpu", keep_predictor=False), "input", "fbank"),)
+
+    @staticmethod
+    def dim_for(checkpoint: str, pool: str = "mean", **_) -> int:
+        """Width of the embedding (loads the checkpoint on the driver)."""
+        model = load_checkpoint(checkpoint, map_location="cpu", keep_predictor=False)
+        return pooled_dim(model.cfg, pool) if isinstance(model, AudioEncoder) else int(model.cfg.embed_dim)
 
     def __init__(
         self,
@@ -130,16 +146,47 @@ class EncoderEmbedder:
         return l2n((out / count[:, None]).astype(np.float32))
 
 
+FUSIONS = ("embedding", "score")
+
+
+def _weights(members: list[dict], fusion: str) -> list[float]:
+    if not members:
+        raise ValueError("concat needs at least one member {embedder, params}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    weights = [float(m.get("weight", 1.0)) for m in members]
+    if not all(np.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"member weights must be positive, got {weights}")
+    return weights
+
+
 class ConcatEmbedder:
-    """Members' L2-normalised embeddings side by side, L2-normalised: ``(n, sum of dims)``."""
+    """Members' L2-normalised embeddings side by side: ``(n, sum of dims)`` (see the module
+    docstring for ``fusion`` and ``weight``)."""
 
     name = "concat"
 
-    def __init__(self, members: list[dict]):
-        if not members:
-            raise ValueError("concat needs at least one member {embedder, params}")
+    def __init__(self, members: list[dict], fusion: str = "embedding"):
+        self.weights = _weights(members, fusion)
+        self.fusion = fusion
         self.members = [make_embedder(m["embedder"], dict(m.get("params") or {})) for m in members]
         self.inputs = tuple(dict.fromkeys(i for m in self.members for i in getattr(m, "inputs", ("fbank",))))
+
+    @staticmethod
+    def blocks_for(members: list[dict], fusion: str = "embedding", **_) -> list[dict] | None:
+        """Score-level fusion: each member's width and weight, in order; else ``None``."""
+        from asd.embed import EMBEDDERS
+
+        weights = _weights(members, fusion)
+        if fusion == "embedding":
+            return None
+        blocks = []
+        for m, w in zip(members, weights):
+            factory = EMBEDDERS.get(m["embedder"])
+            if factory is None or not hasattr(factory, "dim_for"):
+                raise ValueError(f"concat fusion=score: member embedder {m['embedder']!r} cannot state its width")
+            blocks.append({"dim": int(factory.dim_for(**dict(m.get("params") or {}))), "weight": w})
+        return blocks
 
     @staticmethod
     def inputs_for(members: list[dict], **_) -> tuple[str, ...]:
@@ -152,7 +199,9 @@ class ConcatEmbedder:
         parts = [l2n(m(*[by_input[i] for i in getattr(m, "inputs", ("fbank",))])) for m in self.members]
         if not parts[0].size:
             return np.zeros((0, 0), np.float32)
-        return l2n(np.concatenate(parts, axis=1))
+        if self.fusion == "score":  # blocks of unit norm; scoring normalises and searches each on its own
+            return np.concatenate(parts, axis=1).astype(np.float32)
+        return l2n(np.concatenate([np.sqrt(w) * p for w, p in zip(self.weights, parts)], axis=1))
 
 
 register("encoder", EncoderEmbedder)
