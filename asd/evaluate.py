@@ -123,6 +123,7 @@ class CNNMethodConfig:
 
     tag: str = "eval-cnn"
     checkpoint: str | None = None
+    members: int = 1  # fused_pseudo: this many CNNs, training seeds seed, seed+1, ... (cnn_pseudo: the first)
     cluster_embed: str = "logmel"  # logmel | pretrained: the representation clustered into pseudo labels
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-cnn", model="cnn"))
@@ -134,16 +135,23 @@ class CNNMethodConfig:
             raise ValueError(f"cnn.cluster_embed must be logmel or pretrained, got {self.cluster_embed!r}")
         if self.finetune.model != "cnn":
             raise ValueError("cnn.finetune.model must be 'cnn' (the CNN is trained from scratch)")
+        if self.members < 1:
+            raise ValueError(f"cnn.members must be >= 1, got {self.members}")
 
 
 @dataclass
 class ModMethodConfig:
     """The modulation-spectrum CNN (:mod:`asd.models.modnet`, ``finetune.model`` must be ``mod``)
     trained from scratch in this run on the same Ward pseudo labels as ``cnn_pseudo``:
-    ``mod_pseudo`` scores its embedding alone, ``fused_pseudo`` (the served recipe) concatenates it
-    with ``cnn_pseudo``'s (the ``concat`` embedder)."""
+    ``mod_pseudo`` scores its embedding alone; ``fused_pseudo`` (the served recipe) fuses
+    ``cnn.members`` log-mel CNNs and ``members`` modulation CNNs (training seeds ``seed``,
+    ``seed+1``, ...; the first of each is ``cnn_pseudo``'s and ``mod_pseudo``'s) with the
+    ``concat`` embedder: ``fusion`` score (each member's kNN distance, summed with weight
+    1/members within its architecture, so each architecture weighs the same) or embedding."""
 
     tag: str = "eval-mod"
+    members: int = 1
+    fusion: str = "score"
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-mod", model="mod"))
     finetune_train: TrainConfig = field(default_factory=lambda: TrainConfig(crop_frames=256))
     embed: EmbedConfig = field(default_factory=lambda: EmbedConfig(embedder="encoder", params={"pool": "mean"}))
@@ -152,6 +160,10 @@ class ModMethodConfig:
     def __post_init__(self):
         if self.finetune.model != "mod":
             raise ValueError("mod.finetune.model must be 'mod' (the modulation CNN is trained from scratch)")
+        if self.members < 1:
+            raise ValueError(f"mod.members must be >= 1, got {self.members}")
+        if self.fusion not in ("embedding", "score"):
+            raise ValueError(f"mod.fusion must be embedding or score, got {self.fusion!r}")
 
 
 @dataclass
@@ -367,7 +379,7 @@ def _ae_scores(ctx: EvalContext) -> dict:
 def _knn(ctx: EvalContext, tag: str, embed_cfg: EmbedConfig) -> MethodOutput:
     import ray
 
-    from asd.embed import embed, embeddings_dir, read_embeddings
+    from asd.embed import embed, embedding_blocks, embeddings_dir, read_embeddings
     from asd.score import build_banks, score_dataset
 
     res = embed(ctx.root, tag, embed_cfg)
@@ -375,7 +387,7 @@ def _knn(ctx: EvalContext, tag: str, embed_cfg: EmbedConfig) -> MethodOutput:
     ids = table.column("clip_id")
     train = table.filter(pc.is_in(ids, pa.array(sorted(ctx.plan.train_ids), pa.string())))
     test = table.filter(pc.is_in(ids, pa.array(sorted(ctx.plan.test_ids), pa.string())))
-    banks, thresholds = build_banks(train, ctx.cfg.score)
+    banks, thresholds = build_banks(train, ctx.cfg.score, embedding_blocks(res.embeddings))
     bs = max(1, ctx.cfg.score.batch_size)
     ds = ray.data.from_arrow([test.slice(i, bs) for i in range(0, test.num_rows, bs)] or [test])
     scores = score_dataset(ds, banks, thresholds, ctx.cfg.score)
@@ -526,12 +538,16 @@ def _make_labels(ctx: EvalContext, mode: str) -> dict:
 
 
 def _train_on_labels(ctx: EvalContext, key: str, tag: str, fcfg: FinetuneConfig, tcfg: TrainConfig,
-                     mode: str) -> str:
+                     mode: str, member: int = 0) -> str:
     """An encoder trained from scratch now (``fcfg.model``) on the labels of ``mode``; its training
-    facts go to ``ctx.cache[key]``. Once per run and key."""
+    facts go to ``ctx.cache[key]``. Once per run and key. ``member`` i > 0: the same training with
+    seed ``tcfg.seed + i`` (key and tag ``-m<i>``), a member of an ensemble."""
     from dataclasses import replace
 
     from asd.finetune import finetune
+
+    if member:
+        key, tag, tcfg = f"{key}-m{member}", f"{tag}-m{member}", replace(tcfg, seed=tcfg.seed + member)
 
     def train() -> dict:
         info = dict(_labels(ctx, mode))
@@ -545,19 +561,19 @@ def _train_on_labels(ctx: EvalContext, key: str, tag: str, fcfg: FinetuneConfig,
     return ctx.once(key, train)["encoder"]
 
 
-def _cnn_encoder(ctx: EvalContext, mode: str) -> str:
+def _cnn_encoder(ctx: EvalContext, mode: str, member: int = 0) -> str:
     """A CNN trained now on the split's training clips with the labels of ``mode`` (see
     :class:`CNNMethodConfig`), or the configured checkpoint."""
     mc = ctx.cfg.cnn
     if mc.checkpoint:
         return mc.checkpoint
-    return _train_on_labels(ctx, f"cnn-{mode}", f"{mc.tag}-{mode}", mc.finetune, mc.finetune_train, mode)
+    return _train_on_labels(ctx, f"cnn-{mode}", f"{mc.tag}-{mode}", mc.finetune, mc.finetune_train, mode, member)
 
 
-def _mod_encoder(ctx: EvalContext) -> str:
+def _mod_encoder(ctx: EvalContext, member: int = 0) -> str:
     """The modulation CNN trained now on the pseudo labels (:class:`ModMethodConfig`)."""
     mc = ctx.cfg.mod
-    return _train_on_labels(ctx, "mod-pseudo", f"{mc.tag}-pseudo", mc.finetune, mc.finetune_train, "pseudo")
+    return _train_on_labels(ctx, "mod-pseudo", f"{mc.tag}-pseudo", mc.finetune, mc.finetune_train, "pseudo", member)
 
 
 def _mod_knn(ctx: EvalContext) -> MethodOutput:
@@ -570,19 +586,24 @@ def _mod_knn(ctx: EvalContext) -> MethodOutput:
 
 
 def _fused_knn(ctx: EvalContext) -> MethodOutput:
-    """kNN on the concatenated embeddings of the log-mel CNN and the modulation CNN (both on the
-    pseudo labels): the ``concat`` embedder, as the pipeline serves it."""
+    """The log-mel CNNs and the modulation CNNs (all on the pseudo labels) fused by the ``concat``
+    embedder (:class:`ModMethodConfig`), as the pipeline serves them."""
     from dataclasses import replace
 
     import asd.models.embedders  # noqa: F401  (registers "concat")
 
-    cnn_ckpt, mod_ckpt = _cnn_encoder(ctx, "pseudo"), _mod_encoder(ctx)
-    members = [{"embedder": "encoder", "params": {**(ctx.cfg.cnn.embed.params or {}), "checkpoint": cnn_ckpt}},
-               {"embedder": "encoder", "params": {**(ctx.cfg.mod.embed.params or {}), "checkpoint": mod_ckpt}}]
+    cnn_n = 1 if ctx.cfg.cnn.checkpoint else ctx.cfg.cnn.members
+    ckpts = {"cnn": [_cnn_encoder(ctx, "pseudo", i) for i in range(cnn_n)],
+             "mod": [_mod_encoder(ctx, i) for i in range(ctx.cfg.mod.members)]}
+    embed_params = {"cnn": ctx.cfg.cnn.embed.params or {}, "mod": ctx.cfg.mod.embed.params or {}}
+    members = [{"embedder": "encoder", "params": {**embed_params[arch], "checkpoint": c}, "weight": 1.0 / len(cs)}
+               for arch, cs in ckpts.items() for c in cs]
     out = _knn(ctx, ctx.cfg.mod.fused_tag, replace(ctx.cfg.mod.embed, embedder="concat",
-                                                   params={"members": members}))
-    out.info.update(members=[cnn_ckpt, mod_ckpt],
-                    training={"cnn": ctx.cache.get("cnn-pseudo"), "mod": ctx.cache.get("mod-pseudo")})
+                                                   params={"members": members, "fusion": ctx.cfg.mod.fusion}))
+    training = {f"{arch}-m{i}" if i else arch: ctx.cache.get(f"{arch}-pseudo-m{i}" if i else f"{arch}-pseudo")
+                for arch, cs in ckpts.items() for i in range(len(cs))}
+    out.info.update(members=[m["params"]["checkpoint"] for m in members], fusion=ctx.cfg.mod.fusion,
+                    training=training)
     return out
 
 

@@ -54,7 +54,8 @@ BASELINES = ("ae_mse", "ae_mahalanobis", "logmel_knn")
 ABLATION = ["ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn", "cnn_section", "cnn_pseudo",
             "cnn_real", "mod_pseudo", "fused_pseudo"]  # the paper's ablation, and the served recipe (SERVED)
 SEEDS = (0, 1, 2)
-# the learned recipes measured beside the served one on the full-preset seeds (each CNN alone, and side by side)
+# the learned recipes measured beside the served one on the full-preset seeds (each CNN alone; the served
+# fused_pseudo is one log-mel CNN and five modulation CNNs, score-level fusion)
 CANDIDATES = [m for m in ("cnn_pseudo", "mod_pseudo", "fused_pseudo") if m != SERVED]
 PARTS = ("calibration", "ablation", "seeds", "small", "real", "pipeline")
 

@@ -283,8 +283,9 @@ def test_cnn_methods_train_from_scratch_on_their_labels_and_name_the_served_reci
 
 @pytest.mark.slow
 def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(ray_session, small_corpus, tmp_path):
-    """mod_pseudo trains the modulation CNN on cnn_pseudo's labels; fused_pseudo concatenates the two
-    CNNs' embeddings without training either again; the notes say both were trained in the run."""
+    """mod_pseudo trains the modulation CNN on cnn_pseudo's labels; fused_pseudo fuses the two CNNs and a
+    second modulation CNN (the next training seed) at the score level without training the first two
+    again; its scores are the weighted sums of the members' own kNN distances."""
     from asd.embed import read_embeddings, vectors
     from asd.models.encoder import load_checkpoint
     from asd.models.modnet import ModEncoder
@@ -300,7 +301,8 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
                    "mod.finetune.model_cfg.embed_dim=8", "mod.finetune.train.steps=4",
                    "mod.finetune.train.batch_size=8", "mod.finetune.train.cpus_per_worker=0.5",
                    "mod.finetune.train.torch_threads=1", "cnn.embed.num_actors=1", "mod.embed.num_actors=1",
-                   "logmel.embed.num_actors=1", "cnn.cluster.n_clusters=2", "score.concurrency=1", "plots=false")
+                   "logmel.embed.num_actors=1", "cnn.cluster.n_clusters=2", "score.concurrency=1", "plots=false",
+                   "mod.members=2")
     out = job.run(cfg)
     with open(out["report_json"]) as f:
         rep = json.load(f)
@@ -310,8 +312,31 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     assert mod_info["labels"] == cnn_info["labels"] and mod_info["steps"] == 4
     assert isinstance(load_checkpoint(mod_info["encoder"]), ModEncoder)
     fused = rep["methods"]["fused_pseudo"]["info"]
-    assert fused["members"] == [cnn_info["encoder"], mod_info["encoder"]]  # the same two models, not retrained
+    assert fused["fusion"] == "score" and len(fused["members"]) == 3
+    assert fused["members"][:2] == [cnn_info["encoder"], mod_info["encoder"]]  # the same two models, not retrained
+    second = fused["training"]["mod-m1"]
+    assert second["encoder"] == fused["members"][2] != mod_info["encoder"] and second["labels"] == cnn_info["labels"]
     e = read_embeddings(fused["embeddings"])
-    assert vectors(e).shape[1] == 16 + 8
+    assert vectors(e).shape[1] == 16 + 8 + 8
+    # score-level fusion: 1 x (log-mel CNN distance) + 1/2 x each modulation CNN's, each its own nearest neighbour
+    import pyarrow.parquet as pq
+
+    from asd import knn
+    from asd.evaluate import LOGMEL, _clip_keys, plan_split
+
+    plan = plan_split(_clip_keys(root, {LOGMEL}))
+    ids = e.column("clip_id").to_pylist()
+    train = [i for i, c in enumerate(ids) if c in plan.train_ids]
+    scores = pq.read_table(f"{rep['methods']['fused_pseudo']['scores']}/scores.parquet").to_pylist()
+    vec, mt, sec, dom = vectors(e), e.column("machine_type").to_pylist(), e.column("section").to_pylist(), \
+        e.column("domain").to_pylist()
+    row = scores[0]
+    q = ids.index(row["clip_id"])
+    same = [i for i in train if (mt[i], sec[i]) == (row["machine_type"], row["section"])]
+    expect = 0.0
+    for (a, b), w in (((0, 16), 1.0), ((16, 24), 0.5), ((24, 32), 0.5)):
+        bank = knn.MemoryBank.build(vec[same, a:b], [dom[i] for i in same])
+        expect += w * float(bank.score(vec[q:q + 1, a:b])[0])
+    assert row["score"] == pytest.approx(expect, rel=1e-4)
     md = open(out["report_md"]).read()
     assert "mod_pseudo: encoder trained from scratch in this run for 4 steps" in md and "trained outside" not in md

@@ -140,7 +140,8 @@ def test_pipeline_job_end_to_end(tmp_path):
            "data.spec.duration_s=1.0", "pretrain.train.steps=6", "pretrain.train.checkpoint_every=3",
            "finetunes.pseudo.train.steps=4", "finetunes.pseudo.train.checkpoint_every=2",
            "finetunes.cnn.train.steps=4", "finetunes.cnn.train.checkpoint_every=2",
-           "finetunes.mod.train.steps=4", "finetunes.mod.train.checkpoint_every=2"]
+           "finetunes.mod.train.steps=4", "finetunes.mod.train.checkpoint_every=2",
+           *[f"finetunes.mod_m{i}.train.{k}" for i in range(1, 5) for k in ("steps=4", "checkpoint_every=2")]]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
@@ -168,9 +169,15 @@ def test_pipeline_job_end_to_end(tmp_path):
     assert ft_cnn["encoder"] == f"{tmp_path}/run/models/cnn/encoder.pt"
     ft_mod = final["stages"]["finetune"]["mod"]
     assert ft_mod["steps"] == 4 and ft_mod["num_classes"] == ft["num_classes"]
+    mods = [ft_mod["encoder"]] + [final["stages"]["finetune"][f"mod_m{i}"]["encoder"] for i in range(1, 5)]
+    assert mods[1:] == [f"{tmp_path}/run/models/mod-m{i}/encoder.pt" for i in range(1, 5)]
     current = json.load(open(tmp_path / "run" / "models" / "CURRENT"))
-    assert current["tag"] == "fused" and current["embedder"] == "concat"
-    assert [m["params"]["checkpoint"] for m in current["params"]["members"]] == [ft_cnn["encoder"], ft_mod["encoder"]]
+    assert current["tag"] == "fused" and current["embedder"] == "concat" and current["params"]["fusion"] == "score"
+    assert [m["params"]["checkpoint"] for m in current["params"]["members"]] == [ft_cnn["encoder"], *mods]
+    assert [m["weight"] for m in current["params"]["members"]] == [1.0] + [0.2] * 5
+    # the served embeddings record their blocks: scoring sums each member's own kNN distance
+    info = json.load(open(tmp_path / "run" / "embeddings" / "fused" / "_SUCCESS"))
+    assert [b["weight"] for b in info["blocks"]] == [1.0] + [0.2] * 5 and sum(b["dim"] for b in info["blocks"]) == info["dim"]
     assert final["stages"]["pretrain"]["steps"] == 6
     # a second run regenerates nothing and featurizes nothing new
     out2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))

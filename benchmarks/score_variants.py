@@ -1,0 +1,126 @@
+"""Scoring rules compared on the embeddings of one ``jobs.evaluate`` root (development seeds only).
+
+    python -m benchmarks.score_variants <evaluate root> [--tags eval-cnn-pseudo eval-mod-pseudo ...]
+
+Reads the embeddings that a ``jobs.evaluate`` run stored (``<root>/embeddings/<tag>``) and the
+run's split (the same :func:`asd.evaluate.plan_split` of its featurized clips), then scores the
+test clips under several kNN rules without training anything again:
+
+* ``raw``: the minimum over the source and target banks of the cosine kNN distance (k=1), as
+  ``asd.score`` scores today;
+* ``bank_norm``: each bank's distance divided by the mean leave-one-out distance of that bank's own
+  clips (``asd.knn.MemoryBank`` with ``normalize="loo_mean"``), then the minimum;
+* for two or more tags, the same two rules on the members' summed scores (score-level fusion),
+  and one kNN on the members' concatenation (embedding-level fusion). A tag whose embeddings
+  record ``blocks`` (``concat`` with ``fusion: score``) is scored as :class:`asd.knn.FusedBank`.
+
+Used to choose the served recipe's scoring rule on development corpus seeds (10 and 11), never on
+the seeds the accuracy record reports. Writes ``<out>.json`` and one line of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asd import knn, metrics
+from asd.embed import embedding_blocks, embeddings_dir, read_embeddings, vectors
+
+
+def _tables(root: str, tag: str, train_ids: set[str], test_ids: set[str]) -> tuple[pa.Table, pa.Table]:
+    t = read_embeddings(embeddings_dir(root, tag))
+    ids = t.column("clip_id")
+    return (t.filter(pc.is_in(ids, pa.array(sorted(train_ids), pa.string()))),
+            t.filter(pc.is_in(ids, pa.array(sorted(test_ids), pa.string()))))
+
+
+def _scores(train: pa.Table, test: pa.Table, normalize: str | None, k: int,
+            blocks: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """Scores of every test clip (in ``test``'s row order) under one rule: ``{"score": ...}``."""
+    vec_tr, vec_te = vectors(train), vectors(test)
+    keys_tr = list(zip(train.column("machine_type").to_pylist(), train.column("section").to_pylist()))
+    keys_te = list(zip(test.column("machine_type").to_pylist(), test.column("section").to_pylist()))
+    dom = train.column("domain").to_pylist()
+    out = np.full(test.num_rows, np.inf, np.float32)
+    for key in sorted(set(keys_te)):
+        itr = [i for i, kk in enumerate(keys_tr) if kk == key]
+        ite = np.array([i for i, kk in enumerate(keys_te) if kk == key])
+        doms = [dom[i] for i in itr]
+        bank = (knn.FusedBank.build(vec_tr[itr], doms, blocks, normalize=normalize, k=k) if blocks
+                else knn.MemoryBank.build(vec_tr[itr], doms, normalize=normalize, k=k))
+        out[ite] = bank.score_parts(vec_te[ite], k=k)[0]
+    return out
+
+
+def _fixed(x: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), x.shape[1])
+
+
+def _official(test: pa.Table, score: np.ndarray) -> float:
+    t = test.select(["clip_id", "machine_type", "section", "domain", "label"]).append_column(
+        "score", pa.array(score.astype(np.float32)))
+    return float(metrics.evaluate_table(t).official_score)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from asd.evaluate import LOGMEL, _clip_keys, plan_split
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root")
+    p.add_argument("--tags", nargs="+", default=["eval-cnn-pseudo", "eval-mod-pseudo"],
+                   help="groups of embedding tags; a group 'a,b' scores the mean of its members")
+    p.add_argument("--k", type=int, nargs="+", default=[1])
+    p.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
+    args = p.parse_args(argv)
+
+    plan = plan_split(_clip_keys(args.root, {LOGMEL}))
+    rows: dict[str, float] = {}
+    fused: dict[tuple[str, int], np.ndarray] = {}
+    test0 = train0 = None
+    concat_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for group in args.tags:  # "a,b,c": the members' mean score; the groups' scores are summed
+        members = group.split(",")
+        summed: dict[tuple[str, int], np.ndarray] = {}
+        for tag in members:
+            train, test = _tables(args.root, tag, plan.train_ids, plan.test_ids)
+            w = 1.0 / np.sqrt(len(members))
+            concat_parts.append((w * knn.l2_normalize(vectors(train)), w * knn.l2_normalize(vectors(test))))
+            if train0 is None:
+                train0 = train
+            if test0 is None:
+                test0 = test
+            elif test.column("clip_id") != test0.column("clip_id"):
+                raise ValueError(f"{tag}: other test clips than {args.tags[0]}")
+            for k in args.k:
+                for rule, norm in (("raw", None), ("bank_norm", "loo_mean")):
+                    s = _scores(train, test, norm, k, embedding_blocks(embeddings_dir(args.root, tag)))
+                    summed[(rule, k)] = summed.get((rule, k), 0) + s / len(members)
+        for (rule, k), s in summed.items():
+            rows[f"{group if len(members) == 1 else 'mean(' + group + ')'} {rule} k={k}"] = _official(test0, s)
+            fused[(rule, k)] = fused.get((rule, k), 0) + s
+    if len(args.tags) > 1:
+        for (rule, k), s in fused.items():
+            rows[f"sum of {len(args.tags)} groups {rule} k={k}"] = _official(test0, s)
+        # embedding-level fusion: every member L2-normalised, weighted so that each group counts once
+        tr = train0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([a for a, _ in concat_parts])))
+        te = test0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([b for _, b in concat_parts])))
+        for k in args.k:
+            rows[f"concat of {len(args.tags)} groups raw k={k}"] = _official(test0, _scores(tr, te, None, k))
+    line = f"{args.root}: " + "; ".join(f"{name} {100 * v:.2f}" for name, v in rows.items())
+    print(line)
+    result = {"root": args.root, "split_sha256": plan.sha256, "official_scores": rows, "line": line}
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True)
+        with open(args.out + ".txt", "w") as f:
+            f.write(line + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,60 @@
+"""Train more members of the served recipe's encoders into an existing ``jobs.evaluate`` root.
+
+    python -m benchmarks.train_members <evaluate root> --model cnn|mod --seeds 1 2 [overrides...]
+
+Each member is the evaluate run's own ``cnn`` or ``mod`` fine-tune (same labels, same training
+view, same settings) with another training seed; it is embedded into
+``<root>/embeddings/member-<model>-<seed>``. ``benchmarks.score_variants`` then scores any
+combination of members. Development seeds only: this is how the ensemble size of the served
+recipe was chosen, never on the seeds the accuracy record reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from asd import storage
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    import ray
+
+    from asd.embed import EmbedConfig, embed
+    from asd.finetune import finetune
+    from jobs.evaluate import evaluate_config
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root")
+    p.add_argument("--model", choices=("cnn", "mod"), required=True)
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("overrides", nargs="*", help="jobs.evaluate overrides (e.g. cnn.finetune.train.steps=300)")
+    args = p.parse_args(argv)
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "jobs" / "conf"), version_base=None):
+        cfg = compose("evaluate", overrides=[f"root={args.root}", *args.overrides])
+    ecfg = evaluate_config(cfg)
+    mc = getattr(ecfg, args.model)
+    labels = storage.join(args.root, "labels", f"{ecfg.cnn.tag}-pseudo")
+    view = storage.join(args.root, "evaluate", "train_view")
+    storage.require_published(labels)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = []
+    for seed in args.seeds:
+        tag = f"member-{args.model}-{seed}"
+        res = finetune(view, args.root, replace(mc.finetune, tag=tag, embed_tag=tag, labels=labels, set_current=False),
+                       replace(mc.finetune_train, name=tag, seed=seed, resume=False))
+        e = embed(args.root, tag, EmbedConfig(embedder="encoder", params={**(mc.embed.params or {}),
+                                                                          "checkpoint": res.encoder},
+                                              num_actors=2, num_cpus=0.5, progress=False))
+        print(f"{tag}: {res.seconds:.0f} s training, embeddings {e.embeddings}", flush=True)
+        out.append(e.embeddings)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
