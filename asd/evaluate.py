@@ -889,6 +889,8 @@ def _notes(per_method: dict) -> list[str]:
                 + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "") + ")")
 
     for m, d in per_method.items():
+        if m in ("ae_mse", "ae_mahalanobis"):  # described above
+            continue
         pre = d["info"].get("pretrain")
         tr = d["info"].get("training") or {}
         members = {k: v for k, v in tr.items() if isinstance(v, dict)} if "steps" not in tr else {}

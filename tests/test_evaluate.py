@@ -162,6 +162,7 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
         md = f.read()
     assert "has no train split" in md and all(f"| {m} |" in md for m in methods)
     assert "| cnn_section | – |" in md and "not run: " in md
+    assert "Autoencoder baseline: one model per machine type" in md and "ae_mse: encoder" not in md
     train = {c for c, r in zip(*_split_rows(rep)) if r == TRAIN}
     assert len(train) == 4 and all("_normal_" in c for c in train)
     # the encoder would be pre-trained on a feature view of exactly the training clips
