@@ -57,6 +57,15 @@ def _scores(train: pa.Table, test: pa.Table, normalize: str | None, k: int,
     return out
 
 
+def _weighted_blocks(x: np.ndarray, blocks: list[dict] | None, weight: float) -> np.ndarray:
+    """Each block L2-normalised and scaled by sqrt(weight x its block weight): one cosine kNN on the
+    concatenation then weighs the members as score-level fusion would (embedding-level fusion)."""
+    blocks = blocks or [{"dim": x.shape[1], "weight": 1.0}]
+    bounds = np.cumsum([0, *[b["dim"] for b in blocks]])
+    return np.hstack([np.sqrt(weight * b["weight"]) * knn.l2_normalize(x[:, a:e])
+                      for b, a, e in zip(blocks, bounds[:-1], bounds[1:])])
+
+
 def _fixed(x: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), x.shape[1])
 
@@ -88,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         summed: dict[tuple[str, int], np.ndarray] = {}
         for tag in members:
             train, test = _tables(args.root, tag, plan.train_ids, plan.test_ids)
-            w = 1.0 / np.sqrt(len(members))
-            concat_parts.append((w * knn.l2_normalize(vectors(train)), w * knn.l2_normalize(vectors(test))))
+            concat_parts.append(tuple(_weighted_blocks(vectors(t), embedding_blocks(embeddings_dir(args.root, tag)),
+                                                       1.0 / len(members)) for t in (train, test)))
             if train0 is None:
                 train0 = train
             if test0 is None:
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(args.tags) > 1:
         for (rule, k), s in fused.items():
             rows[f"sum of {len(args.tags)} groups {rule} k={k}"] = _official(test0, s)
+    if len(args.tags) > 1 or any(embedding_blocks(embeddings_dir(args.root, t)) for t in args.tags):
         # embedding-level fusion: every member L2-normalised, weighted so that each group counts once
         tr = train0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([a for a, _ in concat_parts])))
         te = test0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([b for _, b in concat_parts])))
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows[f"concat of {len(args.tags)} groups raw k={k}"] = _official(test0, _scores(tr, te, None, k))
     line = f"{args.root}: " + "; ".join(f"{name} {100 * v:.2f}" for name, v in rows.items())
     print(line)
-    result = {"root": args.root, "split_sha256": plan.sha256, "official_scores": rows, "line": line}
+    result = {"root": args.root, "split_sha256": plan.sha256(), "official_scores": rows, "line": line}
     if args.out:
         with open(args.out + ".json", "w") as f:
             json.dump(result, f, indent=1, sort_keys=True)
