@@ -11,9 +11,9 @@ Parts (each runs the jobs in fresh processes, corpora and run roots under ``--wo
   ``jobs.evaluate`` run -> ``results/ablation_realistic.{md,json,png}``;
 * ``seeds``: AE-MSE, log-mel kNN, the served recipe (``fused_pseudo``) and the other learned
   recipes (``cnn_pseudo``, ``mod_pseudo``) on the full preset,
-  seeds 0/1/2 -> ``results/seeds_realistic.{json,txt}``;
+  seeds 0/1/2 -> ``results/seeds_realistic.{json,txt,png}``;
 * ``small``: both baselines and the served recipe on ``realistic_small`` (the main command's
-  corpus), seeds 0/1/2 -> ``results/served_realistic_small.{json,txt}``;
+  corpus), seeds 0/1/2 -> ``results/served_realistic_small.{json,txt,png}``;
 * ``real``: the real clips of ``../shared/data/real`` (skipped when absent) ->
   ``results/served_roboticarm.*`` and ``results/served_dcase2023_samples.*``;
 * ``pipeline``: ``python -m jobs.pipeline`` with no arguments -> ``results/accuracy_pipeline.*``.
@@ -143,7 +143,42 @@ def _seeds(preset: str, methods: list[str], work: Path, name: str, label: str) -
     table = _seed_table(rows, methods)
     line = _seed_line(label, table, methods)
     write_result(name, {"preset": preset, "methods": methods, "served": SERVED, **table}, line)
+    plot_seed_table(RESULTS / f"{name}.json")
     return {"line": line, **table}
+
+
+def plot_seed_table(record: Path) -> Path:
+    """``<record>.png``: every method's official score per seed (bars) and the better baseline (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(Path(record).read_text())
+    rows, methods = d["rows"], d["methods"]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 3.6))
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(rows))]
+        ys = [100 * (r[m] or 0.0) for r in rows]
+        ax.bar(xs, ys, width, label=m + (" (served)" if m == d["served"] else ""),
+               edgecolor="black" if m == d["served"] else None)
+    for i, r in enumerate(rows):
+        if r["best_baseline"] is not None:
+            ax.hlines(100 * r["best_baseline"], i - 0.45, i + 0.45, colors="red", linestyles="--",
+                      label="better baseline" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [f"seed {r['seed']}" for r in rows])
+    ax.set_ylim(45, max(70, 5 + max(100 * (r[m] or 0) for r in rows for m in methods)))
+    ax.set_ylabel("official score (%)")
+    med = d.get("median_served_minus_best_baseline")
+    ax.set_title(f"{d['preset']}: served minus the better baseline, median "
+                 + ("n/a" if med is None else f"{100 * med:+.2f}") + " points", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    out = Path(record).with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def part_seeds(work: Path) -> dict:
@@ -194,12 +229,12 @@ def main() -> None:
     print(f"[accuracy] corpora and runs under {work}", file=sys.stderr, flush=True)
     summary = RESULTS / "accuracy.json"  # parts not rerun now keep their last record (with its date)
     results = json.loads(summary.read_text()).get("parts", {}) if summary.exists() else {}
-    for part in a.parts:
+    for part in a.parts:  # the summary is rewritten after every part: a stopped run keeps what it finished
         results[part] = {**globals()[f"part_{part}"](work), "date": time.strftime("%Y-%m-%d")}
         print(f"[accuracy] {part}: {results[part]['line']}", file=sys.stderr, flush=True)
-    results = {k: results[k] for k in PARTS if k in results}
-    write_result("accuracy", {"served": SERVED, "parts": results, "work": str(work)},
-                 " | ".join(r["line"] for r in results.values()))
+        results = {k: results[k] for k in PARTS if k in results}
+        write_result("accuracy", {"served": SERVED, "parts": results, "work": str(work)},
+                     " | ".join(r["line"] for r in results.values()))
 
 
 if __name__ == "__main__":

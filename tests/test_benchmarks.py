@@ -25,3 +25,26 @@ def test_seed_table_without_the_served_method_has_no_margin():
     table = accuracy._seed_table(rows, ["ae_mse", accuracy.SERVED])
     assert table["rows"][0]["served_minus_best_baseline"] is None
     assert table["median_served_minus_best_baseline"] is None
+
+
+def test_seed_plot_draws_one_bar_per_method_and_seed(tmp_path):
+    import json
+
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    served = accuracy.SERVED
+    rows = [{"seed": 0, "official_scores": {"ae_mse": 0.55, "logmel_knn": 0.53, served: 0.60}},
+            {"seed": 1, "official_scores": {"ae_mse": 0.61, "logmel_knn": 0.59, served: 0.55}}]
+    methods = ["ae_mse", "logmel_knn", served]
+    record = tmp_path / "seeds.json"
+    record.write_text(json.dumps({"preset": "x", "methods": methods, "served": served,
+                                  **accuracy._seed_table(rows, methods)}))
+    png = accuracy.plot_seed_table(record)
+    assert png == tmp_path / "seeds.png"
+    img = mpimg.imread(png)
+    assert img.shape[:2] == (round(3.6 * 120), round((2.2 + 1.6 * 2) * 120))
+    # the default colour cycle's first three colours (one per method) are all drawn
+    rgb = (img[..., :3] * 255).round().astype(int).reshape(-1, 3)
+    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
+        assert (np.abs(rgb - colour).sum(axis=1) <= 6).sum() > 200, colour
