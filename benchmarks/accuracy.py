@@ -1,6 +1,6 @@
 """Accuracy record of the served recipe against the baselines, in one command.
 
-    python -m benchmarks.accuracy                        # every part (about 1.5 h on 2 cores)
+    python -m benchmarks.accuracy                        # every part (about 2.5 h on 2 cores)
     python -m benchmarks.accuracy --parts real small     # some parts
     python -m benchmarks.accuracy --parts pipeline       # the main command as a user runs it
 
