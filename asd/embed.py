@@ -169,6 +169,7 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     raycompat.prepare_data_execution()
     DataContext.get_current().enable_progress_bars = cfg.progress
     inputs = embedder_inputs(cfg.embedder, cfg.params)
+    blocks = embedder_blocks(cfg.embedder, cfg.params)  # before any work: a member without a width fails now
     ds = read_features_ray(root, columns=KEY_COLUMNS + [c for m in inputs for c in matrix_columns(m)])
     ds = ds.map_batches(
         _EmbedActor,
@@ -186,7 +187,6 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     table = read_embeddings(staging, published=False, columns=["clip_id", "embedding"])
     dim = table.schema.field("embedding").type.list_size if table.num_rows else 0
     info = {"embedder": cfg.embedder, "params": cfg.params, "rows": table.num_rows, "dim": dim}
-    blocks = embedder_blocks(cfg.embedder, cfg.params)
     if blocks is not None:
         if table.num_rows and sum(b["dim"] for b in blocks) != dim:
             raise ValueError(f"{cfg.embedder}: blocks {blocks} do not add up to the embedding width {dim}")

@@ -537,6 +537,11 @@ def _make_labels(ctx: EvalContext, mode: str) -> dict:
     return info
 
 
+def _member(name: str, member: int) -> str:
+    """Key or tag of ensemble member ``member`` (the first keeps the plain name)."""
+    return f"{name}-m{member}" if member else name
+
+
 def _train_on_labels(ctx: EvalContext, key: str, tag: str, fcfg: FinetuneConfig, tcfg: TrainConfig,
                      mode: str, member: int = 0) -> str:
     """An encoder trained from scratch now (``fcfg.model``) on the labels of ``mode``; its training
@@ -547,7 +552,7 @@ def _train_on_labels(ctx: EvalContext, key: str, tag: str, fcfg: FinetuneConfig,
     from asd.finetune import finetune
 
     if member:
-        key, tag, tcfg = f"{key}-m{member}", f"{tag}-m{member}", replace(tcfg, seed=tcfg.seed + member)
+        key, tag, tcfg = _member(key, member), _member(tag, member), replace(tcfg, seed=tcfg.seed + member)
 
     def train() -> dict:
         info = dict(_labels(ctx, mode))
@@ -600,7 +605,7 @@ def _fused_knn(ctx: EvalContext) -> MethodOutput:
                for arch, cs in ckpts.items() for c in cs]
     out = _knn(ctx, ctx.cfg.mod.fused_tag, replace(ctx.cfg.mod.embed, embedder="concat",
                                                    params={"members": members, "fusion": ctx.cfg.mod.fusion}))
-    training = {f"{arch}-m{i}" if i else arch: ctx.cache.get(f"{arch}-pseudo-m{i}" if i else f"{arch}-pseudo")
+    training = {_member(arch, i): ctx.cache.get(_member(f"{arch}-pseudo", i))
                 for arch, cs in ckpts.items() for i in range(len(cs))}
     out.info.update(members=[m["params"]["checkpoint"] for m in members], fusion=ctx.cfg.mod.fusion,
                     training=training)

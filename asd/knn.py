@@ -341,12 +341,12 @@ class MemoryBank:
 
         Returns ``(n,)`` float32; ``+inf`` only if both banks are empty.
         """
-        by_bank = self.score_by_bank(queries, k=k, chunk_size=chunk_size, device=device)
-        return np.minimum(by_bank[SOURCE], by_bank[TARGET])
+        return self.score_parts(queries, k=k, chunk_size=chunk_size, device=device)[0]
 
-    def score_parts(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score_parts(self, queries: np.ndarray, k: int = 1, chunk_size: int = 4096,
+                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(score, source distance, target distance)`` of each query (score: their minimum)."""
-        by_bank = self.score_by_bank(queries, k=k)
+        by_bank = self.score_by_bank(queries, k=k, chunk_size=chunk_size, device=device)
         return np.minimum(by_bank[SOURCE], by_bank[TARGET]), by_bank[SOURCE], by_bank[TARGET]
 
     def train_scores(
@@ -394,18 +394,13 @@ class MemoryBank:
             if own.shape[0] == 0:
                 continue
             if sample is None or own.shape[0] <= sample:
-                loo = knn_distance(own, own, exclude_self=True, **kw) / scale[own_name]
+                loo = _leave_one_out(own, k, None, chunk_size, device) / scale[own_name]
                 other = knn_distance(own, other_bank, **kw) / scale[other_name]
                 scores[mask] = np.minimum(loo, other)
                 continue
             pick = np.sort(rng.choice(own.shape[0], size=sample, replace=False))
-            q = own[pick]
-            # leave-one-out without the n x n product: each query's nearest of the k+1
-            # is itself at distance 0, so the mean of the other k is (k+1)/k times the mean
-            kk = min(k, own.shape[0] - 1)
-            loo = knn_distance(q, own, k=kk + 1, chunk_size=chunk_size, device=device) * (kk + 1) / kk
-            loo = loo / scale[own_name]
-            other = knn_distance(q, other_bank, **kw) / scale[other_name]
+            loo = _leave_one_out(own, k, pick, chunk_size, device) / scale[own_name]
+            other = knn_distance(own[pick], other_bank, **kw) / scale[other_name]
             part = np.full(own.shape[0], np.nan, dtype=np.float32)
             part[pick] = np.minimum(loo, other)
             scores[mask] = part
@@ -506,6 +501,17 @@ class FusedBank:
         return sum(b.nbytes for b in self.banks)
 
 
+def _leave_one_out(rows: np.ndarray, k: int, pick: np.ndarray | None = None, chunk_size: int = 4096,
+                   device: str = "cpu") -> np.ndarray:
+    """Mean kNN distance of each row (or of the rows ``pick``) to the other rows."""
+    if pick is None:
+        return knn_distance(rows, rows, k=k, chunk_size=chunk_size, exclude_self=True, device=device)
+    # without the n x n product: each query's nearest of the k+1 is itself at distance 0, so the
+    # mean of the other k is (k+1)/k times the mean
+    kk = min(k, rows.shape[0] - 1)
+    return knn_distance(rows[pick], rows, k=kk + 1, chunk_size=chunk_size, device=device) * (kk + 1) / kk
+
+
 NORMALIZE = (None, "loo_mean")
 SCALE_SAMPLE = 2000  # leave-one-out queries per bank for its scale
 
@@ -521,13 +527,10 @@ def bank_scales(source: np.ndarray, target: np.ndarray, normalize: str | None, k
         if rows.shape[0] < 2:
             scales[name] = None
             continue
-        kk = min(int(k), rows.shape[0] - 1)
-        if rows.shape[0] <= SCALE_SAMPLE:
-            loo = _knn_numpy(rows, rows, kk, 4096, exclude_self=True)
-        else:  # a large bank: a fixed sample of queries; each one's nearest of k+1 is itself
-            pick = np.random.default_rng(0).choice(rows.shape[0], size=SCALE_SAMPLE, replace=False)
-            loo = _knn_numpy(rows[np.sort(pick)], rows, kk + 1, 4096) * (kk + 1) / kk
-        mean = float(np.mean(loo))
+        pick = None  # a large bank: a fixed sample of queries
+        if rows.shape[0] > SCALE_SAMPLE:
+            pick = np.sort(np.random.default_rng(0).choice(rows.shape[0], size=SCALE_SAMPLE, replace=False))
+        mean = float(np.mean(_leave_one_out(rows, min(int(k), rows.shape[0] - 1), pick)))
         # identical clips (distance 0) give no scale either
         scales[name] = mean if mean > 1e-6 else None
     for name, other in ((SOURCE, TARGET), (TARGET, SOURCE)):

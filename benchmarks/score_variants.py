@@ -92,13 +92,15 @@ def main(argv: list[str] | None = None) -> dict:
     fused: dict[tuple[str, int], np.ndarray] = {}
     test0 = train0 = None
     concat_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    blocks: dict[str, list[dict] | None] = {}  # recorded with each tag's embeddings
     for group in args.tags:  # "a,b,c": the members' mean score; the groups' scores are summed
         members = group.split(",")
         summed: dict[tuple[str, int], np.ndarray] = {}
         for tag in members:
             train, test = _tables(args.root, tag, plan.train_ids, plan.test_ids)
-            concat_parts.append(tuple(_weighted_blocks(vectors(t), embedding_blocks(embeddings_dir(args.root, tag)),
-                                                       1.0 / len(members)) for t in (train, test)))
+            blocks[tag] = embedding_blocks(embeddings_dir(args.root, tag))
+            concat_parts.append(tuple(_weighted_blocks(vectors(t), blocks[tag], 1.0 / len(members))
+                                      for t in (train, test)))
             if train0 is None:
                 train0 = train
             if test0 is None:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError(f"{tag}: other test clips than {args.tags[0]}")
             for k in args.k:
                 for rule, norm in (("raw", None), ("bank_norm", "loo_mean")):
-                    s = _scores(train, test, norm, k, embedding_blocks(embeddings_dir(args.root, tag)))
+                    s = _scores(train, test, norm, k, blocks[tag])
                     summed[(rule, k)] = summed.get((rule, k), 0) + s / len(members)
         for (rule, k), s in summed.items():
             rows[f"{group if len(members) == 1 else 'mean(' + group + ')'} {rule} k={k}"] = _official(test0, s)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(args.tags) > 1:
         for (rule, k), s in fused.items():
             rows[f"sum of {len(args.tags)} groups {rule} k={k}"] = _official(test0, s)
-    if len(args.tags) > 1 or any(embedding_blocks(embeddings_dir(args.root, t)) for t in args.tags):
+    if len(args.tags) > 1 or any(blocks.values()):
         # embedding-level fusion: every member L2-normalised, weighted so that each group counts once
         tr = train0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([a for a, _ in concat_parts])))
         te = test0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([b for _, b in concat_parts])))
