@@ -40,7 +40,7 @@ def _tables(root: str, tag: str, train_ids: set[str], test_ids: set[str]) -> tup
 
 
 def _scores(train: pa.Table, test: pa.Table, normalize: str | None, k: int,
-            blocks: list[dict] | None = None) -> dict[str, np.ndarray]:
+            blocks: list[dict] | None = None, condense: int | None = None) -> dict[str, np.ndarray]:
     """Scores of every test clip (in ``test``'s row order) under one rule: ``{"score": ...}``."""
     vec_tr, vec_te = vectors(train), vectors(test)
     keys_tr = list(zip(train.column("machine_type").to_pylist(), train.column("section").to_pylist()))
@@ -51,8 +51,9 @@ def _scores(train: pa.Table, test: pa.Table, normalize: str | None, k: int,
         itr = [i for i, kk in enumerate(keys_tr) if kk == key]
         ite = np.array([i for i, kk in enumerate(keys_te) if kk == key])
         doms = [dom[i] for i in itr]
-        bank = (knn.FusedBank.build(vec_tr[itr], doms, blocks, normalize=normalize, k=k) if blocks
-                else knn.MemoryBank.build(vec_tr[itr], doms, normalize=normalize, k=k))
+        bank = (knn.FusedBank.build(vec_tr[itr], doms, blocks, normalize=normalize, k=k, condense_source=condense)
+                if blocks else
+                knn.MemoryBank.build(vec_tr[itr], doms, normalize=normalize, k=k, condense_source=condense))
         out[ite] = bank.score_parts(vec_te[ite], k=k)[0]
     return out
 
@@ -84,12 +85,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tags", nargs="+", default=["eval-cnn-pseudo", "eval-mod-pseudo"],
                    help="groups of embedding tags; a group 'a,b' scores the mean of its members")
     p.add_argument("--k", type=int, nargs="+", default=[1])
+    p.add_argument("--condense", type=int, nargs="*", default=[],
+                   help="also score with the source bank condensed to this many k-means centroids")
+    p.add_argument("--weights", nargs="*", default=[],
+                   help="more weighted sums of the groups' scores, one comma list per sum (e.g. 1,0.5)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
     args = p.parse_args(argv)
 
     plan = plan_split(_clip_keys(args.root, {LOGMEL}))
     rows: dict[str, float] = {}
     fused: dict[tuple[str, int], np.ndarray] = {}
+    per_group: list[dict[tuple[str, int], np.ndarray]] = []
+    weights = [[float(w) for w in ws.split(",")] for ws in args.weights]
+    if any(len(w) != len(args.tags) for w in weights):
+        raise ValueError(f"--weights: one weight per group ({len(args.tags)} groups)")
     test0 = train0 = None
     concat_parts: list[tuple[np.ndarray, np.ndarray]] = []
     blocks: dict[str, list[dict] | None] = {}  # recorded with each tag's embeddings
@@ -108,15 +117,20 @@ def main(argv: list[str] | None = None) -> dict:
             elif test.column("clip_id") != test0.column("clip_id"):
                 raise ValueError(f"{tag}: other test clips than {args.tags[0]}")
             for k in args.k:
-                for rule, norm in (("raw", None), ("bank_norm", "loo_mean")):
-                    s = _scores(train, test, norm, k, blocks[tag])
+                for rule, norm, cond in (("raw", None, None), ("bank_norm", "loo_mean", None),
+                                         *((f"condense{c}", None, c) for c in args.condense)):
+                    s = _scores(train, test, norm, k, blocks[tag], cond)
                     summed[(rule, k)] = summed.get((rule, k), 0) + s / len(members)
         for (rule, k), s in summed.items():
             rows[f"{group if len(members) == 1 else 'mean(' + group + ')'} {rule} k={k}"] = _official(test0, s)
             fused[(rule, k)] = fused.get((rule, k), 0) + s
+        per_group.append(summed)
     if len(args.tags) > 1:
         for (rule, k), s in fused.items():
             rows[f"sum of {len(args.tags)} groups {rule} k={k}"] = _official(test0, s)
+            for w in weights:
+                ws = sum(wi * g[(rule, k)] for wi, g in zip(w, per_group))
+                rows[f"sum w={','.join(map(str, w))} {rule} k={k}"] = _official(test0, ws)
     if len(args.tags) > 1 or any(blocks.values()):
         # embedding-level fusion: every member L2-normalised, weighted so that each group counts once
         tr = train0.drop_columns(["embedding"]).append_column("embedding", _fixed(np.hstack([a for a, _ in concat_parts])))

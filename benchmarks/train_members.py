@@ -4,7 +4,7 @@
 
 Each member is the evaluate run's own ``cnn`` or ``mod`` fine-tune (same labels, same training
 view, same settings) with another training seed; it is embedded into
-``<root>/embeddings/member-<model>-<seed>``. ``benchmarks.score_variants`` then scores any
+``<root>/embeddings/<prefix>-<model>-<seed>`` (prefix ``member`` unless ``--prefix``). ``benchmarks.score_variants`` then scores any
 combination of members. Development seeds only: this is how the ensemble size of the served
 recipe was chosen, never on the seeds the accuracy record reports.
 """
@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("root")
     p.add_argument("--model", choices=("cnn", "mod"), required=True)
     p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--n-clusters", type=int, default=None,
+                   help="train on Ward labels of this many clusters per type (labels/<prefix>-pseudo) "
+                        "instead of the run's own pseudo labels")
+    p.add_argument("--prefix", default="member", help="tags are <prefix>-<model>-<seed> (a variant's own prefix)")
     p.add_argument("overrides", nargs="*", help="jobs.evaluate overrides (e.g. cnn.finetune.train.steps=300)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "jobs" / "conf"), version_base=None):
         cfg = compose("evaluate", overrides=[f"root={args.root}", *args.overrides])
@@ -41,11 +45,21 @@ def main(argv: list[str] | None = None) -> list[str]:
     mc = getattr(ecfg, args.model)
     labels = storage.join(args.root, "labels", f"{ecfg.cnn.tag}-pseudo")
     view = storage.join(args.root, "evaluate", "train_view")
-    storage.require_published(labels)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if args.n_clusters is not None:
+        from asd.cluster import pseudo_label
+        from asd.embed import embeddings_dir
+
+        labels = storage.join(args.root, "labels", f"{args.prefix}-pseudo")
+        manifest = storage.join(args.root, "manifest", "manifest.parquet")
+        pl = pseudo_label(embeddings_dir(view, f"{ecfg.logmel.tag}-train"), labels,
+                          replace(ecfg.cnn.cluster, n_clusters=args.n_clusters, label_source="pseudo"),
+                          manifest_uri=manifest if storage.exists(manifest) else None)
+        print(f"labels {labels}: {args.n_clusters} clusters per type, quality {pl.quality}", flush=True)
+    storage.require_published(labels)
     out = []
     for seed in args.seeds:
-        tag = f"member-{args.model}-{seed}"
+        tag = f"{args.prefix}-{args.model}-{seed}"
         res = finetune(view, args.root, replace(mc.finetune, tag=tag, embed_tag=tag, labels=labels, set_current=False),
                        replace(mc.finetune_train, name=tag, seed=seed, resume=False))
         e = embed(args.root, tag, EmbedConfig(embedder="encoder", params={**(mc.embed.params or {}),
