@@ -123,7 +123,6 @@ class CNNMethodConfig:
 
     tag: str = "eval-cnn"
     checkpoint: str | None = None
-    members: int = 1  # fused_pseudo: this many CNNs, training seeds seed, seed+1, ... (cnn_pseudo: the first)
     cluster_embed: str = "logmel"  # logmel | pretrained: the representation clustered into pseudo labels
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-cnn", model="cnn"))
@@ -135,22 +134,20 @@ class CNNMethodConfig:
             raise ValueError(f"cnn.cluster_embed must be logmel or pretrained, got {self.cluster_embed!r}")
         if self.finetune.model != "cnn":
             raise ValueError("cnn.finetune.model must be 'cnn' (the CNN is trained from scratch)")
-        if self.members < 1:
-            raise ValueError(f"cnn.members must be >= 1, got {self.members}")
 
 
 @dataclass
 class ModMethodConfig:
     """The modulation-spectrum CNN (:mod:`asd.models.modnet`, ``finetune.model`` must be ``mod``)
     trained from scratch in this run on the same Ward pseudo labels as ``cnn_pseudo``:
-    ``mod_pseudo`` scores its embedding alone; ``fused_pseudo`` (the served recipe) fuses
-    ``cnn.members`` log-mel CNNs and ``members`` modulation CNNs (training seeds ``seed``,
-    ``seed+1``, ...; the first of each is ``cnn_pseudo``'s and ``mod_pseudo``'s) with the
-    ``concat`` embedder: ``fusion`` score (each member's kNN distance, summed with weight
-    1/members within its architecture, so each architecture weighs the same) or embedding."""
+    ``mod_pseudo`` scores its embedding alone; ``fused_pseudo`` (the served recipe) fuses the
+    ``cnn.finetune.members`` log-mel CNNs and the ``finetune.members`` modulation CNNs (each
+    ensemble trained in one run, :class:`asd.finetune.FinetuneConfig`; the first member of each
+    is ``cnn_pseudo``'s and ``mod_pseudo``'s) with the ``concat`` embedder: ``fusion`` score (each
+    member's kNN distance, summed with weight 1/members within its architecture, so each
+    architecture weighs the same) or embedding."""
 
     tag: str = "eval-mod"
-    members: int = 1
     fusion: str = "score"
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(tag="eval-mod", model="mod"))
     finetune_train: TrainConfig = field(default_factory=lambda: TrainConfig(crop_frames=256))
@@ -160,8 +157,6 @@ class ModMethodConfig:
     def __post_init__(self):
         if self.finetune.model != "mod":
             raise ValueError("mod.finetune.model must be 'mod' (the modulation CNN is trained from scratch)")
-        if self.members < 1:
-            raise ValueError(f"mod.members must be >= 1, got {self.members}")
         if self.fusion not in ("embedding", "score"):
             raise ValueError(f"mod.fusion must be embedding or score, got {self.fusion!r}")
 
@@ -537,55 +532,47 @@ def _make_labels(ctx: EvalContext, mode: str) -> dict:
     return info
 
 
-def _member(name: str, member: int) -> str:
-    """Key or tag of ensemble member ``member`` (the first keeps the plain name)."""
-    return f"{name}-m{member}" if member else name
-
-
 def _train_on_labels(ctx: EvalContext, key: str, tag: str, fcfg: FinetuneConfig, tcfg: TrainConfig,
-                     mode: str, member: int = 0) -> str:
-    """An encoder trained from scratch now (``fcfg.model``) on the labels of ``mode``; its training
-    facts go to ``ctx.cache[key]``. Once per run and key. ``member`` i > 0: the same training with
-    seed ``tcfg.seed + i`` (key and tag ``-m<i>``), a member of an ensemble."""
+                     mode: str) -> list[str]:
+    """Encoders trained from scratch now (``fcfg.model``) on the labels of ``mode``: one, or the
+    ``fcfg.members`` of an ensemble trained in one run (tags ``tag``, ``tag-m1``, ...); their training
+    facts go to ``ctx.cache[key]``. Once per run and key."""
     from dataclasses import replace
 
     from asd.finetune import finetune
-
-    if member:
-        key, tag, tcfg = _member(key, member), _member(tag, member), replace(tcfg, seed=tcfg.seed + member)
 
     def train() -> dict:
         info = dict(_labels(ctx, mode))
         res = finetune(_train_view(ctx), ctx.root,
                        replace(fcfg, tag=tag, embed_tag=tag, labels=info["labels"], set_current=False),
                        replace(tcfg, name=tag))
-        info.update(encoder=res.encoder, steps=res.steps, num_classes=res.num_classes,
+        info.update(encoder=res.encoder, encoders=res.encoders, steps=res.steps, num_classes=res.num_classes,
                     final_accuracy=res.final_accuracy, seconds=res.seconds)
         return info
 
-    return ctx.once(key, train)["encoder"]
+    return ctx.once(key, train)["encoders"]
 
 
-def _cnn_encoder(ctx: EvalContext, mode: str, member: int = 0) -> str:
-    """A CNN trained now on the split's training clips with the labels of ``mode`` (see
-    :class:`CNNMethodConfig`), or the configured checkpoint."""
+def _cnn_encoders(ctx: EvalContext, mode: str) -> list[str]:
+    """The CNNs (``cnn.finetune.members``) trained now on the split's training clips with the labels
+    of ``mode`` (see :class:`CNNMethodConfig`), or the configured checkpoint."""
     mc = ctx.cfg.cnn
     if mc.checkpoint:
-        return mc.checkpoint
-    return _train_on_labels(ctx, f"cnn-{mode}", f"{mc.tag}-{mode}", mc.finetune, mc.finetune_train, mode, member)
+        return [mc.checkpoint]
+    return _train_on_labels(ctx, f"cnn-{mode}", f"{mc.tag}-{mode}", mc.finetune, mc.finetune_train, mode)
 
 
-def _mod_encoder(ctx: EvalContext, member: int = 0) -> str:
-    """The modulation CNN trained now on the pseudo labels (:class:`ModMethodConfig`)."""
+def _mod_encoders(ctx: EvalContext) -> list[str]:
+    """The modulation CNNs (``mod.finetune.members``) trained now on the pseudo labels (:class:`ModMethodConfig`)."""
     mc = ctx.cfg.mod
-    return _train_on_labels(ctx, "mod-pseudo", f"{mc.tag}-pseudo", mc.finetune, mc.finetune_train, "pseudo", member)
+    return _train_on_labels(ctx, "mod-pseudo", f"{mc.tag}-pseudo", mc.finetune, mc.finetune_train, "pseudo")
 
 
 def _mod_knn(ctx: EvalContext) -> MethodOutput:
     from dataclasses import replace
 
     mc = ctx.cfg.mod
-    out = _encoder_knn(ctx, replace(ctx.cfg.cnn, tag=f"{mc.tag}-pseudo", embed=mc.embed), _mod_encoder(ctx))
+    out = _encoder_knn(ctx, replace(ctx.cfg.cnn, tag=f"{mc.tag}-pseudo", embed=mc.embed), _mod_encoders(ctx)[0])
     out.info["training"] = ctx.cache.get("mod-pseudo")
     return out
 
@@ -597,16 +584,13 @@ def _fused_knn(ctx: EvalContext) -> MethodOutput:
 
     import asd.models.embedders  # noqa: F401  (registers "concat")
 
-    cnn_n = 1 if ctx.cfg.cnn.checkpoint else ctx.cfg.cnn.members
-    ckpts = {"cnn": [_cnn_encoder(ctx, "pseudo", i) for i in range(cnn_n)],
-             "mod": [_mod_encoder(ctx, i) for i in range(ctx.cfg.mod.members)]}
+    ckpts = {"cnn": _cnn_encoders(ctx, "pseudo"), "mod": _mod_encoders(ctx)}
     embed_params = {"cnn": ctx.cfg.cnn.embed.params or {}, "mod": ctx.cfg.mod.embed.params or {}}
     members = [{"embedder": "encoder", "params": {**embed_params[arch], "checkpoint": c}, "weight": 1.0 / len(cs)}
                for arch, cs in ckpts.items() for c in cs]
     out = _knn(ctx, ctx.cfg.mod.fused_tag, replace(ctx.cfg.mod.embed, embedder="concat",
                                                    params={"members": members, "fusion": ctx.cfg.mod.fusion}))
-    training = {_member(arch, i): ctx.cache.get(_member(f"{arch}-pseudo", i))
-                for arch, cs in ckpts.items() for i in range(len(cs))}
+    training = {arch: ctx.cache.get(f"{arch}-pseudo") for arch in ckpts}
     out.info.update(members=[m["params"]["checkpoint"] for m in members], fusion=ctx.cfg.mod.fusion,
                     training=training)
     return out
@@ -616,7 +600,7 @@ def _cnn_knn(ctx: EvalContext, mode: str) -> MethodOutput:
     from dataclasses import replace
 
     mc = ctx.cfg.cnn
-    checkpoint = _cnn_encoder(ctx, mode)
+    checkpoint = _cnn_encoders(ctx, mode)[0]
     out = _encoder_knn(ctx, replace(mc, tag=f"{mc.tag}-{mode}"), checkpoint)
     out.info["training"] = ctx.cache.get(f"cnn-{mode}")
     return out
@@ -889,9 +873,11 @@ def _notes(per_method: dict) -> list[str]:
             break
     def trained(tr: dict) -> str:
         acc = tr.get("final_accuracy")
+        n = len(tr.get("encoders") or [])
         return (f"trained from scratch in this run for {tr.get('steps')} steps on the training split's "
                 f"{tr.get('label_mode')} labels ({tr.get('num_classes')} classes"
-                + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "") + ")")
+                + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "")
+                + (f"; {n} models side by side in one run" if n > 1 else "") + ")")
 
     for m, d in per_method.items():
         if m in ("ae_mse", "ae_mahalanobis"):  # described above

@@ -187,6 +187,11 @@ class ObjectiveBase:
     def encoder(self, module: nn.Module) -> AudioEncoder:
         return module.encoder
 
+    def clip_groups(self, module: nn.Module) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms are clipped separately (``grad_clip``): one
+        group, the whole module, unless the module trains independent models side by side."""
+        return [list(module.parameters())]
+
     def describe(self) -> dict:
         """JSON-able description stored in checkpoints and exported models."""
         return {"objective": self.name}
@@ -504,6 +509,8 @@ def train_loop(
         history = list(resume_state.get("history") or [])
         log.info("rank %d: resuming at step %d (epoch %d, batch %d)", rank, step, epoch, batch_in_epoch)
     start_step = step
+    clip_groups = (objective.clip_groups(module) if hasattr(objective, "clip_groups")
+                   else [list(module.parameters())])
     model = wrap(module) if wrap is not None else module
     model.train()
     autocast = (
@@ -548,7 +555,8 @@ def train_loop(
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 window.setdefault(k, []).append(float(v))
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = max(torch.nn.utils.clip_grad_norm_(group, clip) for group in clip_groups)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -994,15 +1002,17 @@ def models_dir(root: str, tag: str) -> str:
     return storage.join(root, "models", tag)
 
 
-def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None) -> str:
+def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None,
+                   member: int | None = None) -> str:
     """Write the objective's encoder from a checkpoint to ``<root>/models/<tag>/encoder.pt``
-    (+ ``config.json``); returns the encoder URI."""
+    (+ ``config.json``); returns the encoder URI. ``member``: which of the models an objective
+    trains side by side (``objective.encoder(module, member=...)``)."""
     state, checkpoint_uri, _ = load_state_with_fallback(checkpoint_uri)  # the one actually used
     module = objective.build()
     objective.setup(module, torch.device("cpu"))
     module.load_state_dict(state["module"])
     objective.load_state_dict(state.get("objective") or {})
-    encoder = objective.encoder(module)
+    encoder = objective.encoder(module) if member is None else objective.encoder(module, member=member)
     info = {
         **objective.describe(),
         "step": int(state["step"]),

@@ -4,9 +4,12 @@
 
 Each member is the evaluate run's own ``cnn`` or ``mod`` fine-tune (same labels, same training
 view, same settings) with another training seed; it is embedded into
-``<root>/embeddings/<prefix>-<model>-<seed>`` (prefix ``member`` unless ``--prefix``). ``benchmarks.score_variants`` then scores any
-combination of members. Development seeds only: this is how the ensemble size of the served
-recipe was chosen, never on the seeds the accuracy record reports.
+``<root>/embeddings/<prefix>-<model>-<seed>`` (prefix ``member`` unless ``--prefix``; an override
+``<model>.finetune.members=N`` trains N side by side in that run, embedded as ``...-<seed>-m<i>``).
+``--n-clusters K`` trains on Ward labels of K clusters per type instead of the run's own.
+``benchmarks.score_variants`` then scores any combination of members. Development seeds only: this
+is how the ensemble size of the served recipe was chosen, never on the seeds the accuracy record
+reports.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     import ray
 
     from asd.embed import EmbedConfig, embed
-    from asd.finetune import finetune
+    from asd.finetune import finetune, member_tag
     from jobs.evaluate import evaluate_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -62,11 +65,12 @@ def main(argv: list[str] | None = None) -> list[str]:
         tag = f"{args.prefix}-{args.model}-{seed}"
         res = finetune(view, args.root, replace(mc.finetune, tag=tag, embed_tag=tag, labels=labels, set_current=False),
                        replace(mc.finetune_train, name=tag, seed=seed, resume=False))
-        e = embed(args.root, tag, EmbedConfig(embedder="encoder", params={**(mc.embed.params or {}),
-                                                                          "checkpoint": res.encoder},
-                                              num_actors=2, num_cpus=0.5, progress=False))
-        print(f"{tag}: {res.seconds:.0f} s training, embeddings {e.embeddings}", flush=True)
-        out.append(e.embeddings)
+        for i, encoder in enumerate(res.encoders):  # finetune.members > 1: <tag>-m<i> for member i > 0
+            e = embed(args.root, member_tag(tag, i),
+                      EmbedConfig(embedder="encoder", params={**(mc.embed.params or {}), "checkpoint": encoder},
+                                  num_actors=2, num_cpus=0.5, progress=False))
+            out.append(e.embeddings)
+        print(f"{tag}: {res.seconds:.0f} s training, embeddings {out[-len(res.encoders):]}", flush=True)
     return out
 
 

@@ -284,9 +284,9 @@ def test_cnn_methods_train_from_scratch_on_their_labels_and_name_the_served_reci
 
 @pytest.mark.slow
 def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(ray_session, small_corpus, tmp_path):
-    """mod_pseudo trains the modulation CNN on cnn_pseudo's labels; fused_pseudo fuses the two CNNs and a
-    second modulation CNN (the next training seed) at the score level without training the first two
-    again; its scores are the weighted sums of the members' own kNN distances."""
+    """mod_pseudo trains the modulation CNNs (two members in one run) on cnn_pseudo's labels and scores
+    the first; fused_pseudo fuses the log-mel CNN and both modulation CNNs at the score level without
+    training any of them again; its scores are the weighted sums of the members' own kNN distances."""
     from asd.embed import read_embeddings, vectors
     from asd.models.encoder import load_checkpoint
     from asd.models.modnet import ModEncoder
@@ -303,7 +303,7 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
                    "mod.finetune.train.batch_size=8", "mod.finetune.train.cpus_per_worker=0.5",
                    "mod.finetune.train.torch_threads=1", "cnn.embed.num_actors=1", "mod.embed.num_actors=1",
                    "logmel.embed.num_actors=1", "cnn.cluster.n_clusters=2", "score.concurrency=1", "plots=false",
-                   "mod.members=2")
+                   "mod.finetune.members=2")
     out = job.run(cfg)
     with open(out["report_json"]) as f:
         rep = json.load(f)
@@ -315,8 +315,8 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     fused = rep["methods"]["fused_pseudo"]["info"]
     assert fused["fusion"] == "score" and len(fused["members"]) == 3
     assert fused["members"][:2] == [cnn_info["encoder"], mod_info["encoder"]]  # the same two models, not retrained
-    second = fused["training"]["mod-m1"]
-    assert second["encoder"] == fused["members"][2] != mod_info["encoder"] and second["labels"] == cnn_info["labels"]
+    assert fused["training"]["mod"] == mod_info and fused["training"]["cnn"] == cnn_info  # one run per architecture
+    assert mod_info["encoders"] == fused["members"][1:] and fused["members"][2].endswith("eval-mod-pseudo-m1/encoder.pt")
     e = read_embeddings(fused["embeddings"])
     assert vectors(e).shape[1] == 16 + 8 + 8
     # score-level fusion: 1 x (log-mel CNN distance) + 1/2 x each modulation CNN's, each its own nearest neighbour
@@ -341,3 +341,4 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     assert row["score"] == pytest.approx(expect, rel=1e-4)
     md = open(out["report_md"]).read()
     assert "mod_pseudo: encoder trained from scratch in this run for 4 steps" in md and "trained outside" not in md
+    assert "2 models side by side in one run" in md

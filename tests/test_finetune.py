@@ -12,6 +12,7 @@ from asd import storage
 from asd.featurize import FeaturizeConfig, featurize, read_features_table
 from asd.finetune import (
     AttributeObjective,
+    EnsembleModel,
     FinetuneConfig,
     LoRALinear,
     add_lora,
@@ -224,6 +225,52 @@ def test_lora_finetune_exports_a_merged_strict_encoder(ft_root):
     assert set(s0) == set(s1)
     changed = {k for k in s0 if not torch.equal(s0[k], s1[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), sorted(changed)[:5]
+
+
+def _scratch_cnn(root: str, members: int) -> AttributeObjective:
+    fcfg = FinetuneConfig(model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=members,
+                          mixup_prob=0.5, time_masks=1, freq_masks=1)
+    classes, clip_class, weights, _ = load_labels(storage.join(root, "labels", "pretrained"), fcfg.label_column)
+    from asd.models.cnn import config_from_dict
+
+    return AttributeObjective(fcfg, config_from_dict(fcfg.model_cfg), classes, clip_class, weights)
+
+
+def test_an_ensemble_trains_every_member_as_if_it_trained_alone(ft_root):
+    """members=3: one run, the same batches; member 0 ends exactly where a members=1 run of the same
+    seed ends (its own mixup draws, its own gradient clipping: a clip this tight binds every step, so a
+    norm over all members would change it), and the members differ from each other."""
+    tcfg = TrainConfig(steps=6, batch_size=8, crop_frames=64, warmup_steps=1, log_every=2, grad_clip=1e-3,
+                       torch_threads=1)
+    one = train_plain(_scratch_cnn(ft_root, 1), ft_root, tcfg).module
+    three = train_plain(_scratch_cnn(ft_root, 3), ft_root, tcfg).module
+    assert isinstance(three, EnsembleModel) and len(three.members) == 3
+    s1, s0 = one.state_dict(), three.members[0].state_dict()
+    assert set(s1) == set(s0)
+    for k in s1:
+        torch.testing.assert_close(s0[k], s1[k], rtol=0, atol=1e-6, msg=k)
+    w = [m.encoder.stem[0].weight for m in three.members]  # the first conv of each member
+    assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
+
+
+def test_an_ensemble_run_exports_one_encoder_per_member(ft_root):
+    from asd.finetune import member_tag
+    from asd.models.cnn import CNNEncoder
+
+    fcfg = FinetuneConfig(tag="ens", model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=2,
+                          labels=storage.join(ft_root, "labels", "pretrained"))
+    tcfg = TrainConfig(steps=2, batch_size=8, crop_frames=64, warmup_steps=1, num_workers=1, cpus_per_worker=0.5,
+                       checkpoint_every=2)
+    res = finetune(ft_root, ft_root, fcfg, tcfg)
+    assert res.encoders == [storage.join(ft_root, "models", t, "encoder.pt") for t in ("ens", "ens-m1")]
+    assert res.encoder == res.encoders[0] and member_tag("ens", 1) == "ens-m1"
+    encs = [load_checkpoint(u) for u in res.encoders]
+    assert all(isinstance(e, CNNEncoder) for e in encs)
+    assert [e.meta["member"] for e in encs] == [0, 1] and encs[1].meta["tag"] == "ens-m1"
+    x = torch.randn(2, 64, 128)
+    assert not torch.allclose(encs[0].eval()(x), encs[1].eval()(x))
+    with pytest.raises(ValueError, match="members"):
+        FinetuneConfig(members=0)
 
 
 def test_missing_labels_or_encoder_give_clear_errors(ft_root, tmp_path):
