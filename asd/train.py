@@ -461,6 +461,13 @@ def _snapshot(obj):
     return obj
 
 
+def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> torch.Tensor:
+    """Clip each group's gradient to a norm of at most ``max_norm`` (0: no clipping); returns the
+    largest norm before clipping."""
+    clip = max_norm if max_norm > 0 else float("inf")
+    return torch.stack([torch.nn.utils.clip_grad_norm_(g, clip) for g in groups]).max()
+
+
 def train_loop(
     objective: Objective,
     source: FeatureBatches,
@@ -555,8 +562,7 @@ def train_loop(
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 window.setdefault(k, []).append(float(v))
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = max(torch.nn.utils.clip_grad_norm_(group, clip) for group in clip_groups)
+        grad_norm = clip_gradients(clip_groups, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -1036,6 +1042,7 @@ __all__ = [
     "StageResult",
     "TrainConfig",
     "TrainResult",
+    "clip_gradients",
     "crop_batch",
     "export_encoder",
     "fbank_norm",

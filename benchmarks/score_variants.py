@@ -39,8 +39,26 @@ def _tables(root: str, tag: str, train_ids: set[str], test_ids: set[str]) -> tup
             t.filter(pc.is_in(ids, pa.array(sorted(test_ids), pa.string()))))
 
 
+def _smote(x: np.ndarray, per_clip: int, seed: int = 0, neighbours: int = 3) -> np.ndarray:
+    """``per_clip`` synthetic rows per row of ``x``: a random point on the segment to one of its
+    ``neighbours`` nearest rows (cosine), as SMOTE oversamples a small class."""
+    if per_clip <= 0 or x.shape[0] < 2:
+        return x[:0]
+    rng = np.random.default_rng(seed)
+    xn = knn.l2_normalize(x)
+    sim = xn @ xn.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1)[:, :min(neighbours, x.shape[0] - 1)]
+    out = []
+    for i in range(x.shape[0]):
+        for _ in range(per_clip):
+            j = near[i, rng.integers(near.shape[1])]
+            out.append(x[i] + rng.random() * (x[j] - x[i]))
+    return np.asarray(out, x.dtype)
+
+
 def _scores(train: pa.Table, test: pa.Table, normalize: str | None, k: int,
-            blocks: list[dict] | None = None, condense: int | None = None) -> dict[str, np.ndarray]:
+            blocks: list[dict] | None = None, condense: int | None = None, smote: int = 0) -> dict[str, np.ndarray]:
     """Scores of every test clip (in ``test``'s row order) under one rule: ``{"score": ...}``."""
     vec_tr, vec_te = vectors(train), vectors(test)
     keys_tr = list(zip(train.column("machine_type").to_pylist(), train.column("section").to_pylist()))
@@ -51,9 +69,14 @@ def _scores(train: pa.Table, test: pa.Table, normalize: str | None, k: int,
         itr = [i for i, kk in enumerate(keys_tr) if kk == key]
         ite = np.array([i for i, kk in enumerate(keys_te) if kk == key])
         doms = [dom[i] for i in itr]
-        bank = (knn.FusedBank.build(vec_tr[itr], doms, blocks, normalize=normalize, k=k, condense_source=condense)
+        x_tr = vec_tr[itr]
+        if smote:
+            tgt = np.array([str(d).lower() == "target" for d in doms])
+            extra = _smote(x_tr[tgt], smote)
+            x_tr, doms = np.vstack([x_tr, extra]), doms + ["target"] * len(extra)
+        bank = (knn.FusedBank.build(x_tr, doms, blocks, normalize=normalize, k=k, condense_source=condense)
                 if blocks else
-                knn.MemoryBank.build(vec_tr[itr], doms, normalize=normalize, k=k, condense_source=condense))
+                knn.MemoryBank.build(x_tr, doms, normalize=normalize, k=k, condense_source=condense))
         out[ite] = bank.score_parts(vec_te[ite], k=k)[0]
     return out
 
@@ -87,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, nargs="+", default=[1])
     p.add_argument("--condense", type=int, nargs="*", default=[],
                    help="also score with the source bank condensed to this many k-means centroids")
+    p.add_argument("--smote", type=int, nargs="*", default=[],
+                   help="also score with this many SMOTE points per target training clip in the target bank")
     p.add_argument("--weights", nargs="*", default=[],
                    help="more weighted sums of the groups' scores, one comma list per sum (e.g. 1,0.5)")
     p.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
@@ -117,9 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
             elif test.column("clip_id") != test0.column("clip_id"):
                 raise ValueError(f"{tag}: other test clips than {args.tags[0]}")
             for k in args.k:
-                for rule, norm, cond in (("raw", None, None), ("bank_norm", "loo_mean", None),
-                                         *((f"condense{c}", None, c) for c in args.condense)):
-                    s = _scores(train, test, norm, k, blocks[tag], cond)
+                for rule, norm, cond, sm in (("raw", None, None, 0), ("bank_norm", "loo_mean", None, 0),
+                                             *((f"condense{c}", None, c, 0) for c in args.condense),
+                                             *((f"smote{m}", None, None, m) for m in args.smote)):
+                    s = _scores(train, test, norm, k, blocks[tag], cond, sm)
                     summed[(rule, k)] = summed.get((rule, k), 0) + s / len(members)
         for (rule, k), s in summed.items():
             rows[f"{group if len(members) == 1 else 'mean(' + group + ')'} {rule} k={k}"] = _official(test0, s)
