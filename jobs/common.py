@@ -150,10 +150,13 @@ def apply_input(cfg: DictConfig) -> DictConfig:
     """``input=<dir|s3://...>`` is short for ``data=dir data.input=<it>``: read an existing
     DCASE-layout corpus, generate nothing. Without it, ``input`` is the data group's ``input``."""
     with open_dict(cfg):
-        if cfg.get("input") and ("data" not in cfg or cfg.input != cfg.data.get("input")):  # idempotent
+        # an input the user gave (not the ``${data.input}`` link set below); it replaces any data config
+        # that is not already this plain directory, including a generating one whose own path it names
+        given = cfg.get("input") and not OmegaConf.is_interpolation(cfg, "input")
+        if given and ("data" not in cfg or cfg.data.get("generate", False) or cfg.input != cfg.data.get("input")):
             cfg.data = OmegaConf.create({"input": str(cfg.input), "generate": False})
-        if "data" in cfg:
-            cfg.input = cfg.data.input
+        if "data" in cfg and not given:
+            cfg.input = "${data.input}"
     return cfg
 
 

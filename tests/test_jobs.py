@@ -104,6 +104,11 @@ def test_input_is_short_for_data_dir():
     plain = apply_input(OmegaConf.create({"input": None, "data": {"input": "./c", "generate": True}}))
     assert plain.input == "./c" and plain.data.generate  # no input=: the data group decides
     assert apply_input(plain).data.generate and apply_input(cfg).input == "s3://b/corpus"  # applying twice: same
+    # input= naming the generating data config's own path still reads it, never regenerates over it
+    same = OmegaConf.create({"root": "/r", "input": "/r/corpus",
+                             "data": {"input": "${root}/corpus", "generate": True, "spec": {"seed": 0}}})
+    assert OmegaConf.to_container(apply_input(same).data) == {"input": "/r/corpus", "generate": False}
+    assert OmegaConf.to_container(apply_input(same).data) == {"input": "/r/corpus", "generate": False}
     refuse_path_as_data(["data=dir", "data=roboticarm", "data.input=/x", "input=/x"])  # all fine
     for bad in ["data=../corpus", "data=s3://b/c", "+data=./c", "data=C:\\corpus"]:
         with pytest.raises(SystemExit, match="write input="):
