@@ -58,7 +58,7 @@ from asd.models import cnn, modnet
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint, pooled_dim
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.rescore import set_current_model
-from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fit, stage_train_config,
+from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoders, fit, stage_train_config,
                        unwrap)
 
 log = logging.getLogger(__name__)
@@ -454,10 +454,9 @@ def finetune(features_root: str, out_root: str | None = None, fcfg: FinetuneConf
     export_meta = {"stage": "finetune", "tag": fcfg.tag, "features_root": features_root, "labels": labels,
                    "norm_mean": norm[0], "norm_std": norm[1], "crop_frames": tcfg.crop_frames,
                    "train_steps": res.step, "init_checkpoint": init, "label_summary": summary}
-    uris = [export_encoder(objective, res.checkpoint, out_root, member_tag(fcfg.tag, i),
-                           meta={**export_meta, "tag": member_tag(fcfg.tag, i), "member": i,
-                                 "members": fcfg.members}, member=i)
-            for i in range(fcfg.members)]
+    tags = [member_tag(fcfg.tag, i) for i in range(fcfg.members)]
+    uris = export_encoders(objective, res.checkpoint, out_root, tags,
+                           [{**export_meta, "tag": t, "member": i, "members": fcfg.members} for i, t in enumerate(tags)])
     uri = uris[0]
     current = (set_current_model(out_root, fcfg.embed_tag, "encoder", {"checkpoint": uri}, encoder=uri,
                                  stage="finetune") if fcfg.set_current else None)

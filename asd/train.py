@@ -1008,28 +1008,36 @@ def models_dir(root: str, tag: str) -> str:
     return storage.join(root, "models", tag)
 
 
-def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None,
-                   member: int | None = None) -> str:
+def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None) -> str:
     """Write the objective's encoder from a checkpoint to ``<root>/models/<tag>/encoder.pt``
-    (+ ``config.json``); returns the encoder URI. ``member``: which of the models an objective
-    trains side by side (``objective.encoder(module, member=...)``)."""
+    (+ ``config.json``); returns the encoder URI."""
+    return export_encoders(objective, checkpoint_uri, root, [tag], [meta or {}])[0]
+
+
+def export_encoders(objective: Objective, checkpoint_uri: str, root: str, tags: list[str],
+                    metas: list[dict]) -> list[str]:
+    """:func:`export_encoder` for the models an objective trains side by side: the checkpoint read
+    and the module built once, member i (``objective.encoder(module, member=i)``) written to
+    ``<root>/models/<tags[i]>`` with ``metas[i]``. One tag: the objective's one encoder."""
     state, checkpoint_uri, _ = load_state_with_fallback(checkpoint_uri)  # the one actually used
     module = objective.build()
     objective.setup(module, torch.device("cpu"))
     module.load_state_dict(state["module"])
     objective.load_state_dict(state.get("objective") or {})
-    encoder = objective.encoder(module) if member is None else objective.encoder(module, member=member)
-    info = {
+    common = {
         **objective.describe(),
         "step": int(state["step"]),
         "checkpoint": checkpoint_uri,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(meta or {}),
     }
-    out = models_dir(root, tag)
-    uri = save_checkpoint(encoder, storage.join(out, "encoder.pt"), meta=info)
-    storage.atomic_write_json(storage.join(out, "config.json"), {"encoder": asdict(encoder.cfg), "meta": info})
-    return uri
+    uris = []
+    for i, (tag, meta) in enumerate(zip(tags, metas, strict=True)):
+        encoder = objective.encoder(module) if len(tags) == 1 else objective.encoder(module, member=i)
+        info = {**common, **meta}
+        out = models_dir(root, tag)
+        uris.append(save_checkpoint(encoder, storage.join(out, "encoder.pt"), meta=info))
+        storage.atomic_write_json(storage.join(out, "config.json"), {"encoder": asdict(encoder.cfg), "meta": info})
+    return uris
 
 
 __all__ = [
@@ -1045,6 +1053,7 @@ __all__ = [
     "clip_gradients",
     "crop_batch",
     "export_encoder",
+    "export_encoders",
     "fbank_norm",
     "fit",
     "load_state_with_fallback",
