@@ -10,6 +10,8 @@ test clips under several kNN rules without training anything again:
   ``asd.score`` scores today;
 * ``bank_norm``: each bank's distance divided by the mean leave-one-out distance of that bank's own
   clips (``asd.knn.MemoryBank`` with ``normalize="loo_mean"``), then the minimum;
+* ``tag@a:b`` takes blocks ``a`` to ``b - 1`` of a tag that records blocks (e.g. ``eval-fused@1:6``,
+  the served recipe's five modulation CNNs without its log-mel CNN), with their recorded weights;
 * for two or more tags, the same two rules on the members' summed scores (score-level fusion),
   and one kNN on the members' concatenation (embedding-level fusion). A tag whose embeddings
   record ``blocks`` (``concat`` with ``fusion: score``) is scored as :class:`asd.knn.FusedBank`.
@@ -37,6 +39,26 @@ def _tables(root: str, tag: str, train_ids: set[str], test_ids: set[str]) -> tup
     ids = t.column("clip_id")
     return (t.filter(pc.is_in(ids, pa.array(sorted(train_ids), pa.string()))),
             t.filter(pc.is_in(ids, pa.array(sorted(test_ids), pa.string()))))
+
+
+def _select_blocks(root: str, spec: str, train_ids: set[str], test_ids: set[str]
+                   ) -> tuple[pa.Table, pa.Table, list[dict] | None]:
+    """``tag`` or ``tag@a:b``: the tag's train and test rows and recorded blocks, or only its blocks
+    ``a`` to ``b - 1`` (their columns of the embedding and their weights)."""
+    tag, _, sel = spec.partition("@")
+    train, test = _tables(root, tag, train_ids, test_ids)
+    blocks = embedding_blocks(embeddings_dir(root, tag))
+    if not sel:
+        return train, test, blocks
+    if not blocks:
+        raise ValueError(f"{spec}: {tag} records no blocks to select from")
+    a, b = (int(v) for v in sel.split(":"))
+    if not 0 <= a < b <= len(blocks):
+        raise ValueError(f"{spec}: {tag} has blocks 0..{len(blocks) - 1}")
+    bounds = np.cumsum([0, *[blk["dim"] for blk in blocks]])
+    lo, hi = int(bounds[a]), int(bounds[b])
+    cut = [t.drop_columns(["embedding"]).append_column("embedding", _fixed(vectors(t)[:, lo:hi])) for t in (train, test)]
+    return cut[0], cut[1], blocks[a:b]
 
 
 def _smote(x: np.ndarray, per_clip: int, seed: int = 0, neighbours: int = 3) -> np.ndarray:
@@ -131,8 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         members = group.split(",")
         summed: dict[tuple[str, int], np.ndarray] = {}
         for tag in members:
-            train, test = _tables(args.root, tag, plan.train_ids, plan.test_ids)
-            blocks[tag] = embedding_blocks(embeddings_dir(args.root, tag))
+            train, test, blocks[tag] = _select_blocks(args.root, tag, plan.train_ids, plan.test_ids)
             concat_parts.append(tuple(_weighted_blocks(vectors(t), blocks[tag], 1.0 / len(members))
                                       for t in (train, test)))
             if train0 is None:
