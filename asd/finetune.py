@@ -230,6 +230,9 @@ class AttributeModel(nn.Module):
                 bias = getattr(self.encoder.encoder.layers[0].self_attn, "relative_attention_bias", None)
                 if bias is not None:
                     bias.weight.requires_grad_(False)
+        if isinstance(self.encoder, AudioEncoder):  # blocks after `layer` (and their LoRA) never run
+            for p in self.encoder.unused_parameters(self.layer):
+                p.requires_grad_(False)
 
     def forward(self, fbank: Tensor) -> tuple[Tensor, Tensor]:
         emb = self.encoder.embed(fbank, layer=self.layer, pool=self.pool)
@@ -289,6 +292,8 @@ class AttributeObjective(ObjectiveBase):
         self.clip_weight = dict(clip_weight or {})
         self.init_checkpoint = init_checkpoint
         self.input = modnet.INPUT if isinstance(encoder_cfg, modnet.ModConfig) else "fbank"
+        # layer drop skips other blocks on every rank and step: DDP must look for unused parameters
+        self.find_unused_parameters = getattr(encoder_cfg, "encoder_layerdrop", 0.0) > 0
 
     def build(self) -> nn.Module:
         def one() -> AttributeModel:

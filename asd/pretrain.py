@@ -181,6 +181,8 @@ class Data2VecObjective(ObjectiveBase):
         self.pcfg = pcfg
         self.encoder_cfg = encoder_cfg or resolve_encoder_config(pcfg)
         self.teacher: AudioEncoder | None = None
+        # the student's layer drop skips other blocks on every rank and step: DDP must look for unused parameters
+        self.find_unused_parameters = self.encoder_cfg.encoder_layerdrop > 0
 
     def __getstate__(self):  # ship config only, never a teacher
         d = dict(self.__dict__)

@@ -607,6 +607,18 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"layer must be in [{-n}, {n}), got {layer}")
         return layer % n
 
+    def unused_parameters(self, layer: int | None) -> list[nn.Parameter]:
+        """Parameters that ``forward(..., layer=layer)`` never reaches: the blocks after ``layer`` and,
+        with pre-norm blocks, the final layer norm (applied only when no layer is named). Training
+        at partial depth freezes them: DDP needs every trainable parameter to get a gradient."""
+        idx = self._layer_index(layer)
+        if idx is None:
+            return []
+        unused = [p for block in self.encoder.layers[idx + 1:] for p in block.parameters()]
+        if self.encoder.layer_norm_first:
+            unused += list(self.encoder.layer_norm.parameters())
+        return unused
+
     def embed(self, fbank: Tensor, layer: int | None = None, pool: str = "mean", padding_mask: Tensor | None = None) -> Tensor:
         """Clip embedding pooled over (non-padded) patches, ``(B, pooled_dim(cfg, pool))``: see
         :data:`POOLS`."""
