@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from asd import raycompat, storage
 from asd.featurize import matrix_arrays, matrix_columns, read_features_ray
+from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init()
+    require_resources({"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, max(1, cfg.num_actors), f"embedding {tag}",
+                      hint="Set the embed config's num_actors, num_cpus or num_gpus to what the cluster has.")
     raycompat.prepare_data_execution()
     DataContext.get_current().enable_progress_bars = cfg.progress
     inputs = embedder_inputs(cfg.embedder, cfg.params)

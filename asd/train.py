@@ -59,6 +59,7 @@ import torch.nn as nn
 from asd import storage
 from asd.featurize import matrix_columns, read_features_ray, read_features_table
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
+from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
 
@@ -941,6 +942,12 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
         storage.remove(run_uri)
     if not ray.is_initialized():
         ray.init()
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    require_resources(resources, cfg.num_workers, f"training {objective.name} ({cfg.name})",
+                      hint="Set the stage's train.use_gpu, train.num_workers or train.cpus_per_worker to what the "
+                           "cluster has (e.g. pretrain.train.use_gpu=false on a CPU-only cluster).")
     norm = tuple(norm) if norm is not None else fbank_norm(cfg, features_root)
     matrix = getattr(objective, "input", "fbank")
     shard_mb = _shard_megabytes(features_root, cfg, matrix)
@@ -950,9 +957,6 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
     cache = shard_mb <= cfg.cache_mb
     ds = _training_dataset(features_root, cfg, objective.columns, matrix)
     afs, fs_path = storage.arrow_filesystem(storage_path)
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"objective": objective, "cfg": cfg, "norm": list(norm), "cache": cache, "run_uri": run_uri},
