@@ -109,7 +109,7 @@ class TrainConfig:
     fail_at_step: int | None = None  # fault injection (tests): one worker fails at this step,
     fail_rank: int = -1  # on this rank (negative: from the end), the first time only
     fail_mode: str = "raise"  # raise | exit (os._exit: the worker process dies)
-    fail_delay_s: float = 3.0  # wait before failing, so Ray Train has registered the last checkpoint
+    fail_wait_s: float = 60.0  # before failing, wait (at most this long) until Ray Train has registered the last checkpoint
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -661,17 +661,38 @@ def _fault_hook(cfg: TrainConfig, run_uri: str, rank: int, world_size: int) -> C
         if storage.exists(marker):  # already failed once here: this is the retry
             return
         storage.atomic_write_json(marker, {"step": step, "rank": rank, "mode": cfg.fail_mode, "time": time.time()})
-        # Ray Train V2's controller collects reported checkpoints when it polls the workers
-        # (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s); a crash sooner after a report can
-        # lose that checkpoint, and the run resumes from the one before. Wait, so tests know
-        # which step the run must resume from.
-        time.sleep(max(0.0, cfg.fail_delay_s))
+        # Ray Train's controller registers a reported checkpoint when it next polls the workers; a
+        # crash before that loses it, and the run resumes from the one before. Wait until the last
+        # checkpoint is registered, so that tests know which step the run must resume from.
+        expected = (step // cfg.checkpoint_every) * cfg.checkpoint_every
+        if expected > 0 and not _wait_registered(run_uri, expected, cfg.fail_wait_s):
+            log.warning("fault injection: checkpoint of step %d not registered after %.0f s", expected, cfg.fail_wait_s)
         log.warning("fault injection: rank %d fails at step %d (%s)", rank, step, cfg.fail_mode)
         if cfg.fail_mode == "exit":
             os._exit(17)
         raise InjectedFault(f"injected fault at step {step} on rank {rank}")
 
     return hook
+
+
+def _wait_registered(run_uri: str, step: int, timeout_s: float) -> bool:
+    """Wait until the run's latest registered checkpoint (``ray.train.Result.from_path``, what
+    Ray Train restores from) is of ``step`` or later; False after ``timeout_s``."""
+    from ray.train import Result
+
+    afs, path = storage.arrow_filesystem(run_uri)
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        try:
+            ckpt = Result.from_path(path, storage_filesystem=afs).checkpoint
+        except RuntimeError:  # no checkpoint registered yet: the run's snapshot is not written
+            ckpt = None
+        key = _checkpoint_key(os.path.basename(ckpt.path.rstrip("/"))) if ckpt is not None else None
+        if key is not None and key[0] >= step:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 class CheckpointUnreadable(RuntimeError):
