@@ -128,12 +128,17 @@ class PretrainModel(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.utterance_head = nn.Linear(dim, dim)
 
-    def forward(self, fbank: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Student pass: (B, T, F) crops, (B, N) mask (True = dropped) ->
-        ((B, N, D) predictions on the full grid, (B, D) utterance prediction)."""
+    def forward(self, fbank: Tensor, mask: Tensor, clones: int = 1) -> tuple[Tensor, Tensor]:
+        """Student pass: (B, T, F) crops, (B x clones, N) masks (True = dropped; clone j of clip i
+        is row i x clones + j) -> ((B x clones, N, D) predictions on the full grid, (B x clones, D)
+        utterance predictions). The front end (patch embedding, projection, positions) runs once
+        per clip; only the blocks run once per clone, as in EAT."""
         grid = self.encoder._grid(fbank)
         n = grid[0] * grid[1]
-        kept = self.encoder(fbank, mask=mask)  # (B, N_kept, D)
+        front, _ = self.encoder.front_end(fbank)
+        if clones > 1:
+            front = front.repeat_interleave(clones, dim=0)
+        kept = self.encoder.from_front_end(front, mask=mask)  # (B x clones, N_kept, D)
         index = AudioEncoder.kept_index(mask, n)
         full = self.mask_token.to(kept.dtype).expand(kept.shape[0], n, kept.shape[-1]).clone()
         full = full.scatter(1, index[..., None].expand(-1, -1, kept.shape[-1]), kept)
@@ -223,10 +228,9 @@ class Data2VecObjective(ObjectiveBase):
             target = teacher_targets(layers, min(self.pcfg.top_k_layers, len(layers)), self.pcfg.layer_norm_targets)  # (B, N, D) fp32
             utt_target = target.mean(dim=1)
         c = self.pcfg.clone_batch
-        student_in = fbank.repeat_interleave(c, dim=0)
-        mask = make_mask(student_in.shape[0], grid, self.pcfg.mask_ratio, self.pcfg.mask_type, self.pcfg.mask_block,
+        mask = make_mask(fbank.shape[0] * c, grid, self.pcfg.mask_ratio, self.pcfg.mask_type, self.pcfg.mask_block,
                          fbank.device)
-        pred, utt = model(student_in, mask)
+        pred, utt = model(fbank, mask, clones=c)  # the front end once per clip, the blocks once per clone
         target_c = target.repeat_interleave(c, dim=0)
         loss_patch = F.mse_loss(pred.float()[mask], target_c[mask])
         loss_utt = F.mse_loss(utt.float(), utt_target.repeat_interleave(c, dim=0))

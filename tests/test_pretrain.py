@@ -260,3 +260,38 @@ def test_gpu_bf16_nccl_single_worker(feat_root, tmp_path):
     res = fit(Data2VecObjective(PretrainConfig(**TINY)), feat_root, cfg)
     assert res.step == 4 and res.workers[0]["device"].startswith("cuda")
     assert np.isfinite(res.final_loss)
+
+
+@pytest.mark.parametrize("rel_pos", [False, True])
+def test_front_end_shared_by_the_clones_gives_the_per_clone_result_with_fewer_flops(rel_pos):
+    """The student's front end runs once per clip and is shared by its masked clones: the same
+    predictions as running it once per clone (the clip repeated), for fewer FLOPs."""
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asd.models.encoder import CONFIGS
+    from asd.pretrain import PretrainModel, make_mask
+
+    enc = replace(CONFIGS["tiny"], relative_position_embedding=rel_pos, gru_rel_pos=rel_pos, num_buckets=32,
+                  max_distance=64)
+    pcfg = PretrainConfig(decoder_dim=32, decoder_layers=1, decoder_groups=8)
+    torch.manual_seed(0)
+    model = PretrainModel(enc, pcfg).eval()
+    fbank = torch.randn(2, 96, 128)
+    c = 3
+    mask = make_mask(2 * c, (96 // 16, 128 // 16), 0.6, "block", 3, "cpu")
+    with torch.no_grad():
+        shared = model(fbank, mask, clones=c)
+        per_clone = model(fbank.repeat_interleave(c, dim=0), mask)  # what every clone computed before
+        one = model(fbank, mask[::c], clones=1)
+    for a, b in zip(shared, per_clone):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert torch.allclose(one[0], shared[0][::c], atol=1e-5)  # one clone: unchanged
+    flops = []
+    for args in ((fbank, mask, c), (fbank.repeat_interleave(c, dim=0), mask, 1)):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(*args)
+        flops.append(counter.get_total_flops())
+    assert flops[0] < flops[1]

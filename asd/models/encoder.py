@@ -424,13 +424,27 @@ class TransformerEncoder(nn.Module):
         return_all_layers: bool = False,
     ) -> Tensor | list[Tensor]:
         """``x`` (B, N, C) full patch sequence; ``keep_index`` (B, N_kept) patches to keep."""
+        return self.blocks(self.positions(x, padding_mask), padding_mask, keep_index, layer, return_all_layers)
+
+    def positions(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """The full patch sequence (B, N, C) with its convolutional positions added (and, for
+        post-norm blocks, layer-normalised): every step before patches are dropped."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        x = self.dropout(x)
+        return self.dropout(x)
 
+    def blocks(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        keep_index: Tensor | None = None,
+        layer: int | None = None,
+        return_all_layers: bool = False,
+    ) -> Tensor | list[Tensor]:
+        """The transformer blocks on the output of :meth:`positions`, keeping ``keep_index``."""
         positions = None
         if keep_index is not None:
             x = x.gather(1, keep_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -588,16 +602,25 @@ class AudioEncoder(nn.Module):
         layer: block index (0-based, negative from the end) whose output is returned.
         return_all_layers: return the list of every block's output instead.
         """
+        x, patch_padding = self.front_end(fbank, padding_mask)
+        return self.from_front_end(x, patch_padding, mask, layer, return_all_layers)
+
+    def front_end(self, fbank: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Everything before patches are dropped: patch embedding, projection and positions ->
+        ((B, N, encoder_embed_dim), patch padding (B, N) or None). Masked pre-training computes it
+        once per clip and shares it among the clip's masked clones (:meth:`from_front_end`)."""
         x, grid = self.patchify(fbank)
         patch_padding = self.patch_padding_mask(padding_mask, grid) if padding_mask is not None else None
         if self.post_extract_proj is not None:
             x = self.post_extract_proj(x)
         x = self.dropout_input(x)
+        return self.encoder.positions(x, patch_padding), patch_padding
+
+    def from_front_end(self, x: Tensor, patch_padding: Tensor | None = None, mask: Tensor | None = None,
+                       layer: int | None = None, return_all_layers: bool = False) -> Tensor | list[Tensor]:
+        """The blocks on a :meth:`front_end` output, dropping the patches of ``mask`` first."""
         keep = self.kept_index(mask, x.shape[1]) if mask is not None else None
-        return self.encoder(
-            x, padding_mask=patch_padding, keep_index=keep,
-            layer=self._layer_index(layer), return_all_layers=return_all_layers,
-        )
+        return self.encoder.blocks(x, patch_padding, keep, self._layer_index(layer), return_all_layers)
 
     def _layer_index(self, layer: int | None) -> int | None:
         if layer is None:
