@@ -91,6 +91,7 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # fractional: 2 workers fit on 2 cores beside Ray Data
     torch_threads: int | None = None  # per worker; None = max(1, int(cpus_per_worker))
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
+    tf32: bool = True  # float32 matmuls and convolutions in TF32 on CUDA (Ampere and later; ignored on CPU)
     # data
     crop_frames: int = 512  # random crop per clip and step (multiple of 16; short clips tiled)
     splits: tuple[str, ...] = ("train",)  # feature rows used for training
@@ -604,6 +605,12 @@ def train_loop(
     )
 
 
+def _cuda_precision(cfg: TrainConfig) -> None:
+    """TF32 for the float32 matmuls left outside bf16 autocast (``cfg.tf32``; cuDNN convolutions
+    use TF32 by PyTorch's default already)."""
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+
+
 def train_plain(
     objective: Objective, features_root: str, cfg: TrainConfig, *, norm: tuple[float, float] | None = None,
     device: torch.device | str | None = None,
@@ -624,6 +631,7 @@ def train_plain(
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        _cuda_precision(cfg)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     matrix = getattr(objective, "input", "fbank")
@@ -808,6 +816,7 @@ def _ray_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        _cuda_precision(cfg)
 
     checkpoint = ray.train.get_checkpoint()
     resume_state, restored_from, unreadable = (

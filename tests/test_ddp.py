@@ -54,3 +54,18 @@ def test_partial_depth_freezes_exactly_the_blocks_it_never_runs():
     pre = AttributeModel(replace(enc, layer_norm_first=True, deep_norm=False), 4, FinetuneConfig(layer=-1))
     assert {n for n, p in pre.named_parameters() if not p.requires_grad} == {
         "encoder.encoder.layer_norm.weight", "encoder.encoder.layer_norm.bias"}
+
+
+def test_tf32_setting_reaches_torch():
+    import torch
+
+    from asd.train import TrainConfig, _cuda_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        _cuda_precision(TrainConfig(tf32=True))
+        assert torch.get_float32_matmul_precision() == "high"
+        _cuda_precision(TrainConfig(tf32=False))
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
