@@ -919,7 +919,11 @@ class StageResult:
         return asdict(self)
 
 
-def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[str], matrix: str = "fbank"):
+def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[str], matrix: str = "fbank",
+                      streamed: bool = False):
+    """The training rows as a Ray Dataset. ``streamed`` (shards too large to cache): the blocks
+    (feature files, each of one machine type and section) come in a random order, so that the
+    workers' local shuffle buffers mix machine types instead of passing one file at a time."""
     from ray.data.expressions import col
 
     cols = list(dict.fromkeys(matrix_columns(matrix) + ["clip_id", "split"] + list(columns)))
@@ -928,7 +932,8 @@ def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[st
     for s in cfg.splits:
         c = col("split") == s
         cond = c if cond is None else (cond | c)
-    return ds.filter(expr=cond)
+    ds = ds.filter(expr=cond)
+    return ds.randomize_block_order(seed=cfg.seed) if streamed else ds
 
 
 def _shard_megabytes(features_root: str, cfg: TrainConfig, matrix: str = "fbank") -> float:
@@ -985,7 +990,7 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
         raise ValueError(f"no training rows with {matrix!r} features (splits {list(cfg.splits)}) under "
                          f"{features_root!r}")
     cache = shard_mb <= cfg.cache_mb
-    ds = _training_dataset(features_root, cfg, objective.columns, matrix)
+    ds = _training_dataset(features_root, cfg, objective.columns, matrix, streamed=not cache)
     afs, fs_path = storage.arrow_filesystem(storage_path)
     trainer = TorchTrainer(
         _ray_worker,
