@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from asd import storage
-from asd.featurize import matrix_columns, read_features_ray, read_features_table
+from asd.features import matrix_columns, read_features_ray, read_features_table
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
 from asd.resources import require as require_resources
 
@@ -206,7 +206,7 @@ def fbank_norm(cfg: TrainConfig, root: str | None = None) -> tuple[float, float]
     """Scalar (mean, std) used as ``(fbank - mean) / (2 * std)`` (BEATs' form)."""
     if cfg.norm == "beats" or root is None:
         return FBANK_MEAN, FBANK_STD
-    from asd.featurize import load_stats
+    from asd.features import load_stats
 
     stats = load_stats(root)["all"]
     mean = np.asarray(stats["mean"], np.float64)
