@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from asd import raycompat, storage
-from asd.featurize import matrix_arrays, matrix_columns, read_features_ray
+from asd.features import matrix_arrays, matrix_columns, read_features_ray
 from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)

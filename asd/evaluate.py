@@ -637,7 +637,7 @@ register_method(Method(
     "mod_pseudo", "cosine kNN on a modulation-spectrum CNN trained from scratch on Ward pseudo labels", (LOGMEL,),
     _mod_knn))
 register_method(Method(
-    "fused_pseudo", "cosine kNN on the log-mel CNN and the modulation CNN side by side (Ward pseudo labels)",
+    "fused_pseudo", "the log-mel CNN(s) and the modulation CNN ensemble, each member's cosine kNN distance summed (Ward pseudo labels)",
     (LOGMEL,), _fused_knn,
     check=lambda ctx: _checkpoint_problem("cnn", "cnn", ctx.cfg.cnn.checkpoint, False)))
 

@@ -43,44 +43,30 @@ import pyarrow.compute as pc
 
 from asd import SAMPLE_RATE, raycompat, storage
 from asd.data import audio
-from asd.data.manifest import MANIFEST_SCHEMA, PROBLEM_SCHEMA, Problem, build_manifest, problems_table
+from asd.data.manifest import PROBLEM_SCHEMA, Problem, build_manifest, problems_table
+from asd.features import (  # noqa: F401  (the feature store; re-exported for existing callers)
+    FEATURE_SCHEMA,
+    FEATURE_WRITE_OPTIONS,
+    MATRICES,
+    PARTITION_COLS,
+    RAW_COLUMNS,
+    committed_files,
+    fbank_array,
+    fbank_arrays,
+    features_dir,
+    load_stats,
+    matrix_array,
+    matrix_arrays,
+    matrix_columns,
+    partitioning,
+    read_commits,
+    read_features_ray,
+    read_features_table,
+)
 
 log = logging.getLogger(__name__)
 
-PARTITION_COLS = ["machine_type", "section"]
 CONTENT_CHANGED = "content_changed"
-
-FEATURE_SCHEMA = pa.schema(
-    [f for f in MANIFEST_SCHEMA if f.name not in ("size_bytes",)]
-    + [
-        pa.field("num_mel_bins", pa.int32()),
-        pa.field("fbank_frames", pa.int32()),
-        pa.field("fbank_dtype", pa.string()),
-        pa.field("fbank", pa.binary()),
-        # per-bin sums over frames (float64), so normalisation statistics need no second pass
-        pa.field("fbank_sum", pa.list_(pa.float64())),
-        pa.field("fbank_sumsq", pa.list_(pa.float64())),
-        # modulation spectrum (ModulationConfig): (mod_bins, mod_bands) raw bytes; null when disabled
-        pa.field("mod_bands", pa.int32()),
-        pa.field("mod_bins", pa.int32()),
-        pa.field("mod_dtype", pa.string()),
-        pa.field("mod", pa.binary()),
-        pa.field("run_id", pa.string()),
-    ]
-)
-
-
-# The feature matrix is raw float16/float32 bytes, a different value for every clip: dictionary
-# encoding never pays (Parquet hashes every 256 KiB value before giving up), snappy saves 0.2 % on
-# log-mel bytes, and min/max statistics of such values are useless. Left on, they cost about three
-# quarters of a feature file's write (benchmarks/featurize.py). Every other column keeps pyarrow's
-# defaults. Every writer of feature files uses these options.
-RAW_COLUMNS = ("fbank", "mod")
-FEATURE_WRITE_OPTIONS = dict(
-    use_dictionary=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
-    write_statistics=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
-    compression={f.name: "none" if f.name in RAW_COLUMNS else "snappy" for f in FEATURE_SCHEMA},
-)
 
 
 @dataclass
@@ -239,48 +225,6 @@ def _interval_means(values: np.ndarray, width: float, edges: np.ndarray) -> np.n
     return (at[1:] - at[:-1]) / np.diff(edges)[:, None]
 
 
-# The matrices a feature row stores: name -> (bytes, dtype, rows, columns) columns.
-MATRICES = {
-    "fbank": ("fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"),  # log-mel: (frames, mel bins)
-    "mod": ("mod", "mod_dtype", "mod_bins", "mod_bands"),  # modulation spectrum: (modulation bins, bands)
-}
-
-
-def matrix_columns(name: str = "fbank") -> list[str]:
-    """The feature columns that hold matrix ``name`` (one of :data:`MATRICES`)."""
-    try:
-        return list(MATRICES[name])
-    except KeyError:
-        raise ValueError(f"unknown feature matrix {name!r}; known: {sorted(MATRICES)}") from None
-
-
-def matrix_array(row: dict, name: str = "fbank") -> np.ndarray:
-    """Matrix ``name`` of a feature row as float32; a row without it raises ValueError naming the clip."""
-    data, dtype, rows, cols = MATRICES[name]
-    if row.get(data) is None:
-        raise ValueError(f"clip {row.get('clip_id', '?')!r} has no {name!r} features (featurized with "
-                         f"{'modulation.enabled=false' if name == 'mod' else 'another front end'}); featurize the "
-                         "corpus into a fresh root with it enabled")
-    arr = np.frombuffer(row[data], dtype=np.dtype(row[dtype]))
-    return arr.reshape(int(row[rows]), int(row[cols])).astype(np.float32)
-
-
-def matrix_arrays(table: pa.Table, name: str = "fbank") -> list[np.ndarray]:
-    """Matrix ``name`` of every row of an Arrow table or batch."""
-    wanted = matrix_columns(name) + (["clip_id"] if "clip_id" in table.column_names else [])
-    return [matrix_array(r, name) for r in table.select(wanted).to_pylist()]
-
-
-def fbank_array(row: dict) -> np.ndarray:
-    """The (frames, bins) float32 log-mel matrix of a feature row."""
-    return matrix_array(row, "fbank")
-
-
-def fbank_arrays(table: pa.Table) -> list[np.ndarray]:
-    """Log-mel matrices of every row of an Arrow table or batch."""
-    return matrix_arrays(table, "fbank")
-
-
 def _quarantine_part(problems: list[dict], folder: str) -> None:
     """Side output of a task: its rejects, under a name fixed by content (retries overwrite)."""
     if not problems:
@@ -393,69 +337,6 @@ def _feature_table(rows: pa.Table, computed: dict[str, list], sums: list, sumsqs
 # --------------------------------------------------------------------------------------
 
 
-def features_dir(root: str) -> str:
-    return storage.join(root, "features")
-
-
-def _commits(fdir: str) -> list[dict]:
-    fs, path = storage.filesystem(storage.join(fdir, "_commits"))
-    if not fs.exists(path):
-        return []
-    out = []
-    for p in sorted(fs.glob(posixpath.join(path, "*.json") if "://" in fdir else f"{path}/*.json")):
-        with fs.open(p, "rb") as f:
-            out.append(json.loads(f.read()))
-    return out
-
-
-def committed_files(root: str) -> list[str]:
-    """URIs of every committed feature file under ``<root>/features``."""
-    fdir = features_dir(root)
-    return [storage.join(fdir, rel) for c in _commits(fdir) for rel in c["files"]]
-
-
-def _partitioning():
-    import pyarrow.dataset as pds
-
-    return pds.partitioning(pa.schema([(c, pa.string()) for c in PARTITION_COLS]), flavor="hive")
-
-
-def read_features_table(root: str, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """Committed features as one Arrow table (small corpora, tests, drivers)."""
-    import pyarrow.dataset as pds
-
-    files = committed_files(root)
-    if not files:
-        return FEATURE_SCHEMA.empty_table().select(columns) if columns else FEATURE_SCHEMA.empty_table()
-    afs, base = storage.arrow_filesystem(features_dir(root))
-    paths = [storage.arrow_filesystem(f)[1] for f in files]
-    dset = pds.dataset(paths, filesystem=afs, format="parquet", partitioning=_partitioning(), partition_base_dir=base)
-    table = dset.to_table(columns=columns, filter=filter)
-    return table.sort_by("clip_id") if "clip_id" in table.column_names else table
-
-
-def read_features_ray(root: str, columns: list[str] | None = None):
-    """Committed features as a Ray Dataset (streaming; for training and embedding)."""
-    from ray.data.datasource import Partitioning
-
-    files = committed_files(root)
-    if not files:
-        raise FileNotFoundError(f"no committed features under {features_dir(root)!r}; run featurize first")
-    afs, base = storage.arrow_filesystem(features_dir(root))
-    paths = [storage.arrow_filesystem(f)[1] for f in files]
-    ds = storage.ray_read_parquet(
-        paths,
-        filesystem=afs,
-        partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),
-    )
-    return ds.select_columns(columns) if columns else ds
-
-
-def load_stats(root: str) -> dict:
-    """Normalisation statistics: {"all": {"mean": [...], "std": [...]}, "per_type": {...}}."""
-    return storage.read_json(storage.join(features_dir(root), "_stats", "stats.json"))
-
-
 # --------------------------------------------------------------------------------------
 # feature views: a chosen subset of committed rows as a storage root of its own
 # --------------------------------------------------------------------------------------
@@ -523,7 +404,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
         "counts": counts,
         "rejects": {},
         "stats": _stats_record(stats),
-        "config_hash": sorted({c.get("config_hash") for c in _commits(features_dir(source_root))} - {None}),
+        "config_hash": sorted({c.get("config_hash") for c in read_commits(features_dir(source_root))} - {None}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.atomic_write_json(storage.join(fdir, "_stats", "stats.json"), _combine_stats([commit]))
@@ -623,7 +504,7 @@ def featurize(
     storage.check_reachable(output_root, must_exist=False)
     manifest = build_manifest(input_uri, probe=False)
     fdir = features_dir(output_root)
-    commits = _commits(fdir)
+    commits = read_commits(fdir)
     _vacuum(fdir, {rel for c in commits for rel in c["files"]})
     known, rejected = _known(commits)
     storage.write_table(storage.join(output_root, "manifest", "manifest.parquet"), manifest.table)
@@ -780,7 +661,7 @@ def _staged_table(staging: str, files: list[str], columns: list[str]) -> pa.Tabl
         return FEATURE_SCHEMA.empty_table().select(columns)
     afs, base = storage.arrow_filesystem(staging)
     paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
-    return pds.dataset(paths, filesystem=afs, format="parquet", partitioning=_partitioning(),
+    return pds.dataset(paths, filesystem=afs, format="parquet", partitioning=partitioning(),
                        partition_base_dir=base).to_table(columns=columns)
 
 

@@ -327,10 +327,11 @@ class AttributeObjective(ObjectiveBase):
 
     def step(self, model: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict]:
         fbank = batch["fbank"]
-        y = torch.tensor([self.clip_class.get(c, -1) for c in batch["clip_id"]], device=fbank.device)
+        y = torch.tensor([self.clip_class.get(c, -1) for c in batch["clip_id"]])  # on the host: no device sync
         keep = y >= 0
         if not bool(keep.all()):  # clips featurized after the labels were made: not trained on
-            fbank, y = fbank[keep], y[keep]
+            fbank, y = fbank[keep.to(fbank.device)], y[keep]
+        y = y.to(fbank.device, non_blocking=True)
         if fbank.shape[0] == 0:
             raise RuntimeError("a training batch had no labelled clip: are the labels from these features?")
         x = spec_augment(fbank, self.fcfg)
@@ -356,9 +357,9 @@ class AttributeObjective(ObjectiveBase):
         with torch.no_grad():
             acc = torch.stack([(head.class_cosine(cos).argmax(dim=1) == yi).float().mean()
                                for head, (_, cos), (yi, _, _) in zip(heads, outs, targets)]).mean()
-        logs = {"acc": float(acc), "mixup_lam": targets[0][2]}
+        logs = {"acc": acc, "mixup_lam": targets[0][2]}  # device scalars: read at log steps only
         if hasattr(heads[0], "scale") and isinstance(heads[0].scale, Tensor):
-            logs["scale"] = float(heads[0].scale)
+            logs["scale"] = heads[0].scale.detach()
         return loss, logs
 
     def encoder(self, module: nn.Module, member: int = 0) -> nn.Module:

@@ -232,11 +232,15 @@ class Data2VecObjective(ObjectiveBase):
                          fbank.device)
         pred, utt = model(fbank, mask, clones=c)  # the front end once per clip, the blocks once per clone
         target_c = target.repeat_interleave(c, dim=0)
-        loss_patch = F.mse_loss(pred.float()[mask], target_c[mask])
+        # mean squared error over the masked patches, weighted instead of indexed: boolean indexing
+        # would wait for the device to count them
+        dropped = mask.float()
+        per_patch = (pred.float() - target_c).pow(2).mean(dim=-1)
+        loss_patch = (per_patch * dropped).sum() / dropped.sum().clamp(min=1.0)
         loss_utt = F.mse_loss(utt.float(), utt_target.repeat_interleave(c, dim=0))
         loss = loss_patch + self.pcfg.utterance_weight * loss_utt
-        logs = {"loss_patch": float(loss_patch.detach()), "loss_utt": float(loss_utt.detach()),
-                "target_std": float(target.std(dim=0).mean())}
+        logs = {"loss_patch": loss_patch.detach(), "loss_utt": loss_utt.detach(),
+                "target_std": target.std(dim=0).mean().detach()}
         return loss, logs
 
     @torch.no_grad()

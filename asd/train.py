@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from asd import storage
-from asd.featurize import matrix_columns, read_features_ray, read_features_table
+from asd.features import matrix_columns, read_features_ray, read_features_table
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
 from asd.resources import require as require_resources
 
@@ -206,7 +206,7 @@ def fbank_norm(cfg: TrainConfig, root: str | None = None) -> tuple[float, float]
     """Scalar (mean, std) used as ``(fbank - mean) / (2 * std)`` (BEATs' form)."""
     if cfg.norm == "beats" or root is None:
         return FBANK_MEAN, FBANK_STD
-    from asd.featurize import load_stats
+    from asd.features import load_stats
 
     stats = load_stats(root)["all"]
     mean = np.asarray(stats["mean"], np.float64)
@@ -422,6 +422,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def _window_mean(values: list) -> float:
+    """Mean of logged values (Python numbers or device scalars) with one device read per kind."""
+    tensors = [v.float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    total = float(torch.stack(tensors).sum()) if tensors else 0.0
+    return (total + sum(float(v) for v in values if not isinstance(v, torch.Tensor))) / max(1, len(values))
+
+
 def _mean_across(values: dict[str, float], world_size: int, device: torch.device) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -562,19 +569,19 @@ def train_loop(
                 with autocast:
                     loss, logs = objective.step(model, batch, step)
                 (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                window.setdefault(k, []).append(float(v))
+            for k, v in {"loss": loss, **logs}.items():  # device tensors stay there until a log step
+                window.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else float(v))
         grad_norm = clip_gradients(clip_groups, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         step += 1
         extra = objective.after_optimizer_step(module, step, cfg.steps) or {}
-        window.setdefault("grad_norm", []).append(float(grad_norm))
+        window.setdefault("grad_norm", []).append(grad_norm.detach())
         for k, v in extra.items():
-            window.setdefault(k, []).append(float(v))
+            window.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else float(v))
         is_ckpt = step % max(1, cfg.checkpoint_every) == 0 or step == cfg.steps
-        if step % max(1, cfg.log_every) == 0 or is_ckpt:
-            means = _mean_across({k: float(np.mean(v)) for k, v in window.items()}, world_size, device)
+        if step % max(1, cfg.log_every) == 0 or is_ckpt:  # the only host-device syncs of the logs
+            means = _mean_across({k: _window_mean(v) for k, v in window.items()}, world_size, device)
             entry = {"step": step, "epoch": position["epoch"], "lr": scheduler.get_last_lr()[0], **means}
             history.append(entry)
             last_loss = entry.get("loss")

@@ -48,3 +48,33 @@ def test_seed_plot_draws_one_bar_per_method_and_seed(tmp_path):
     rgb = (img[..., :3] * 255).round().astype(int).reshape(-1, 3)
     for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):
         assert (np.abs(rgb - colour).sum(axis=1) <= 6).sum() > 200, colour
+
+
+def test_gpu_check_runs_its_parts_at_toy_size_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py: pre-training, LoRA fine-tuning and embedding through the project's
+    own loop, one JSON line; the DDP part needs two GPUs and says so."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--steps", "3",
+                        "--out", str(out)], cwd=str(repo), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    assert line == json.loads(out.read_text()) and line["failed"] == [] and line["device"] == "cpu"
+    parts = line["parts"]
+    assert parts["pretrain"]["steps"] == 3 and parts["pretrain"]["flops_per_step"] > 0
+    assert parts["finetune_lora"]["steps"] == 3 and parts["finetune_lora"]["final_loss"] > 0
+    assert parts["embed"]["dim"] > 0 and parts["embed"]["clips_per_s"] > 0
+    assert "skipped" in parts["ddp"]
+
+
+def test_gpu_check_knows_the_peaks_of_the_devices_it_names():
+    from benchmarks.gpu_check import peak_flops
+
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("NVIDIA L40") is None and peak_flops("NVIDIA A10G") is None  # unknown: no MFU, not a guess

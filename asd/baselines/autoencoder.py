@@ -105,7 +105,7 @@ from asd.featurize import (
     FbankConfig,
     FeaturizeConfig,
     FeaturizeResult,
-    _commits,
+    read_commits,
     featurize,
     features_dir,
     load_stats,
@@ -213,7 +213,7 @@ def featurize_frontend(input_uri: str, root: str, cfg: AEConfig | None = None,
     cfg = cfg or AEConfig()
     fcfg = frontend_config(cfg, base)
     out = ae_root(root)
-    hashes = {c.get("config_hash") for c in _commits(features_dir(out))} - {None}
+    hashes = {c.get("config_hash") for c in read_commits(features_dir(out))} - {None}
     if hashes - {fcfg.config_hash()}:
         raise ValueError(f"{features_dir(out)!r} holds features of other filterbank settings "
                          f"(config hash {sorted(hashes)} != {fcfg.config_hash()}); use a fresh root")

@@ -14,7 +14,6 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-import soundfile as sf
 
 from asd import SAMPLE_RATE
 
@@ -87,9 +86,18 @@ def _check_riff(data: bytes) -> None:
     raise AudioError(TRUNCATED, "no complete 'data' chunk found (truncated or malformed WAV)")
 
 
+def _soundfile():
+    """soundfile (libsndfile), imported when audio is first decoded or encoded: modules that only
+    read features (training, embedding, scoring) then run where no audio library is installed."""
+    import soundfile
+
+    return soundfile
+
+
 def probe(data: bytes) -> WavInfo:
     """Header information of WAV bytes (raises :class:`AudioError`)."""
     _check_riff(data)
+    sf = _soundfile()
     try:
         info = sf.info(io.BytesIO(data))
     except Exception as exc:  # libsndfile's own errors are RuntimeError / LibsndfileError
@@ -123,6 +131,7 @@ def decode(
     info = probe(data)
     if info.num_frames == 0:
         raise AudioError(EMPTY, "WAV has no audio frames")
+    sf = _soundfile()
     try:
         wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
@@ -145,5 +154,5 @@ def decode(
 def encode_wav(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:
     """Float waveform(s) -> WAV bytes (``(n,)`` mono or ``(n, channels)``)."""
     buf = io.BytesIO()
-    sf.write(buf, wave, sample_rate, format="WAV", subtype=subtype)
+    _soundfile().write(buf, wave, sample_rate, format="WAV", subtype=subtype)
     return buf.getvalue()

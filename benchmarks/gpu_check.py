@@ -1,0 +1,230 @@
+"""The GPU check: the training and embedding paths on one accelerator, in one short run, one JSON line.
+
+    python -m benchmarks.gpu_check                 # on a GPU machine (about 3 minutes on one H100/H200)
+    python -m benchmarks.gpu_check --device cpu    # the same code paths at toy size, on any machine
+
+Runs where only torch and pyarrow are installed (a bare GPU image: no Ray, Hydra, soundfile or
+s3fs; ``benchmarks/gpu_check.sh`` adds the ``gpu`` tests when pytest and Ray are there). Every
+part goes through the project's own code, on random log-mel features held in memory:
+
+1. ``pretrain``: the ``base`` encoder (``tiny`` on CPU) pre-trained through :func:`asd.train.train_loop`
+   (the loop Ray Train runs on each worker) at the EAT settings of ``jobs/conf/pretrain/base.yaml``
+   (12 clips x 16 masked clones of 1024 frames per step), bf16 autocast and TF32 on CUDA; reports
+   clips/s over the second half of the steps, peak memory and MFU (model FLOPs per step, counted
+   by ``FlopCounterMode`` as the teacher's forward plus 3 x the student's forward, over the
+   device's dense bf16 peak where known);
+2. ``finetune_lora``: attribute fine-tuning of that encoder with LoRA (rank 8) through the same loop;
+3. ``embed``: the ``encoder`` embedder (what embedding actors run) on the device, clips/s;
+4. ``ddp``: with two or more GPUs, ``torchrun`` with two NCCL processes of the pre-training loop
+   (skipped on one GPU or on CPU).
+
+Exit status 1 when a part fails; the JSON line says which and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# dense bf16 peak FLOP/s by device name (longest match first); unknown devices report no MFU
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(name: str) -> float | None:
+    for key in sorted(PEAK_BF16, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16[key]
+    return None
+
+
+def feature_table(n_clips: int, frames: int, bins: int = 128, n_classes: int = 8, seed: int = 0) -> pa.Table:
+    """Random log-mel feature rows in the feature store's columns (``asd.features.MATRICES``)."""
+    rng = np.random.default_rng(seed)
+    fb = [(rng.standard_normal((frames, bins)) * 4 - 5).astype(np.float16).tobytes() for _ in range(n_clips)]
+    return pa.table({
+        "clip_id": [f"gpu_check/clip_{i:05d}.wav" for i in range(n_clips)],
+        "split": ["train"] * n_clips,
+        "machine_type": [f"type{i % n_classes}" for i in range(n_clips)],
+        "fbank": pa.array(fb, pa.binary()),
+        "fbank_dtype": ["float16"] * n_clips,
+        "fbank_frames": pa.array([frames] * n_clips, pa.int32()),
+        "num_mel_bins": pa.array([bins] * n_clips, pa.int32()),
+    })
+
+
+def _loop(objective, table: pa.Table, cfg, device: torch.device):
+    from asd.train import FeatureBatches, _cuda_precision, table_batches, train_loop
+
+    if device.type == "cuda":
+        _cuda_precision(cfg)
+        torch.cuda.reset_peak_memory_stats(device)
+    source = FeatureBatches(table_batches(table, cfg), cfg, columns=objective.columns, cache=True,
+                            weights=getattr(objective, "sample_weights", None))
+    res = train_loop(objective, source, cfg, device=device)
+    out = {"steps": res.step, "seconds": round(res.seconds, 2), "clips_per_s": round(res.steady_samples_per_s, 2),
+           "final_loss": res.final_loss}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return res, out
+
+
+def step_flops(objective, clips: int, frames: int, device: torch.device) -> int:
+    """Model FLOPs of one pre-training step: teacher forward + 3 x student forward (counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asd.pretrain import make_mask
+
+    pcfg, enc = objective.pcfg, objective.encoder_cfg
+    with torch.no_grad():
+        model = objective.build().to(device)
+        fbank = torch.randn(clips, frames, enc.num_mel_bins, device=device)
+        grid = (frames // enc.input_patch_size, enc.num_mel_bins // enc.input_patch_size)
+        mask = make_mask(clips * pcfg.clone_batch, grid, pcfg.mask_ratio, pcfg.mask_type, pcfg.mask_block, device)
+        counts = []
+        for run in (lambda: model.encoder(fbank, return_all_layers=True),
+                    lambda: model(fbank, mask, clones=pcfg.clone_batch)):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                run()
+            counts.append(counter.get_total_flops())
+    del model
+    return int(counts[0] + 3 * counts[1])
+
+
+def part_pretrain(args, device: torch.device, out_dir: str) -> dict:
+    from asd.models.encoder import save_checkpoint
+    from asd.pretrain import Data2VecObjective, PretrainConfig
+    from asd.train import TrainConfig
+
+    if args.device == "cpu":
+        pcfg = PretrainConfig(model="tiny", clone_batch=4, top_k_layers=2, decoder_dim=64, decoder_layers=1)
+        cfg = TrainConfig(steps=args.steps or 4, batch_size=2, crop_frames=192, warmup_steps=1, bf16=False)
+    else:
+        pcfg = PretrainConfig(model="base", clone_batch=16, top_k_layers=12, decoder_dim=768, decoder_layers=6,
+                              ema_start=0.9998, ema_end=0.99999)
+        cfg = TrainConfig(steps=args.steps or 40, batch_size=12, crop_frames=1024, warmup_steps=5, bf16=True,
+                          grad_clip=4.0)
+    cfg = replace(cfg, log_every=max(1, cfg.steps // 4), checkpoint_every=10**9)
+    objective = Data2VecObjective(pcfg)
+    table = feature_table(max(4 * cfg.batch_size, 16), cfg.crop_frames + 16)
+    res, out = _loop(objective, table, cfg, device)
+    flops = step_flops(objective, cfg.batch_size, cfg.crop_frames, device)
+    out.update(model=pcfg.model, clips_per_step=cfg.batch_size, clones=pcfg.clone_batch, frames=cfg.crop_frames,
+               bf16=bool(cfg.bf16 and device.type == "cuda"), flops_per_step=flops)
+    steps_per_s = res.steady_samples_per_s / cfg.batch_size if res.steady_samples_per_s else 0.0
+    out["achieved_tflops"] = round(flops * steps_per_s / 1e12, 2)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    out["mfu"] = round(flops * steps_per_s / peak, 4) if peak else None
+    ckpt = os.path.join(out_dir, "encoder.pt")
+    save_checkpoint(objective.encoder(res.module), ckpt, meta={"stage": "gpu_check"})
+    out["encoder"] = ckpt
+    return out
+
+
+def part_finetune_lora(args, device: torch.device, encoder: str) -> dict:
+    from asd.finetune import AttributeObjective, FinetuneConfig
+    from asd.models.encoder import load_checkpoint
+    from asd.train import TrainConfig
+
+    enc_cfg = load_checkpoint(encoder).cfg
+    cpu = args.device == "cpu"
+    cfg = TrainConfig(steps=args.steps or (4 if cpu else 30), batch_size=4 if cpu else 32,
+                      crop_frames=192 if cpu else 1024, warmup_steps=1, bf16=not cpu, checkpoint_every=10**9,
+                      log_every=5)
+    table = feature_table(64, cfg.crop_frames + 16)
+    ids = table.column("clip_id").to_pylist()
+    classes = sorted(set(table.column("machine_type").to_pylist()))
+    clip_class = {c: classes.index(t) for c, t in zip(ids, table.column("machine_type").to_pylist())}
+    objective = AttributeObjective(FinetuneConfig(lora_rank=8, head="adacos"), enc_cfg, classes, clip_class,
+                                   init_checkpoint=encoder)
+    _, out = _loop(objective, table, cfg, device)
+    out.update(lora_rank=8, clips_per_step=cfg.batch_size, frames=cfg.crop_frames)
+    return out
+
+
+def part_embed(args, device: torch.device, encoder: str) -> dict:
+    from asd.embed import make_embedder
+
+    cpu = args.device == "cpu"
+    n, frames = (8, 192) if cpu else (256, 1000)
+    fbanks = [np.asarray(a, np.float32) for a in
+              np.random.default_rng(1).standard_normal((n, frames, 128)).astype(np.float32) * 4 - 5]
+    emb = make_embedder("encoder", {"checkpoint": encoder, "device": device.type, "batch_size": 16 if cpu else 64})
+    emb(fbanks[:2])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = emb(fbanks)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"clips": n, "frames": frames, "dim": int(np.asarray(out).shape[1]), "clips_per_s": round(n / seconds, 2)}
+
+
+def part_ddp(args, device: torch.device) -> dict:
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return {"skipped": "needs two or more GPUs"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), "full", "layer0", "layerdrop", "lora", "pretrain"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    return {"returncode": p.returncode, "configs": rows, "ok": p.returncode == 0 and all(r["ok"] for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--steps", type=int, default=None, help="training steps per part (default: 40 GPU / 4 CPU)")
+    p.add_argument("--out", default=None, help="also write the JSON line to this file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                    "gpus": torch.cuda.device_count(), "parts": {}, "failed": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder = None
+        for name in ("pretrain", "finetune_lora", "embed", "ddp"):
+            t0 = time.perf_counter()
+            print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
+            try:
+                if name == "pretrain":
+                    out = part_pretrain(args, device, tmp)
+                    encoder = out.pop("encoder")
+                elif name == "ddp":
+                    out = part_ddp(args, device)
+                elif encoder is None:
+                    out = {"skipped": "pre-training failed"}
+                else:
+                    out = (part_finetune_lora if name == "finetune_lora" else part_embed)(args, device, encoder)
+            except Exception as e:  # noqa: BLE001 - one part's failure is reported, the others still run
+                out = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+            if "error" in out or out.get("ok") is False:
+                result["failed"].append(name)
+            out["wall_s"] = round(time.perf_counter() - t0, 1)
+            result["parts"][name] = out
+            print(f"[gpu_check] {name}: {json.dumps({k: v for k, v in out.items() if k != 'trace'})}",
+                  file=sys.stderr, flush=True)
+    line = json.dumps(result, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(line + "\n")
+    print(line)
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
