@@ -138,8 +138,8 @@ class PretrainModel(nn.Module):
         front, _ = self.encoder.front_end(fbank)
         if clones > 1:
             front = front.repeat_interleave(clones, dim=0)
-        kept = self.encoder.from_front_end(front, mask=mask)  # (B x clones, N_kept, D)
         index = AudioEncoder.kept_index(mask, n)
+        kept = self.encoder.from_front_end(front, keep=index)  # (B x clones, N_kept, D)
         full = self.mask_token.to(kept.dtype).expand(kept.shape[0], n, kept.shape[-1]).clone()
         full = full.scatter(1, index[..., None].expand(-1, -1, kept.shape[-1]), kept)
         return self.decoder(full, grid), self.utterance_head(kept.mean(dim=1))

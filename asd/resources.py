@@ -45,7 +45,8 @@ def _node_resources() -> list[dict[str, float]]:
 
 def shortfall(per_worker: Mapping[str, float], workers: int, nodes: list[dict[str, float]]) -> str | None:
     """Why ``workers`` bundles of ``per_worker`` cannot be placed on ``nodes`` (each node's total
-    resources), or None when they can (greedy, largest nodes first; zero amounts are ignored)."""
+    resources), or None when they can: each node holds as many whole bundles as its scarcest
+    resource allows, and the nodes' counts add up (zero amounts are ignored)."""
     need = {k: float(v) for k, v in per_worker.items() if v and float(v) > 0}
     if not need or workers <= 0:
         return None

@@ -162,8 +162,7 @@ def part_embed(args, device: torch.device, encoder: str) -> dict:
 
     cpu = args.device == "cpu"
     n, frames = (8, 192) if cpu else (256, 1000)
-    fbanks = [np.asarray(a, np.float32) for a in
-              np.random.default_rng(1).standard_normal((n, frames, 128)).astype(np.float32) * 4 - 5]
+    fbanks = list(np.random.default_rng(1).standard_normal((n, frames, 128), dtype=np.float32) * 4 - 5)
     emb = make_embedder("encoder", {"checkpoint": encoder, "device": device.type, "batch_size": 16 if cpu else 64})
     emb(fbanks[:2])  # warm-up
     if device.type == "cuda":

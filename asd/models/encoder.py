@@ -395,7 +395,7 @@ class EncoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """Conv positional embedding, then the stack of layers (BEATs' ``encoder``)."""
+    """Conv positional embedding (:meth:`positions`), then the stack of layers (``forward``; BEATs' ``encoder``)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -415,17 +415,6 @@ class TransformerEncoder(nn.Module):
         self.layerdrop = cfg.encoder_layerdrop
         self.grad_decay = cfg.layer_wise_gradient_decay_ratio
 
-    def forward(
-        self,
-        x: Tensor,
-        padding_mask: Tensor | None = None,
-        keep_index: Tensor | None = None,
-        layer: int | None = None,
-        return_all_layers: bool = False,
-    ) -> Tensor | list[Tensor]:
-        """``x`` (B, N, C) full patch sequence; ``keep_index`` (B, N_kept) patches to keep."""
-        return self.blocks(self.positions(x, padding_mask), padding_mask, keep_index, layer, return_all_layers)
-
     def positions(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The full patch sequence (B, N, C) with its convolutional positions added (and, for
         post-norm blocks, layer-normalised): every step before patches are dropped."""
@@ -436,7 +425,7 @@ class TransformerEncoder(nn.Module):
             x = self.layer_norm(x)
         return self.dropout(x)
 
-    def blocks(
+    def forward(
         self,
         x: Tensor,
         padding_mask: Tensor | None = None,
@@ -444,7 +433,8 @@ class TransformerEncoder(nn.Module):
         layer: int | None = None,
         return_all_layers: bool = False,
     ) -> Tensor | list[Tensor]:
-        """The transformer blocks on the output of :meth:`positions`, keeping ``keep_index``."""
+        """The blocks on ``x``, the output of :meth:`positions` (B, N, C), keeping only the patches
+        ``keep_index`` (B, N_kept) when given."""
         positions = None
         if keep_index is not None:
             x = x.gather(1, keep_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -603,7 +593,8 @@ class AudioEncoder(nn.Module):
         return_all_layers: return the list of every block's output instead.
         """
         x, patch_padding = self.front_end(fbank, padding_mask)
-        return self.from_front_end(x, patch_padding, mask, layer, return_all_layers)
+        keep = self.kept_index(mask, x.shape[1]) if mask is not None else None
+        return self.from_front_end(x, patch_padding, keep, layer, return_all_layers)
 
     def front_end(self, fbank: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Everything before patches are dropped: patch embedding, projection and positions ->
@@ -616,11 +607,11 @@ class AudioEncoder(nn.Module):
         x = self.dropout_input(x)
         return self.encoder.positions(x, patch_padding), patch_padding
 
-    def from_front_end(self, x: Tensor, patch_padding: Tensor | None = None, mask: Tensor | None = None,
+    def from_front_end(self, x: Tensor, patch_padding: Tensor | None = None, keep: Tensor | None = None,
                        layer: int | None = None, return_all_layers: bool = False) -> Tensor | list[Tensor]:
-        """The blocks on a :meth:`front_end` output, dropping the patches of ``mask`` first."""
-        keep = self.kept_index(mask, x.shape[1]) if mask is not None else None
-        return self.encoder.blocks(x, patch_padding, keep, self._layer_index(layer), return_all_layers)
+        """The blocks on a :meth:`front_end` output, keeping only the patches ``keep`` (B, N_kept;
+        :meth:`kept_index` of a mask) when given."""
+        return self.encoder(x, patch_padding, keep, self._layer_index(layer), return_all_layers)
 
     def _layer_index(self, layer: int | None) -> int | None:
         if layer is None:
