@@ -88,10 +88,13 @@ class TrainConfig:
     # workers
     num_workers: int = 2
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu (fractional: several workers share one GPU)
     cpus_per_worker: float = 0.5  # fractional: 2 workers fit on 2 cores beside Ray Data
     torch_threads: int | None = None  # per worker; None = max(1, int(cpus_per_worker))
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     tf32: bool = True  # float32 matmuls and convolutions in TF32 on CUDA (Ampere and later; ignored on CPU)
+    compile: bool = False  # torch.compile the module (nn.Module.compile: in place, state_dict keys unchanged)
+    activation_checkpointing: bool = False  # recompute transformer blocks in backward (memory for compute)
     # data
     crop_frames: int = 512  # random crop per clip and step (multiple of 16; short clips tiled)
     splits: tuple[str, ...] = ("train",)  # feature rows used for training
@@ -125,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"fail_mode must be raise or exit, got {self.fail_mode!r}")
         if self.grad_accum < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("grad_accum, batch_size and num_workers must be >= 1")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ValueError(f"gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
 
 
 # ----------------------------------------------------------------------------- objective
@@ -375,8 +380,9 @@ class LoopResult:
     final_loss: float | None
     seconds: float
     samples_per_s: float  # clips per second on this worker, whole attempt (data start-up included)
-    steady_samples_per_s: float  # clips per second over the second half of the attempt's steps
+    steady_samples_per_s: float  # clips per second over the second half of the attempt's steps, checkpoints left out
     param_checksum: str
+    checkpoint_seconds: float = 0.0  # time spent handing checkpoints over (on_checkpoint), whole attempt
     module: nn.Module | None = field(default=None, repr=False)
 
 
@@ -413,13 +419,32 @@ def param_checksum(module: nn.Module) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module) or hasattr(model, "_orig_mod"):
-        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    """The module inside DDP wrappers (``nn.Module.compile`` compiles in place: nothing to unwrap)."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
     return model
 
 
+def set_activation_checkpointing(module: nn.Module, on: bool) -> int:
+    """Turn activation checkpointing on or off in every transformer block stack of ``module``
+    (:class:`asd.models.encoder.TransformerEncoder`); returns how many stacks it set. A module
+    without one (a CNN) cannot use it: ``ValueError``."""
+    from asd.models.encoder import TransformerEncoder
+
+    stacks = [m for m in module.modules() if isinstance(m, TransformerEncoder)]
+    if on and not stacks:
+        raise ValueError(f"activation_checkpointing needs a transformer encoder; {type(module).__name__} has none")
+    for m in stacks:
+        m.activation_checkpointing = on
+    return len(stacks)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """Host tensors to ``device``; to CUDA through pinned memory, asynchronously, so the host
+    prepares the next batch while the GPU works on this one (nothing else syncs before a log step)."""
+    pin = device.type == "cuda"
+    return {k: ((v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+                if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def _window_mean(values: list) -> float:
@@ -527,6 +552,10 @@ def train_loop(
     start_step = step
     clip_groups = (objective.clip_groups(module) if hasattr(objective, "clip_groups")
                    else [list(module.parameters())])
+    if cfg.activation_checkpointing:
+        set_activation_checkpointing(module, True)
+    if cfg.compile:
+        module.compile()  # in place: the same module object, parameters and state_dict keys
     model = wrap(module) if wrap is not None else module
     model.train()
     autocast = (
@@ -552,6 +581,7 @@ def train_loop(
     t_loop = time.perf_counter()
     half = start_step + (cfg.steps - start_step) // 2  # steady-state throughput from here
     t_half, samples_half = None, 0
+    ckpt_seconds, ckpt_half = 0.0, 0.0  # time in on_checkpoint: in total, and since the half-way step
     last_loss = None
     while step < cfg.steps:
         if before_step is not None:
@@ -599,16 +629,23 @@ def train_loop(
                 )
             metrics = {"step": step, "start_step": start_step, "epoch": position["epoch"],
                        "loss": last_loss if last_loss is not None else float("nan")}
+            t_ckpt = time.perf_counter()
             on_checkpoint(state, metrics)
+            spent = time.perf_counter() - t_ckpt
+            ckpt_seconds += spent
+            if t_half is not None:
+                ckpt_half += spent
     t_end = time.perf_counter()
     seconds = t_end - t_loop
-    steady = (samples - samples_half) / (t_end - t_half) if t_half is not None and t_end > t_half else 0.0
+    train_time = (t_end - t_half - ckpt_half) if t_half is not None else 0.0
+    steady = (samples - samples_half) / train_time if train_time > 0 else 0.0
     if last_loss is None and history:
         last_loss = history[-1].get("loss")
     return LoopResult(
         start_step=start_step, step=step, epoch=position["epoch"], history=history, final_loss=last_loss,
         seconds=t_end - t_start, samples_per_s=samples / seconds if seconds > 0 and samples else 0.0,
-        steady_samples_per_s=steady, param_checksum=param_checksum(module), module=module,
+        steady_samples_per_s=steady, checkpoint_seconds=ckpt_seconds, param_checksum=param_checksum(module),
+        module=module,
     )
 
 
@@ -870,8 +907,11 @@ def _ray_worker(config: dict) -> dict | None:
     import torch.distributed as dist
 
     summary = {"rank": rank, "param_checksum": res.param_checksum, "samples_per_s": res.samples_per_s,
-               "steady_samples_per_s": res.steady_samples_per_s, "start_step": res.start_step, "step": res.step,
+               "steady_samples_per_s": res.steady_samples_per_s, "checkpoint_seconds": round(res.checkpoint_seconds, 2),
+               "start_step": res.start_step, "step": res.step,
                "device": str(device), "restored_from": restored_from, "unreadable_checkpoints": unreadable}
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     summaries = [summary]
     if world_size > 1 and dist.is_initialized():
         summaries = [None] * world_size
@@ -986,7 +1026,7 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
         ray.init()
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     require_resources(resources, cfg.num_workers, f"training {objective.name} ({cfg.name})",
                       hint="Set the stage's train.use_gpu, train.num_workers or train.cpus_per_worker to what the "
                            "cluster has (e.g. pretrain.train.use_gpu=false on a CPU-only cluster).")
@@ -1105,6 +1145,7 @@ __all__ = [
     "load_state_with_fallback",
     "load_training_state",
     "models_dir",
+    "set_activation_checkpointing",
     "stage_train_config",
     "param_checksum",
     "table_batches",

@@ -100,6 +100,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from asd import storage
@@ -414,6 +415,7 @@ class TransformerEncoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layerdrop = cfg.encoder_layerdrop
         self.grad_decay = cfg.layer_wise_gradient_decay_ratio
+        self.activation_checkpointing = False  # recompute each block in backward (asd.train: TrainConfig)
 
     def positions(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The full patch sequence (B, N, C) with its convolutional positions added (and, for
@@ -452,7 +454,11 @@ class TransformerEncoder(nn.Module):
         for i, block in enumerate(self.layers[: last + 1]):
             if self.grad_decay != 1.0 and torch.is_grad_enabled():  # scale gradients, not values
                 x = x * self.grad_decay + x.detach() * (1.0 - self.grad_decay)
-            if not (self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop):
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                pass
+            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, position_bias, padding_mask, use_reentrant=False)
+            else:
                 x = block(x, position_bias, padding_mask)
             outputs.append(x)
         if return_all_layers:
