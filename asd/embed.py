@@ -134,14 +134,28 @@ class EmbedResult:
         return asdict(self)
 
 
+def actor_device_params(params: Any, gpu: bool) -> Any:
+    """``params`` with every ``device: auto`` (members of a ``concat`` included) made ``cuda`` when
+    the actor was given a GPU and ``cpu`` when not. Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for a
+    worker given no GPU, so "auto" alone would put an actor that asked for none on a GPU it shares
+    unasked."""
+    if isinstance(params, dict):
+        return {k: (("cuda" if gpu else "cpu") if k == "device" and v == "auto" else actor_device_params(v, gpu))
+                for k, v in params.items()}
+    if isinstance(params, list):
+        return [actor_device_params(v, gpu) for v in params]
+    return params
+
+
 class _EmbedActor:
     """Ray Data callable class: builds the embedder once per actor."""
 
     def __init__(self, name: str, params: dict):
+        import ray
         import torch
 
         torch.set_num_threads(1)
-        self.embedder = make_embedder(name, params)
+        self.embedder = make_embedder(name, actor_device_params(params, gpu=bool(ray.get_gpu_ids())))
         self.inputs = tuple(getattr(self.embedder, "inputs", ("fbank",)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -476,11 +476,12 @@ class FusedBank:
             raise ValueError(f"queries have dimension {x.shape[1]}, the fused bank {self.bounds[-1]}")
         return zip(self.banks, self.weights, (x[:, a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])))
 
-    def score_parts(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score_parts(self, queries: np.ndarray, k: int = 1, device: str = "cpu"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(score, source, target)``: weighted sums over the member banks (see the class docstring)."""
         total = [np.zeros(len(queries), np.float64) for _ in range(3)]
         for bank, w, q in self._parts(queries):
-            for acc, part in zip(total, bank.score_parts(q, k=k)):
+            for acc, part in zip(total, bank.score_parts(q, k=k, device=device)):
                 acc += w * part
         return tuple(t.astype(np.float32) for t in total)
 

@@ -74,6 +74,8 @@ class RescoreConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     embed_batch_size: int = 64
     num_actors: int = 2
+    num_cpus: float = 0.5  # per embedding actor
+    num_gpus: float = 0.0  # per embedding actor (the served model's embedder picks the GPU up)
 
 
 @dataclass
@@ -125,6 +127,7 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
     feat = featurize(inbox, work, cfg.featurize)
     emb = embed(work, model["tag"], EmbedConfig(embedder=model["embedder"], params=model.get("params", {}),
                                                 batch_size=cfg.embed_batch_size, num_actors=cfg.num_actors,
+                                                num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                                 progress=cfg.featurize.progress))
     night = read_embeddings(emb.embeddings)
     seen = scored_hashes(root)

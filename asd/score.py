@@ -30,6 +30,7 @@ from asd import knn, raycompat, storage
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
 # where results are written, not here: every scoring worker imports this module.
 from asd.embed import embedding_blocks, read_embeddings, vectors
+from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ScoreConfig:
     batch_size: int = 256
     concurrency: int | None = None  # most scoring tasks at once (None: as many as the CPUs allow)
     num_cpus: float = 0.5
+    num_gpus: float = 0.0  # per scoring task; > 0: the kNN products run on the task's GPU (torch)
     plots: bool = True
     progress: bool = True
 
@@ -132,18 +134,30 @@ def _worker_banks(ref) -> dict:
     return _WORKER_BANKS[key]
 
 
-def _score_udf(batch: pa.Table, banks_ref: list, thresholds: dict, k: int) -> pa.Table:
+def _score_udf(batch: pa.Table, banks_ref: list, thresholds: dict, k: int, device: str = "cpu") -> pa.Table:
     """Ray Data task function: score one batch against the banks this worker holds."""
     if not _ONE_BLAS_THREAD:
         from threadpoolctl import threadpool_limits
 
         # one BLAS thread per task: tasks are the parallelism (no oversubscription)
         _ONE_BLAS_THREAD.append(threadpool_limits(limits=1))
-    return score_table(batch, _worker_banks(banks_ref[0]), thresholds, k)
+    return score_table(batch, _worker_banks(banks_ref[0]), thresholds, k, device=_task_device(device))
 
 
-def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Table:
-    """Score rows of an embeddings table (the work of one batch)."""
+def _task_device(device: str) -> str:
+    """``"gpu"``: the GPU Ray gave this task (an error when it has none); else ``"cpu"``."""
+    if device != "gpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("score.num_gpus > 0 but this scoring task sees no CUDA device")
+    return "cuda"
+
+
+def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int, device: str = "cpu") -> pa.Table:
+    """Score rows of an embeddings table (the work of one batch); ``device``: where the kNN
+    products run (``"cpu"``: numpy/BLAS; ``"cuda"``: torch)."""
     vec = vectors(batch)
     keys = list(zip(batch.column("machine_type").to_pylist(), batch.column("section").to_pylist()))
     n = batch.num_rows
@@ -154,7 +168,7 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int) -> pa.Ta
         if key not in banks:
             raise KeyError(f"no training clips for machine type {key[0]!r} section {key[1]!r}: cannot score it")
         idx = np.array([i for i, kk in enumerate(keys) if kk == key])
-        score[idx], s_src[idx], s_tgt[idx] = banks[key].score_parts(vec[idx], k=k)
+        score[idx], s_src[idx], s_tgt[idx] = banks[key].score_parts(vec[idx], k=k, device=device)
     thr = np.array([thresholds.get(kk, np.inf) for kk in keys], np.float32)
     return pa.table(
         {
@@ -185,14 +199,18 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
     from ray.data import TaskPoolStrategy
 
     raycompat.prepare_data_execution()
+    require_resources({"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, 1, "scoring",
+                      hint="Set score.num_cpus or score.num_gpus to what the cluster has.")
     banks_ref = ray.put(banks)
     ds = ds.map_batches(
         _score_udf,
-        fn_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k),
+        fn_kwargs=dict(banks_ref=[banks_ref], thresholds=thresholds, k=cfg.k,
+                       device="gpu" if cfg.num_gpus > 0 else "cpu"),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=cfg.concurrency) if cfg.concurrency else None,
         num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus or None,
     )
     return storage.collect_tables(ds, SCORE_SCHEMA).sort_by("clip_id")
 

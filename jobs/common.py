@@ -175,9 +175,49 @@ def refuse_path_as_data(argv: list[str] | None = None) -> None:
                 f"(the same as data=dir data.input={value}).")
 
 
+# embedders that run a model (the ones a GPU helps); log-mel statistics stay on CPUs
+MODEL_EMBEDDERS = {"encoder", "concat"}
+
+
+def apply_device(cfg: DictConfig) -> DictConfig:
+    """Merge the ``device`` group (``jobs/conf/device``) into every stage of a job's config: its
+    ``train`` into each training stage's ``train:`` node (pre-training, fine-tuning, the AE baseline),
+    its ``embed`` into each model-backed embedding config, its ``score`` into each kNN scoring
+    config. The one place where a job says GPUs or CPUs (a key the stage's dataclass lacks fails
+    when the stage builds it)."""
+    device = cfg.get("device")
+    if not device:
+        return cfg
+    parts = {name: OmegaConf.to_container(device[name], resolve=True) if device.get(name) else {}
+             for name in ("train", "embed", "score")}
+
+    def merge(node: DictConfig, values: dict) -> None:
+        for k, v in values.items():
+            node[k] = v
+
+    def walk(node, key: str | None) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        if key == "train" and "steps" in node and "use_gpu" in node:
+            merge(node, parts["train"])
+        elif "num_actors" in node and "num_gpus" in node and (key == "embed" or "embedder" in node):
+            if node.get("embedder", "encoder") in MODEL_EMBEDDERS:  # rescore's embed: the served model's
+                merge(node, parts["embed"])
+        elif "threshold_method" in node and "k" in node:
+            merge(node, parts["score"])
+        for k in list(node.keys()):
+            if k not in ("device", "hydra"):
+                walk(node._get_node(k), str(k))
+
+    with open_dict(cfg):
+        walk(cfg, None)
+    return cfg
+
+
 def run_job(cfg: DictConfig, run) -> None:
     """The body of every job's Hydra ``main``: logging, path checks, Ray, the stage, its final JSON line."""
     setup_logging(cfg.log_level)
+    apply_device(cfg)
     apply_input(cfg)
     check_paths(cfg)
     init_ray(cfg.ray)

@@ -36,7 +36,7 @@ from jobs import make_corpus as make_corpus_job
 from jobs import pretrain as pretrain_job
 from jobs import pseudo_label as pseudo_label_job
 from jobs import score as score_job
-from jobs.common import apply_input, check_paths, final_line, init_ray, log, refuse_path_as_data, setup_logging
+from jobs.common import apply_device, apply_input, check_paths, final_line, init_ray, log, refuse_path_as_data, setup_logging
 
 STAGES = ["make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune", "score"]
 
@@ -162,6 +162,7 @@ def _compare(root: str, scored: dict, skipped: dict[str, str] | None = None, ser
 @hydra.main(version_base="1.3", config_path="conf", config_name="pipeline")
 def main(cfg: DictConfig) -> None:
     setup_logging(cfg.log_level)
+    apply_device(cfg)
     apply_input(cfg)
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     check_paths(cfg)

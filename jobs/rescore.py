@@ -12,7 +12,8 @@ from jobs.common import run_job, to_dataclass
 
 
 def run(cfg: DictConfig) -> dict:
-    rcfg = RescoreConfig(featurize=to_dataclass(FeaturizeConfig, cfg.featurize), score=to_dataclass(ScoreConfig, cfg.score))
+    rcfg = to_dataclass(RescoreConfig, cfg.embed, featurize=to_dataclass(FeaturizeConfig, cfg.featurize),
+                        score=to_dataclass(ScoreConfig, cfg.score))
     res = rescore(cfg.inbox, cfg.root, date=cfg.date, cfg=rcfg)
     return {"stage": "rescore", **res.to_dict()}
 

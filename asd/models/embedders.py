@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when this process sees a GPU (embedding actors resolve it first from whether
+    Ray gave them one: :func:`asd.embed.actor_device_params`)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
