@@ -13,9 +13,15 @@ part goes through the project's own code, on random log-mel features held in mem
    clips/s over the second half of the steps, peak memory and MFU (model FLOPs per step, counted
    by ``FlopCounterMode`` as the teacher's forward plus 3 x the student's forward, over the
    device's dense bf16 peak where known);
-2. ``finetune_lora``: attribute fine-tuning of that encoder with LoRA (rank 8) through the same loop;
-3. ``embed``: the ``encoder`` embedder (what embedding actors run) on the device, clips/s;
-4. ``ddp``: with two or more GPUs, ``torchrun`` with two NCCL processes of the pre-training loop
+2. ``pretrain_activation_checkpointing`` and ``pretrain_compile``: the same pre-training, shorter,
+   with ``TrainConfig.activation_checkpointing`` and ``TrainConfig.compile`` (compile time is in
+   ``seconds``, not in the steady throughput);
+3. ``attention``: ms per forward + backward of the whole encoder under each SDPA kernel alone
+   (flash, efficient, cudnn, math) and PyTorch's own choice, with and without the relative bias;
+4. ``knn``: the kNN scoring products on the device against numpy on the host (same distances);
+5. ``finetune_lora``: attribute fine-tuning of that encoder with LoRA (rank 8) through the same loop;
+6. ``embed``: the ``encoder`` embedder (what embedding actors run) on the device, clips/s;
+7. ``ddp``: with two or more GPUs, ``torchrun`` with two NCCL processes of the pre-training loop
    (skipped on one GPU or on CPU).
 
 Exit status 1 when a part fails; the JSON line says which and why.
@@ -106,34 +112,103 @@ def step_flops(objective, clips: int, frames: int, device: torch.device) -> int:
     return int(counts[0] + 3 * counts[1])
 
 
-def part_pretrain(args, device: torch.device, out_dir: str) -> dict:
+def part_pretrain(args, device: torch.device, out_dir: str | None, steps: int | None = None, **options) -> dict:
+    """Pre-training through the loop; ``options``: TrainConfig switches (``compile``,
+    ``activation_checkpointing``). Writes the encoder to ``out_dir`` when given."""
     from asd.models.encoder import save_checkpoint
     from asd.pretrain import Data2VecObjective, PretrainConfig
     from asd.train import TrainConfig
 
     if args.device == "cpu":
         pcfg = PretrainConfig(model="tiny", clone_batch=4, top_k_layers=2, decoder_dim=64, decoder_layers=1)
-        cfg = TrainConfig(steps=args.steps or 4, batch_size=2, crop_frames=192, warmup_steps=1, bf16=False)
+        cfg = TrainConfig(steps=steps or args.steps or 4, batch_size=2, crop_frames=192, warmup_steps=1, bf16=False)
     else:
         pcfg = PretrainConfig(model="base", clone_batch=16, top_k_layers=12, decoder_dim=768, decoder_layers=6,
                               ema_start=0.9998, ema_end=0.99999)
-        cfg = TrainConfig(steps=args.steps or 40, batch_size=12, crop_frames=1024, warmup_steps=5, bf16=True,
+        cfg = TrainConfig(steps=steps or args.steps or 40, batch_size=12, crop_frames=1024, warmup_steps=5, bf16=True,
                           grad_clip=4.0)
-    cfg = replace(cfg, log_every=max(1, cfg.steps // 4), checkpoint_every=10**9)
+    cfg = replace(cfg, log_every=max(1, cfg.steps // 4), checkpoint_every=10**9, **options)
     objective = Data2VecObjective(pcfg)
     table = feature_table(max(4 * cfg.batch_size, 16), cfg.crop_frames + 16)
     res, out = _loop(objective, table, cfg, device)
     flops = step_flops(objective, cfg.batch_size, cfg.crop_frames, device)
     out.update(model=pcfg.model, clips_per_step=cfg.batch_size, clones=pcfg.clone_batch, frames=cfg.crop_frames,
-               bf16=bool(cfg.bf16 and device.type == "cuda"), flops_per_step=flops)
+               bf16=bool(cfg.bf16 and device.type == "cuda"), flops_per_step=flops, **options)
     steps_per_s = res.steady_samples_per_s / cfg.batch_size if res.steady_samples_per_s else 0.0
     out["achieved_tflops"] = round(flops * steps_per_s / 1e12, 2)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     out["mfu"] = round(flops * steps_per_s / peak, 4) if peak else None
-    ckpt = os.path.join(out_dir, "encoder.pt")
-    save_checkpoint(objective.encoder(res.module), ckpt, meta={"stage": "gpu_check"})
-    out["encoder"] = ckpt
+    if out_dir is not None:
+        ckpt = os.path.join(out_dir, "encoder.pt")
+        save_checkpoint(objective.encoder(res.module), ckpt, meta={"stage": "gpu_check"})
+        out["encoder"] = ckpt
     return out
+
+
+def part_attention(args, device: torch.device) -> dict:
+    """Which SDPA kernels the encoder's attention reaches, with and without BEATs' relative position
+    bias: forward + backward of the whole encoder (``base``; ``tiny`` on CPU) in training mode under
+    each backend alone, and under PyTorch's own choice (``default``); ms per pass, or why not."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from asd.models.encoder import AudioEncoder, get_config
+
+    cpu = device.type == "cpu"
+    clips, frames = (2, 192) if cpu else (16, 1024)
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if not cpu else nullcontext()
+    out: dict = {"model": "tiny" if cpu else "base", "clips": clips, "frames": frames}
+    for rel in (True, False):
+        enc_cfg = replace(get_config("tiny" if cpu else "base"), relative_position_embedding=rel, gru_rel_pos=rel)
+        torch.manual_seed(0)
+        enc = AudioEncoder(enc_cfg).to(device).train()
+        x = torch.randn(clips, frames, 128, device=device)
+        row = {}
+        for name, backend in backends.items():
+            try:
+                with sdpa_kernel([backend]) if backend is not None else nullcontext():
+                    times = []
+                    for _ in range(4):  # the first pass warms up
+                        if not cpu:
+                            torch.cuda.synchronize(device)
+                        t0 = time.perf_counter()
+                        with autocast:
+                            loss = enc(x).float().pow(2).mean()
+                        loss.backward()
+                        if not cpu:
+                            torch.cuda.synchronize(device)
+                        times.append(time.perf_counter() - t0)
+                        enc.zero_grad(set_to_none=True)
+                row[name] = round(1000 * float(np.median(times[1:])), 1)
+            except RuntimeError as e:
+                row[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+        out["relative_bias" if rel else "no_relative_bias"] = row
+        del enc
+    return out
+
+
+def part_knn(args, device: torch.device) -> dict:
+    """kNN scoring products on the device (``asd.knn`` torch path) against numpy on the host."""
+    from asd import knn
+
+    cpu = device.type == "cpu"
+    rng = np.random.default_rng(2)
+    bank = rng.standard_normal((2_000 if cpu else 100_000, 768), dtype=np.float32)
+    q = rng.standard_normal((500 if cpu else 10_000, 768), dtype=np.float32)
+    dev = "cpu:0" if cpu else "cuda"  # "cpu:0": the torch path, run on the host
+    knn.knn_distance(q[:10], bank, k=1, device=dev)  # warm-up
+    t0 = time.perf_counter()
+    a = knn.knn_distance(q, bank, k=1, device=dev)
+    t_dev = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = knn.knn_distance(q, bank, k=1, device="cpu")
+    t_host = time.perf_counter() - t0
+    return {"bank": bank.shape[0], "queries": q.shape[0], "device_s": round(t_dev, 3), "numpy_s": round(t_host, 3),
+            "speedup": round(t_host / t_dev, 1), "max_abs_diff": float(np.abs(a - b).max()),
+            "ok": bool(np.allclose(a, b, atol=1e-3))}
 
 
 def part_finetune_lora(args, device: torch.device, encoder: str) -> dict:
@@ -186,24 +261,60 @@ def part_ddp(args, device: torch.device) -> dict:
     return {"returncode": p.returncode, "configs": rows, "ok": p.returncode == 0 and all(r["ok"] for r in rows)}
 
 
+def summary_line(result: dict) -> str:
+    """One line of text from the JSON result (written beside it as ``.txt``)."""
+    parts = result["parts"]
+
+    def get(part: str, key: str):
+        return parts.get(part, {}).get(key, "-")
+
+    attn = parts.get("attention", {})
+    return (f"gpu_check on {result['device']} (torch {result['torch']}): pre-training {get('pretrain', 'model')} "
+            f"{get('pretrain', 'clips_per_s')} clips/s, MFU {get('pretrain', 'mfu')}, peak {get('pretrain', 'peak_memory_gib')} GiB; "
+            f"activation checkpointing {get('pretrain_activation_checkpointing', 'clips_per_s')} clips/s, "
+            f"{get('pretrain_activation_checkpointing', 'peak_memory_gib')} GiB; torch.compile "
+            f"{get('pretrain_compile', 'clips_per_s')} clips/s, MFU {get('pretrain_compile', 'mfu')}; attention ms "
+            f"(relative bias / none): {attn.get('relative_bias', {}).get('default', '-')} / "
+            f"{attn.get('no_relative_bias', {}).get('default', '-')}; kNN on the device {get('knn', 'speedup')}x numpy; "
+            f"LoRA {get('finetune_lora', 'clips_per_s')} clips/s; embed {get('embed', 'clips_per_s')} clips/s; "
+            f"failed: {', '.join(result['failed']) or 'none'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--steps", type=int, default=None, help="training steps per part (default: 40 GPU / 4 CPU)")
+    p.add_argument("--variant-steps", type=int, default=None,
+                   help="steps of the activation-checkpointing and torch.compile pre-training runs (default: 24 GPU / 4 CPU)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these parts")
     p.add_argument("--out", default=None, help="also write the JSON line to this file")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.variant_steps is None:
+        args.variant_steps = 4 if device.type == "cpu" else 24
     result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                     "gpus": torch.cuda.device_count(), "parts": {}, "failed": []}
     with tempfile.TemporaryDirectory() as tmp:
         encoder = None
-        for name in ("pretrain", "finetune_lora", "embed", "ddp"):
+        for name in ("pretrain", "pretrain_activation_checkpointing", "pretrain_compile", "attention", "knn",
+                     "finetune_lora", "embed", "ddp"):
+            if args.only is not None and name not in args.only and not (name == "pretrain" and encoder is None and
+                                                                      {"finetune_lora", "embed"} & set(args.only)):
+                continue
             t0 = time.perf_counter()
             print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
             try:
                 if name == "pretrain":
                     out = part_pretrain(args, device, tmp)
                     encoder = out.pop("encoder")
+                elif name == "pretrain_activation_checkpointing":
+                    out = part_pretrain(args, device, None, steps=args.variant_steps, activation_checkpointing=True)
+                elif name == "pretrain_compile":
+                    out = part_pretrain(args, device, None, steps=args.variant_steps, compile=True)
+                elif name == "attention":
+                    out = part_attention(args, device)
+                elif name == "knn":
+                    out = part_knn(args, device)
                 elif name == "ddp":
                     out = part_ddp(args, device)
                 elif encoder is None:
@@ -215,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in out or out.get("ok") is False:
                 result["failed"].append(name)
             out["wall_s"] = round(time.perf_counter() - t0, 1)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             result["parts"][name] = out
             print(f"[gpu_check] {name}: {json.dumps({k: v for k, v in out.items() if k != 'trace'})}",
                   file=sys.stderr, flush=True)
     line = json.dumps(result, sort_keys=True)
     if args.out:
         Path(args.out).write_text(line + "\n")
+        Path(args.out).with_suffix(".txt").write_text(summary_line(result) + "\n")
     print(line)
     return 1 if result["failed"] else 0
 

@@ -12,10 +12,13 @@ featurized once into a temporary root, each measurement in a fresh process:
   Throughput is the steady state (second half of the steps, clips/s; each clip is seen by the
   student ``clone_batch`` times), summed over workers; ``scaling`` = 2 workers / 1 worker
   (ideal 2.0 on 2 cores; Ray Data and the controller share the same cores).
-* **CUDA** (when a GPU is present): base, bf16 autocast, one GPU, EAT-like batch (12 clips of
-  1024 frames x 16 masked clones): clips/s, peak GPU memory, model FLOPs per step (counted with
-  ``torch.utils.flop_counter`` on one step, forward + backward, teacher included) and MFU
-  against the card's dense bf16 peak (from its name, ``torch.cuda.get_device_name``).
+* **CUDA** (when a GPU is present; ``--gpu-only`` runs only this): base, bf16 autocast, one GPU,
+  EAT-like batch (12 clips of 1024 frames x 16 masked clones) through ``asd.train.fit`` (Ray
+  Train, one worker, the path a cluster runs): clips/s, the worker's peak GPU memory, model FLOPs
+  per step (the teacher's forward plus 3 x the student's, front end once per clip, counted with
+  ``torch.utils.flop_counter``) and MFU against the card's dense bf16 peak
+  (``benchmarks.gpu_check.peak_flops``: unknown cards report none rather than a guess). The
+  front-end saving per step is ``benchmarks/pretrain_front_end.py``'s claim.
 * **Side by side** (``--no-compare`` skips it): the tiny encoder pre-trained with
   ``jobs/conf/pretrain/tiny.yaml`` (``--compare-steps``, default 600) vs the same encoder
   untrained (the same initial weights), on a generated corpus of its own (``--compare-corpus``:
@@ -49,9 +52,7 @@ CPU_CASES = {  # model -> (steps, batch per worker, clone_batch, decoder dim, de
     "tiny": (30, 16, 4, 128, 2, 2),
     "base": (6, 2, 2, 384, 2, 8),
 }
-# dense bf16 tensor-core peaks (FLOP/s), matched against torch.cuda.get_device_name()
-PEAK_BF16 = [("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100 NVL", 835.0e12), ("H100", 989.4e12),
-             ("GH200", 989.4e12), ("A100", 312.0e12), ("L40S", 362.0e12), ("L4", 121.0e12), ("A10", 125.0e12)]
+
 
 
 def _env() -> None:
@@ -112,68 +113,46 @@ def cpu_run(root: str, model: str, workers: int) -> dict:
             "final_loss": res.final_loss}
 
 
-def _peak(name: str) -> float | None:
-    for key, value in PEAK_BF16:
-        if key in name:
-            return value
-    return None
-
-
 def gpu_run(root: str, dry_run: bool = False) -> dict:
-    """Base (or tiny for a dry run on CPU) with bf16 on one device, plain train_loop."""
-    import pyarrow.compute as pc
+    """Base with bf16 on one GPU through ``asd.train.fit`` (Ray Train, one worker, NCCL); a dry run
+    is tiny on the CPU through the same call. Model FLOPs per step: the teacher's forward plus 3 x
+    the student's forward (front end once per clip), counted with ``FlopCounterMode`` on full
+    batches (``benchmarks.gpu_check.step_flops``); MFU against the card's dense bf16 peak."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from asd.featurize import read_features_table
     from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import FeatureBatches, TrainConfig, table_batches, train_loop
+    from asd.train import TrainConfig, fit
+    from benchmarks.gpu_check import peak_flops, step_flops
 
-    device = torch.device("cpu" if dry_run else "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    table = read_features_table(root).filter(pc.field("split") == "train")
+    _ray()
+    common = dict(checkpoint_every=10**6, num_workers=1, storage_path=os.path.join(root, "bench_ckpt"), resume=False)
     if dry_run:
         pcfg = PretrainConfig(model="tiny", clone_batch=2, decoder_dim=64, decoder_layers=1, top_k_layers=2)
-        tcfg = TrainConfig(steps=4, batch_size=4, crop_frames=256, warmup_steps=1, log_every=2, checkpoint_every=10**6)
+        tcfg = TrainConfig(steps=4, batch_size=4, crop_frames=256, warmup_steps=1, log_every=2, cpus_per_worker=1,
+                           name="gpu-dry", **common)
     else:  # EAT-like recipe: 12 clips x 16 clones of 10 s crops, decoder 768 x 6, top 12 layers
-        pcfg = PretrainConfig(model="base", clone_batch=16, decoder_dim=768, decoder_layers=6, top_k_layers=12)
-        tcfg = TrainConfig(steps=30, batch_size=12, crop_frames=1024, warmup_steps=5, log_every=10,
-                           checkpoint_every=10**6, bf16=True)
-
-    def source():
-        return FeatureBatches(table_batches(table, tcfg), tcfg, cache=True)
-
-    # model FLOPs of one optimizer step (forward + backward, teacher forward included)
+        pcfg = PretrainConfig(model="base", clone_batch=16, decoder_dim=768, decoder_layers=6, top_k_layers=12,
+                              ema_start=0.9998, ema_end=0.99999)
+        tcfg = TrainConfig(steps=40, batch_size=12, crop_frames=1024, warmup_steps=5, log_every=10, bf16=True,
+                           grad_clip=4.0, use_gpu=True, cpus_per_worker=4, name="gpu", **common)
     obj = Data2VecObjective(pcfg)
-    module = obj.build().to(device)
-    obj.setup(module, device)
-    batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in next(source().epoch(0)).items()}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with FlopCounterMode(display=False) as counter:
-        with autocast:
-            loss, _ = obj.step(module, batch, 0)
-        loss.backward()
-    flops_per_step = float(counter.get_total_flops())
-    del module, obj, batch, loss
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    res = train_loop(Data2VecObjective(pcfg), source(), tcfg, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    res = fit(obj, root, tcfg)
+    worker = res.workers[0]
+    device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
+    flops_per_step = step_flops(obj, tcfg.batch_size, tcfg.crop_frames, device)  # the worker has finished
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     steps_per_s = res.steady_samples_per_s / tcfg.batch_size
-    peak = _peak(name) if device.type == "cuda" else None
+    peak = peak_flops(name) if device.type == "cuda" else None
     return {
-        "device": name, "model": pcfg.model, "bf16": device.type == "cuda", "steps": res.step,
-        "batch": tcfg.batch_size, "clone_batch": pcfg.clone_batch, "crop_frames": tcfg.crop_frames,
+        "device": name, "worker_device": worker.get("device"), "model": pcfg.model, "bf16": device.type == "cuda",
+        "through": "asd.train.fit (Ray Train, 1 worker)", "steps": res.step, "batch": tcfg.batch_size,
+        "clone_batch": pcfg.clone_batch, "crop_frames": tcfg.crop_frames,
         "clips_per_s": res.steady_samples_per_s, "steps_per_s": steps_per_s,
         "model_flops_per_step": flops_per_step, "achieved_tflops": flops_per_step * steps_per_s / 1e12,
         "peak_bf16_tflops": peak / 1e12 if peak else None,
         "mfu": flops_per_step * steps_per_s / peak if peak else None,
-        "gpu_peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "gpu_peak_memory_gib": worker.get("peak_memory_gib"), "fit_seconds": res.seconds,
+        "checkpoint_seconds": worker.get("checkpoint_seconds"),
         "final_loss": res.final_loss,
     }
 
@@ -227,12 +206,21 @@ def compare(root: str, steps: int | None = None) -> dict:
     return out
 
 
+def _gpu_line(g: dict) -> str:
+    mfu = f", MFU {g['mfu']:.1%}" if g.get("mfu") is not None else ""
+    mem = f", {g['gpu_peak_memory_gib']:.1f} GiB" if g.get("gpu_peak_memory_gib") is not None else ""
+    return (f"{g['model']} bf16 {g['clips_per_s']:.1f} clips/s x{g['clone_batch']} clones{mem}, "
+            f"{g['achieved_tflops']:.0f} TFLOP/s{mfu} (Ray Train, 1 worker)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--root", default=None, help="work folder (default: a temporary one, removed afterwards)")
     p.add_argument("--no-compare", action="store_true", help="skip the pre-trained vs untrained score comparison")
     p.add_argument("--gpu-dry-run", action="store_true", help="run the GPU measurement on CPU with tiny (a check)")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="only the GPU measurement: results/pretrain_gpu.{json,txt}")
     p.add_argument("--compare-corpus", choices=sorted(COMPARE_CORPORA), default="large",
                    help="generated corpus of the side-by-side comparison (default: large)")
     p.add_argument("--compare-steps", type=int, default=600,
@@ -262,6 +250,10 @@ def main() -> None:
         if a.gpu_dry_run:
             print(json.dumps(run_child([me, "--child", "gpu", root, "dry"]), indent=2))
             return
+        if a.gpu_only:
+            g = run_child([me, "--child", "gpu", root])
+            write_result("pretrain_gpu", g, f"pretrain through fit on {g['device']}: {_gpu_line(g)}")
+            return
         t0 = time.perf_counter()
         cpu, parts = {}, []
         for model in CPU_CASES:
@@ -281,9 +273,7 @@ def main() -> None:
         if torch.cuda.is_available():
             g = run_child([me, "--child", "gpu", root])
             result["gpu"] = g
-            mfu = f", MFU {g['mfu']:.1%}" if g.get("mfu") is not None else ""
-            gpu_line = (f"{g['device']} base bf16: {g['clips_per_s']:.1f} clips/s x{g['clone_batch']} clones, "
-                        f"{g['gpu_peak_memory_gib']:.1f} GiB, {g['achieved_tflops']:.0f} TFLOP/s{mfu}")
+            gpu_line = f"{g['device']} {_gpu_line(g)}"
             print(gpu_line, flush=True)
         cmp_line = ""
         if not a.no_compare:

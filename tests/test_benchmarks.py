@@ -51,8 +51,10 @@ def test_seed_plot_draws_one_bar_per_method_and_seed(tmp_path):
 
 
 def test_gpu_check_runs_its_parts_at_toy_size_on_the_cpu(tmp_path):
-    """benchmarks/gpu_check.py: pre-training, LoRA fine-tuning and embedding through the project's
-    own loop, one JSON line; the DDP part needs two GPUs and says so."""
+    """benchmarks/gpu_check.py: pre-training (also with activation checkpointing), the attention
+    kernels, kNN on the device, LoRA fine-tuning and embedding through the project's own code, one
+    JSON line and one line of text; the DDP part needs two GPUs and says so. (torch.compile takes
+    about 45 s on this CPU: tests/test_device.py covers it.)"""
     import json
     import subprocess
     import sys
@@ -61,7 +63,8 @@ def test_gpu_check_runs_its_parts_at_toy_size_on_the_cpu(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
     p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--steps", "3",
-                        "--out", str(out)], cwd=str(repo), capture_output=True, text=True, timeout=300)
+                        "--variant-steps", "2", "--only", "pretrain", "pretrain_activation_checkpointing", "attention",
+                        "knn", "finetune_lora", "embed", "ddp", "--out", str(out)], cwd=str(repo), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     line = json.loads(p.stdout.strip().splitlines()[-1])
     assert line == json.loads(out.read_text()) and line["failed"] == [] and line["device"] == "cpu"
@@ -69,7 +72,12 @@ def test_gpu_check_runs_its_parts_at_toy_size_on_the_cpu(tmp_path):
     assert parts["pretrain"]["steps"] == 3 and parts["pretrain"]["flops_per_step"] > 0
     assert parts["finetune_lora"]["steps"] == 3 and parts["finetune_lora"]["final_loss"] > 0
     assert parts["embed"]["dim"] > 0 and parts["embed"]["clips_per_s"] > 0
-    assert "skipped" in parts["ddp"]
+    assert "skipped" in parts["ddp"] and "pretrain_compile" not in parts
+    assert parts["pretrain_activation_checkpointing"]["steps"] == 2
+    assert parts["pretrain_activation_checkpointing"]["activation_checkpointing"] is True
+    assert isinstance(parts["attention"]["relative_bias"]["math"], float)  # the math kernel always runs
+    assert parts["knn"]["ok"] is True
+    assert out.with_suffix(".txt").read_text().startswith("gpu_check on cpu")
 
 
 def test_gpu_check_knows_the_peaks_of_the_devices_it_names():
