@@ -128,28 +128,34 @@ class PretrainModel(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.utterance_head = nn.Linear(dim, dim)
 
-    def forward(self, fbank: Tensor, mask: Tensor, clones: int = 1) -> tuple[Tensor, Tensor]:
+    def forward(self, fbank: Tensor, mask: Tensor, clones: int = 1, num_kept: int | None = None) -> tuple[Tensor, Tensor]:
         """Student pass: (B, T, F) crops, (B x clones, N) masks (True = dropped; clone j of clip i
         is row i x clones + j) -> ((B x clones, N, D) predictions on the full grid, (B x clones, D)
         utterance predictions). The front end (patch embedding, projection, positions) runs once
-        per clip; only the blocks run once per clone, as in EAT."""
+        per clip; only the blocks run once per clone, as in EAT. ``num_kept``: patches every mask row
+        keeps, when its maker guarantees it (:func:`kept_count`; else counted on the device)."""
         grid = self.encoder._grid(fbank)
         n = grid[0] * grid[1]
         front, _ = self.encoder.front_end(fbank)
         if clones > 1:
             front = front.repeat_interleave(clones, dim=0)
-        index = AudioEncoder.kept_index(mask, n)
+        index = AudioEncoder.kept_index(mask, n, num_kept)
         kept = self.encoder.from_front_end(front, keep=index)  # (B x clones, N_kept, D)
         full = self.mask_token.to(kept.dtype).expand(kept.shape[0], n, kept.shape[-1]).clone()
         full = full.scatter(1, index[..., None].expand(-1, -1, kept.shape[-1]), kept)
         return self.decoder(full, grid), self.utterance_head(kept.mean(dim=1))
 
 
+def kept_count(num_patches: int, ratio: float) -> int:
+    """Patches every row of :func:`make_mask` keeps."""
+    return max(1, int(round(num_patches * (1.0 - ratio))))
+
+
 def make_mask(batch: int, grid: tuple[int, int], ratio: float, kind: str, block: int, device) -> Tensor:
-    """(batch, T'*F') bool, True = dropped; every row drops the same number of patches."""
+    """(batch, T'*F') bool, True = dropped; every row keeps :func:`kept_count` patches."""
     t, f = grid
     n = t * f
-    keep = max(1, int(round(n * (1.0 - ratio))))
+    keep = kept_count(n, ratio)
     noise = torch.rand(batch, 1, t, f, device=device)
     if kind == "block" and block > 1:
         noise = F.avg_pool2d(noise, block, stride=1, padding=block // 2, count_include_pad=False)[..., :t, :f]
@@ -230,7 +236,8 @@ class Data2VecObjective(ObjectiveBase):
         c = self.pcfg.clone_batch
         mask = make_mask(fbank.shape[0] * c, grid, self.pcfg.mask_ratio, self.pcfg.mask_type, self.pcfg.mask_block,
                          fbank.device)
-        pred, utt = model(fbank, mask, clones=c)  # the front end once per clip, the blocks once per clone
+        # the front end once per clip, the blocks once per clone; the kept count is known, not counted
+        pred, utt = model(fbank, mask, clones=c, num_kept=kept_count(grid[0] * grid[1], self.pcfg.mask_ratio))
         target_c = target.repeat_interleave(c, dim=0)
         # mean squared error over the masked patches, weighted instead of indexed: boolean indexing
         # would wait for the device to count them

@@ -307,3 +307,15 @@ def test_streamed_training_data_keeps_every_row_once(feat_root):
     plain = [r["clip_id"] for r in _training_dataset(feat_root, cfg, ()).iter_rows()]
     streamed = [r["clip_id"] for r in _training_dataset(feat_root, cfg, (), streamed=True).iter_rows()]
     assert len(set(plain)) == len(plain) > 0 and sorted(plain) == sorted(streamed)
+
+
+def test_kept_index_from_the_known_count_is_the_counted_one():
+    """The pre-training step passes the kept count make_mask guarantees (no device sync to count it)."""
+    from asd.pretrain import kept_count, make_mask
+
+    for ratio, kind in ((0.75, "block"), (0.5, "random"), (0.95, "block")):
+        mask = make_mask(6, (4, 8), ratio, kind, 3, "cpu")
+        counted = AudioEncoder.kept_index(mask, 32)
+        known = AudioEncoder.kept_index(mask, 32, kept_count(32, ratio))
+        assert torch.equal(counted, known) and known.shape == (6, kept_count(32, ratio))
+        assert not mask.gather(1, known).any()  # the indices are the kept patches

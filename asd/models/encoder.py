@@ -572,14 +572,17 @@ class AudioEncoder(nn.Module):
         return frames[:, :, None].expand(-1, -1, freq_patches).reshape(frames.shape[0], -1)
 
     @staticmethod
-    def kept_index(mask: Tensor, num_patches: int) -> Tensor:
-        """(B, N) bool, True = drop -> (B, N_kept) indices of kept patches in original order."""
+    def kept_index(mask: Tensor, num_patches: int, num_kept: int | None = None) -> Tensor:
+        """(B, N) bool, True = drop -> (B, N_kept) indices of kept patches in original order.
+        ``num_kept``: what the mask's maker guarantees every row keeps (no check, so no wait for
+        the device: the pre-training step passes it); without it the rows are counted and checked."""
         if mask.dim() != 2 or mask.shape[1] != num_patches:
             raise ValueError(f"mask must be (batch, {num_patches}) for this input, got {tuple(mask.shape)}")
-        dropped = mask.sum(dim=1)
-        if bool((dropped != dropped[0]).any()):
-            raise ValueError(f"every row of mask must drop the same number of patches, got {dropped.tolist()}")
-        num_kept = num_patches - int(dropped[0])
+        if num_kept is None:
+            dropped = mask.sum(dim=1)
+            if bool((dropped != dropped[0]).any()):
+                raise ValueError(f"every row of mask must drop the same number of patches, got {dropped.tolist()}")
+            num_kept = num_patches - int(dropped[0])
         order = torch.argsort(mask.long(), dim=1, stable=True)  # kept (0) first, in original order
         return order[:, :num_kept]
 
