@@ -15,9 +15,8 @@ Decision thresholds are fitted on leave-one-out training scores
 (:meth:`MemoryBank.train_scores`) with :func:`fit_threshold`: the DCASE baseline's
 gamma fit plus 90th percentile, or a plain empirical quantile.
 
-Everything here is plain numpy/torch (no Ray); :class:`MemoryBank` is a small
-picklable dataclass and also round-trips through :meth:`MemoryBank.to_arrays` /
-:meth:`MemoryBank.from_arrays` (``np.savez``-compatible).
+Everything here is plain numpy/torch (no Ray); :class:`MemoryBank` is a small picklable
+dataclass (scoring puts the banks in Ray's object store once per run).
 
 Conventions
 -----------
@@ -53,7 +52,6 @@ __all__ = [
     "fit_threshold",
     "knn_distance",
     "l2_normalize",
-    "score_groups",
 ]
 
 
@@ -221,8 +219,7 @@ class MemoryBank:
             one scale: a test clip is judged by how far it lies from a bank relative to how
             far that bank's normal clips lie from one another.
 
-    Build with :meth:`build`; the instance is picklable (Ray object store) and
-    round-trips through :meth:`to_arrays` / :meth:`from_arrays` (``np.savez``).
+    Build with :meth:`build`; the instance is picklable (Ray object store).
     """
 
     source: np.ndarray
@@ -330,19 +327,6 @@ class MemoryBank:
                                       (TARGET, self.target, self.target_scale))
         }
 
-    def score(
-        self,
-        queries: np.ndarray,
-        k: int = 1,
-        chunk_size: int = 4096,
-        device: str = "cpu",
-    ) -> np.ndarray:
-        """Anomaly scores: minimum over the (non-empty) banks of the kNN distance.
-
-        Returns ``(n,)`` float32; ``+inf`` only if both banks are empty.
-        """
-        return self.score_parts(queries, k=k, chunk_size=chunk_size, device=device)[0]
-
     def score_parts(self, queries: np.ndarray, k: int = 1, chunk_size: int = 4096,
                     device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(score, source distance, target distance)`` of each query (score: their minimum)."""
@@ -406,29 +390,6 @@ class MemoryBank:
             scores[mask] = part
         return scores
 
-    # ------------------------------------------------------------- serialisation
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Plain arrays for ``np.savez(path, **bank.to_arrays())`` or an object store."""
-        return {
-            "source": self.source,
-            "target": self.target,
-            "n_source_clips": np.asarray(self.n_source_clips, dtype=np.int64),
-            "scales": np.asarray([self.source_scale, self.target_scale], dtype=np.float64),
-        }
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> MemoryBank:
-        """Inverse of :meth:`to_arrays`; accepts the dict or an ``np.load`` NpzFile."""
-        n_source = int(np.asarray(arrays["n_source_clips"])) if "n_source_clips" in arrays else None
-        scales = np.asarray(arrays["scales"], dtype=np.float64) if "scales" in arrays else (1.0, 1.0)
-        return cls(
-            source=np.array(arrays["source"], dtype=np.float32),
-            target=np.array(arrays["target"], dtype=np.float32),
-            n_source_clips=n_source,
-            source_scale=float(scales[0]),
-            target_scale=float(scales[1]),
-        )
-
     def __repr__(self) -> str:
         return (
             f"MemoryBank(source={self.source.shape}, target={self.target.shape}, "
@@ -484,9 +445,6 @@ class FusedBank:
             for acc, part in zip(total, bank.score_parts(q, k=k, device=device)):
                 acc += w * part
         return tuple(t.astype(np.float32) for t in total)
-
-    def score(self, queries: np.ndarray, k: int = 1) -> np.ndarray:
-        return self.score_parts(queries, k=k)[0]
 
     def train_scores(self, embeddings: np.ndarray, domains: Sequence[str | None], k: int = 1,
                      sample: int | None = None, seed: int = 0) -> np.ndarray:
@@ -634,47 +592,3 @@ def _gamma_quantile(x: np.ndarray, q: float, fix_loc: bool) -> float:
         if not (shape > 0 and scale > 0):
             raise RuntimeError(f"degenerate gamma parameters shape={shape}, scale={scale}")
         return float(stats.gamma.ppf(q, shape, loc=0.0, scale=scale)) - shift
-
-
-# ------------------------------------------------------------------------ routing
-def score_groups(
-    keys: Sequence[tuple],
-    queries: np.ndarray,
-    banks: Mapping[tuple, MemoryBank],
-    k: int = 1,
-    chunk_size: int = 4096,
-    device: str = "cpu",
-) -> np.ndarray:
-    """Score each query row against the memory bank of its group.
-
-    Args:
-        keys: one group key per query row, e.g. ``(machine_type, section)``; lists
-            are converted to tuples so keys coming from Arrow/pandas rows work.
-        queries: ``(n, d)`` embeddings.
-        banks: group key -> :class:`MemoryBank`.
-
-    Returns:
-        ``(n,)`` float32 scores (:meth:`MemoryBank.score`) in row order.
-
-    Raises:
-        KeyError: a key has no bank (checked for all rows before any scoring).
-    """
-    q = _as_matrix(queries, "queries")
-    keys = [tuple(key) if isinstance(key, list) else key for key in keys]
-    if len(keys) != q.shape[0]:
-        raise ValueError(f"got {len(keys)} group keys for {q.shape[0]} query rows")
-    rows_by_key: dict[object, list[int]] = {}
-    for i, key in enumerate(keys):
-        rows_by_key.setdefault(key, []).append(i)
-    missing = [key for key in rows_by_key if key not in banks]
-    if missing:
-        raise KeyError(
-            f"no memory bank for group key {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
-            + f"; available keys: {sorted(map(repr, banks))}"
-        )
-    out = np.empty(q.shape[0], dtype=np.float32)
-    for key, rows in rows_by_key.items():
-        idx = np.asarray(rows, dtype=np.int64)
-        out[idx] = banks[key].score(q[idx], k=k, chunk_size=chunk_size, device=device)
-    return out

@@ -337,7 +337,7 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     expect = 0.0
     for (a, b), w in (((0, 16), 1.0), ((16, 24), 0.5), ((24, 32), 0.5)):
         bank = knn.MemoryBank.build(vec[same, a:b], [dom[i] for i in same])
-        expect += w * float(bank.score(vec[q:q + 1, a:b])[0])
+        expect += w * float(bank.score_parts(vec[q:q + 1, a:b])[0][0])
     assert row["score"] == pytest.approx(expect, rel=1e-4)
     md = open(out["report_md"]).read()
     assert "mod_pseudo: encoder trained from scratch in this run for 4 steps" in md and "trained outside" not in md

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 
@@ -15,7 +14,6 @@ from asd.knn import (
     fit_threshold,
     knn_distance,
     l2_normalize,
-    score_groups,
 )
 
 
@@ -162,16 +160,16 @@ def test_target_bank_is_not_drowned_by_source():
     query = l2_normalize(target_dir + 0.02 * rng.normal(size=(1, dim)))
     by_bank = bank.score_by_bank(query, k=2)
     assert by_bank["target"][0] < 0.05 < 0.3 < by_bank["source"][0]
-    score = bank.score(query, k=2)
+    score = bank.score_parts(query, k=2)[0]
     assert score[0] == pytest.approx(by_bank["target"][0])
     # condensing the source bank leaves the target bank (and this score) untouched
     condensed = MemoryBank.build(emb, domains, condense_source=16)
     assert condensed.target.shape == (10, dim)
-    assert condensed.score(query, k=2)[0] == pytest.approx(score[0])
+    assert condensed.score_parts(query, k=2)[0][0] == pytest.approx(score[0])
     # min over banks for arbitrary queries
     queries = rng.normal(size=(20, dim))
     by_bank = bank.score_by_bank(queries, k=3)
-    np.testing.assert_array_equal(bank.score(queries, k=3), np.minimum(by_bank["source"], by_bank["target"]))
+    np.testing.assert_array_equal(bank.score_parts(queries, k=3)[0], np.minimum(by_bank["source"], by_bank["target"]))
 
 
 def test_empty_target_bank():
@@ -182,7 +180,7 @@ def test_empty_target_bank():
     queries = rng.normal(size=(5, 6))
     by_bank = bank.score_by_bank(queries)
     assert np.isinf(by_bank["target"]).all()
-    np.testing.assert_allclose(bank.score(queries), brute_force(queries, emb, 1), atol=1e-5)
+    np.testing.assert_allclose(bank.score_parts(queries)[0], brute_force(queries, emb, 1), atol=1e-5)
 
 
 def test_condensation_to_centroids():
@@ -195,7 +193,7 @@ def test_condensation_to_centroids():
     np.testing.assert_allclose(np.linalg.norm(small.source, axis=1), 1.0, atol=1e-6)
     assert small.nbytes < full.nbytes
     queries = l2_normalize(np.repeat(centers, 3, axis=0) + 0.05 * rng.normal(size=(24, 16)))
-    np.testing.assert_allclose(small.score(queries), full.score(queries), atol=0.02)
+    np.testing.assert_allclose(small.score_parts(queries)[0], full.score_parts(queries)[0], atol=0.02)
     # each centroid sits on one true cluster centre
     assert (knn_distance(centers, small.source) < 0.01).all()
     # deterministic for a fixed seed
@@ -252,27 +250,18 @@ def test_train_scores_with_condensed_source():
     np.testing.assert_allclose(got, np.concatenate([expected_src, expected_tgt]), atol=1e-5)
 
 
-def test_serialisation_round_trip(tmp_path):
+def test_pickle_round_trip():
+    """Scoring ships the banks through Ray's object store (pickle)."""
     rng = np.random.default_rng(9)
     emb = rng.normal(size=(50, 8))
-    bank = MemoryBank.build(emb, ["source"] * 45 + ["target"] * 5, condense_source=10)
+    bank = MemoryBank.build(emb, ["source"] * 45 + ["target"] * 5, condense_source=10, normalize="loo_mean")
     queries = rng.normal(size=(7, 8))
-
-    path = tmp_path / "bank.npz"
-    np.savez(path, **bank.to_arrays())
-    with np.load(path) as npz:
-        loaded = MemoryBank.from_arrays(npz)
-    buf = io.BytesIO()
-    np.savez(buf, **bank.to_arrays())
-    buf.seek(0)
-    from_buffer = MemoryBank.from_arrays(np.load(buf))
-    pickled = pickle.loads(pickle.dumps(bank))
-
-    for other in (loaded, from_buffer, pickled, MemoryBank.from_arrays(bank.to_arrays())):
-        np.testing.assert_array_equal(other.source, bank.source)
-        np.testing.assert_array_equal(other.target, bank.target)
-        assert other.n_source_clips == 45 and other.condensed
-        np.testing.assert_array_equal(other.score(queries), bank.score(queries))
+    other = pickle.loads(pickle.dumps(bank))
+    np.testing.assert_array_equal(other.source, bank.source)
+    np.testing.assert_array_equal(other.target, bank.target)
+    assert other.n_source_clips == 45 and other.condensed
+    assert (other.source_scale, other.target_scale) == (bank.source_scale, bank.target_scale)
+    np.testing.assert_array_equal(other.score_parts(queries)[0], bank.score_parts(queries)[0])
 
 
 # -------------------------------------------------------------------- thresholds
@@ -321,35 +310,6 @@ def test_threshold_errors():
         fit_threshold(np.ones(5), method="normal")
     with pytest.raises(ValueError, match="q must"):
         fit_threshold(np.ones(5), q=1.0)
-
-
-# ------------------------------------------------------------------ score_groups
-def test_score_groups_routes_rows_to_their_bank():
-    rng = np.random.default_rng(12)
-    dim = 8
-    emb_a, emb_b = rng.normal(size=(20, dim)), rng.normal(size=(15, dim))
-    banks = {
-        ("fan", 0): MemoryBank.build(emb_a, ["source"] * 18 + ["target"] * 2),
-        ("valve", 1): MemoryBank.build(emb_b, ["source"] * 15),
-    }
-    queries = rng.normal(size=(9, dim))
-    fan, valve = ("fan", 0), ("valve", 1)
-    keys = [fan, valve, ["valve", 1], fan, valve, fan, fan, valve, fan]  # a list key works too
-    got = score_groups(keys, queries, banks, k=2)
-    is_fan = np.array([tuple(key) == ("fan", 0) for key in keys])
-    np.testing.assert_allclose(got[is_fan], banks[("fan", 0)].score(queries[is_fan], k=2), atol=1e-7)
-    np.testing.assert_allclose(got[~is_fan], banks[("valve", 1)].score(queries[~is_fan], k=2), atol=1e-7)
-    # a clip equal to a training clip of its own group scores ~0, but not in the other group
-    got = score_groups([("fan", 0), ("valve", 1)], emb_a[:2], banks)
-    assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] > 0.05
-
-
-def test_score_groups_missing_key_raises():
-    banks = {("fan", 0): MemoryBank.build(np.eye(3), ["source"] * 3)}
-    with pytest.raises(KeyError, match="pump"):
-        score_groups([("fan", 0), ("pump", 2)], np.eye(3)[:2], banks)
-    with pytest.raises(ValueError, match="group keys"):
-        score_groups([("fan", 0)], np.eye(3)[:2], banks)
 
 
 def test_sampled_train_scores_equal_full_leave_one_out():
@@ -410,16 +370,6 @@ def test_loo_mean_with_tiny_banks_and_sampled_large_banks(monkeypatch):
         MemoryBank(source=emb, target=emb[:0], source_scale=0.0)
 
 
-def test_scales_survive_serialisation():
-    rng = np.random.default_rng(5)
-    emb = rng.normal(size=(30, 4)).astype(np.float32)
-    bank = MemoryBank.build(emb, ["source"] * 25 + ["target"] * 5, normalize="loo_mean")
-    back = MemoryBank.from_arrays(bank.to_arrays())
-    assert (back.source_scale, back.target_scale) == (bank.source_scale, bank.target_scale)
-    assert pickle.loads(pickle.dumps(bank)).target_scale == bank.target_scale
-
-
-# ------------------------------------------------------------------ score-level fusion
 def test_fused_bank_sums_each_members_own_nearest_neighbour_distance():
     from asd.knn import FusedBank
 
@@ -432,14 +382,14 @@ def test_fused_bank_sums_each_members_own_nearest_neighbour_distance():
     qa, qb = rng.normal(size=(7, 8)).astype(np.float32), rng.normal(size=(7, 4)).astype(np.float32)
     bank_a, bank_b = MemoryBank.build(a, domains), MemoryBank.build(b, domains)
     score, src, tgt = fused.score_parts(np.hstack([qa, qb]))
-    np.testing.assert_allclose(score, bank_a.score(qa) + 0.25 * bank_b.score(qb), rtol=1e-5)
+    np.testing.assert_allclose(score, bank_a.score_parts(qa)[0] + 0.25 * bank_b.score_parts(qb)[0], rtol=1e-5)
     np.testing.assert_allclose(src, bank_a.score_by_bank(qa)["source"] + 0.25 * bank_b.score_by_bank(qb)["source"],
                                rtol=1e-5)
     np.testing.assert_allclose(tgt, bank_a.score_by_bank(qa)["target"] + 0.25 * bank_b.score_by_bank(qb)["target"],
                                rtol=1e-5)
     # not the same as one kNN on the concatenation: each member finds its own neighbour
     one = MemoryBank.build(np.hstack([l2_normalize(a), l2_normalize(b)]), domains)
-    assert not np.allclose(score, one.score(np.hstack([l2_normalize(qa), l2_normalize(qb)])), rtol=1e-3)
+    assert not np.allclose(score, one.score_parts(np.hstack([l2_normalize(qa), l2_normalize(qb)]))[0], rtol=1e-3)
     loo = fused.train_scores(emb, domains, sample=20, seed=1)
     expect = bank_a.train_scores(a, domains, sample=20, seed=1) + 0.25 * bank_b.train_scores(b, domains, sample=20,
                                                                                                seed=1)

@@ -151,7 +151,7 @@ def test_a_score_fused_model_is_rescored_member_by_member(served, small_corpus, 
     test_row = next(i for i, r in enumerate(rows) if r["clip_id"].endswith(clips[0].name) and r["machine_type"] == mt)
     vec = vectors(e)
     doms = [rows[i]["domain"] for i in train]
-    expect = sum(w * float(knn.MemoryBank.build(vec[train, a:a + 8], doms).score(vec[test_row:test_row + 1, a:a + 8])[0])
+    expect = sum(w * float(knn.MemoryBank.build(vec[train, a:a + 8], doms).score_parts(vec[test_row:test_row + 1, a:a + 8])[0][0])
                  for a, w in ((0, 1.0), (8, 0.5)))
     assert first["score"] == pytest.approx(expect, rel=1e-4)
     assert np.isfinite([r["threshold"] for r in got]).all()
