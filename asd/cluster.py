@@ -766,7 +766,7 @@ def pseudo_label(embeddings_uri: str, out_uri: str, cfg: ClusterConfig | None = 
     import ray
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from asd.embed import read_embeddings, vectors
+    from asd.embeddings import read_embeddings, vectors
 
     cfg = cfg or ClusterConfig()
     t0 = time.perf_counter()

@@ -7,8 +7,8 @@ feature row with ``map_batches`` on an actor pool (the embedder, e.g. a model, i
 built once per actor; GPU actors when asked for, fractional CPUs otherwise) and
 writes ``<root>/embeddings/<tag>/`` keyed by ``clip_id``.
 
-Embedders are registered by name (:data:`EMBEDDERS`); later stages add
-model-backed ones (pre-trained and fine-tuned encoders) behind the same call.
+Embedders (log-mel statistics, encoders, ensembles) live in :mod:`asd.models.embedders`; the
+store they write, in :mod:`asd.embeddings`.
 """
 
 from __future__ import annotations
@@ -16,100 +16,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from asd import raycompat, storage
+from asd import storage
+from asd.embeddings import KEY_COLUMNS, embedding_blocks, embeddings_dir, read_embeddings, vectors  # noqa: F401
 from asd.features import matrix_arrays, matrix_columns, read_features_ray
+from asd.models.embedders import EMBEDDERS, LogMelStats, embedder_blocks, embedder_inputs, l2n, make_embedder  # noqa: F401
 from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
-
-KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
-FEATURE_COLUMNS = matrix_columns("fbank")
-
-
-class Embedder(Protocol):
-    name: str
-    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.featurize.MATRICES)
-
-    def __call__(self, *features: list[np.ndarray]) -> np.ndarray: ...
-
-
-def l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-class LogMelStats:
-    """Per-bin mean and standard deviation over time (optionally of deltas too), L2-normalised."""
-
-    name = "logmel_stats"
-    inputs = ("fbank",)
-
-    def __init__(self, deltas: bool = False):
-        self.deltas = deltas
-
-    def __call__(self, features: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for fb in features:
-            parts = [fb.mean(axis=0), fb.std(axis=0)]
-            if self.deltas:
-                d = np.diff(fb, axis=0) if fb.shape[0] > 1 else np.zeros_like(fb)
-                parts += [np.abs(d).mean(axis=0), d.std(axis=0)]
-            out.append(np.concatenate(parts))
-        return l2n(np.stack(out)) if out else np.zeros((0, 0), np.float32)
-
-
-# name -> factory(**params). Model-backed embedders register themselves here.
-EMBEDDERS: dict[str, Callable[..., Embedder]] = {"logmel_stats": LogMelStats}
-
-
-def register(name: str, factory: Callable[..., Embedder]) -> None:
-    EMBEDDERS[name] = factory
-
-
-def make_embedder(name: str, params: dict[str, Any] | None = None) -> Embedder:
-    if name not in EMBEDDERS:
-        import asd.models.embedders  # noqa: F401  (model-backed embedders register on import)
-    try:
-        factory = EMBEDDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}") from None
-    return factory(**(params or {}))
-
-
-def embedder_inputs(name: str, params: dict[str, Any] | None = None) -> tuple[str, ...]:
-    """The feature matrices embedder ``name`` reads with ``params``, without building it (a
-    factory's ``inputs_for(**params)``, else its ``inputs``, else log-mel)."""
-    if name not in EMBEDDERS:
-        import asd.models.embedders  # noqa: F401
-    factory = EMBEDDERS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
-    if hasattr(factory, "inputs_for"):
-        return tuple(factory.inputs_for(**(params or {})))
-    return tuple(getattr(factory, "inputs", ("fbank",)))
-
-
-def embedder_blocks(name: str, params: dict[str, Any] | None = None) -> list[dict] | None:
-    """How scoring splits this embedder's vectors: ``[{"dim", "weight"}, ...]`` for an embedder
-    whose members are scored separately and their distances summed (``concat`` with
-    ``fusion: score``), else ``None`` (one vector, one kNN). Known on the driver."""
-    if name not in EMBEDDERS:
-        import asd.models.embedders  # noqa: F401
-    factory = EMBEDDERS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
-    return factory.blocks_for(**(params or {})) if hasattr(factory, "blocks_for") else None
-
-
-def embedding_blocks(uri: str) -> list[dict] | None:
-    """The block layout recorded with a published embeddings folder (:func:`embedder_blocks`)."""
-    info = storage.read_json(storage.join(uri, storage.SUCCESS)) or {}
-    return info.get("blocks")
 
 
 @dataclass
@@ -168,8 +86,6 @@ class _EmbedActor:
         return pa.table(cols)
 
 
-def embeddings_dir(root: str, tag: str) -> str:
-    return storage.join(root, "embeddings", tag)
 
 
 def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
@@ -183,7 +99,6 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
         ray.init()
     require_resources({"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, max(1, cfg.num_actors), f"embedding {tag}",
                       hint="Set the embed config's num_actors, num_cpus or num_gpus to what the cluster has.")
-    raycompat.prepare_data_execution()
     DataContext.get_current().enable_progress_bars = cfg.progress
     inputs = embedder_inputs(cfg.embedder, cfg.params)
     blocks = embedder_blocks(cfg.embedder, cfg.params)  # before any work: a member without a width fails now
@@ -212,19 +127,3 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
     elapsed = time.perf_counter() - t0
     log.info("embedded %d clips (dim %d) with %s into %s in %.1f s", table.num_rows, dim, cfg.embedder, final, elapsed)
     return EmbedResult(embeddings=final, n_clips=table.num_rows, dim=dim, seconds=elapsed)
-
-
-def read_embeddings(uri: str, published: bool = True, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """An embeddings folder as an Arrow table sorted by clip_id (requires ``_SUCCESS``)."""
-    if published:
-        storage.require_published(uri)
-    table = storage.read_table(uri, columns=columns, filters=filter)
-    return table.sort_by("clip_id")
-
-
-def vectors(table: pa.Table) -> np.ndarray:
-    """The ``embedding`` column as an ``(n, d)`` float32 array."""
-    col = table.column("embedding").combine_chunks()
-    if len(col) == 0:
-        return np.zeros((0, 0), np.float32)
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32, copy=False)

@@ -62,6 +62,7 @@ from asd.baselines.autoencoder import AEConfig, ae_root, default_train_config
 from asd.cluster import ClusterConfig
 from asd.embed import EmbedConfig
 from asd.finetune import FinetuneConfig, SingleClassError
+from asd.features import KEY_COLUMNS
 from asd.featurize import FeaturizeConfig, read_features_table
 from asd.pretrain import PretrainConfig
 from asd.score import SCORE_SCHEMA, ScoreConfig
@@ -70,7 +71,6 @@ from asd.train import TrainConfig
 log = logging.getLogger(__name__)
 
 TRAIN, TEST, EXCLUDED = "train", "test", "excluded"
-KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
 DEFAULT_METHODS = ("ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn")
 LOGMEL, AE = "logmel", "ae"  # the two front ends: the stored Kaldi features, the baseline's own
 

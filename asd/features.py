@@ -16,7 +16,7 @@ import posixpath
 import numpy as np
 import pyarrow as pa
 
-from asd import storage
+from asd import layout, storage
 from asd.data.manifest import MANIFEST_SCHEMA
 
 PARTITION_COLS = ["machine_type", "section"]
@@ -61,6 +61,10 @@ MATRICES = {
 }
 
 
+# the columns that identify a clip and its role, in every store keyed by clip (features, embeddings)
+KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
+
+
 def matrix_columns(name: str = "fbank") -> list[str]:
     """The feature columns that hold matrix ``name`` (one of :data:`MATRICES`)."""
     try:
@@ -69,15 +73,16 @@ def matrix_columns(name: str = "fbank") -> list[str]:
         raise ValueError(f"unknown feature matrix {name!r}; known: {sorted(MATRICES)}") from None
 
 
-def matrix_array(row: dict, name: str = "fbank") -> np.ndarray:
-    """Matrix ``name`` of a feature row as float32; a row without it raises ValueError naming the clip."""
+def matrix_array(row: dict, name: str = "fbank", as_stored: bool = False) -> np.ndarray:
+    """Matrix ``name`` of a feature row as float32 (``as_stored``: in its stored dtype, a view of
+    the row's bytes); a row without it raises ValueError naming the clip."""
     data, dtype, rows, cols = MATRICES[name]
     if row.get(data) is None:
         raise ValueError(f"clip {row.get('clip_id', '?')!r} has no {name!r} features (featurized with "
                          f"{'modulation.enabled=false' if name == 'mod' else 'another front end'}); featurize the "
                          "corpus into a fresh root with it enabled")
-    arr = np.frombuffer(row[data], dtype=np.dtype(row[dtype]))
-    return arr.reshape(int(row[rows]), int(row[cols])).astype(np.float32)
+    arr = np.frombuffer(row[data], dtype=np.dtype(row[dtype])).reshape(int(row[rows]), int(row[cols]))
+    return arr if as_stored else arr.astype(np.float32)
 
 
 def matrix_arrays(table: pa.Table, name: str = "fbank") -> list[np.ndarray]:
@@ -96,8 +101,7 @@ def fbank_arrays(table: pa.Table) -> list[np.ndarray]:
     return matrix_arrays(table, "fbank")
 
 
-def features_dir(root: str) -> str:
-    return storage.join(root, "features")
+features_dir = layout.features_dir
 
 
 def read_commits(fdir: str) -> list[dict]:
@@ -140,6 +144,7 @@ def read_features_table(root: str, columns: list[str] | None = None, filter=None
 
 def read_features_ray(root: str, columns: list[str] | None = None):
     """Committed features as a Ray Dataset (streaming; for training and embedding)."""
+    import ray.data
     from ray.data.datasource import Partitioning
 
     files = committed_files(root)
@@ -147,7 +152,7 @@ def read_features_ray(root: str, columns: list[str] | None = None):
         raise FileNotFoundError(f"no committed features under {features_dir(root)!r}; run featurize first")
     afs, base = storage.arrow_filesystem(features_dir(root))
     paths = [storage.arrow_filesystem(f)[1] for f in files]
-    ds = storage.ray_read_parquet(
+    ds = ray.data.read_parquet(
         paths,
         filesystem=afs,
         partitioning=Partitioning("hive", base_dir=base, field_types={c: str for c in PARTITION_COLS}),

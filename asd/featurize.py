@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import SAMPLE_RATE, raycompat, storage
+from asd import SAMPLE_RATE, storage
 from asd.data import audio
 from asd.data.manifest import PROBLEM_SCHEMA, Problem, build_manifest, problems_table
 from asd.features import (  # noqa: F401  (the feature store; re-exported for existing callers)
@@ -521,7 +521,6 @@ def featurize(
     if todo.num_rows:
         if not ray.is_initialized():
             ray.init()
-        raycompat.prepare_data_execution()
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = cfg.progress
@@ -635,10 +634,22 @@ def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[i
     return sizes
 
 
+# The known-clips map of the current run, fetched once per worker process (by object id), not per
+# batch: one entry, a new run's map replaces the last one's.
+_WORKER_KNOWN: dict[str, tuple] = {}
+
+
 def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id):
     import ray
 
-    known, rejected = known_ref if isinstance(known_ref, tuple) else ray.get(known_ref)
+    if isinstance(known_ref, tuple):
+        known, rejected = known_ref
+    else:
+        key = known_ref.hex()
+        if key not in _WORKER_KNOWN:
+            _WORKER_KNOWN.clear()
+            _WORKER_KNOWN[key] = ray.get(known_ref)
+        known, rejected = _WORKER_KNOWN[key]
     return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected)
 
 

@@ -57,7 +57,7 @@ from asd import storage
 from asd.models import cnn, modnet
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint, pooled_dim
 from asd.models.heads import HEADS, MarginHead, make_head
-from asd.rescore import set_current_model
+from asd.serving import set_current_model
 from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoders, fit, stage_train_config,
                        unwrap)
 

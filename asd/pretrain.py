@@ -23,7 +23,8 @@ Objective (:class:`Data2VecObjective`), per batch of B normalised log-mel crops:
   training steps).
 
 :func:`pretrain` trains with :func:`asd.train.fit`, exports the student (or teacher) encoder to
-``<root>/models/<tag>/encoder.pt`` and points ``<root>/models/CURRENT`` at it.
+``<root>/models/<tag>/encoder.pt`` (with ``set_current``, it also names it the serving model,
+``<root>/models/CURRENT``; the pipeline instead names the model it scored).
 ``init_checkpoint`` starts from a general-purpose encoder (BEATs release format or ours) for
 domain adaptation; the encoder architecture then comes from that file.
 """
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from asd import storage
 from asd.models.encoder import AudioEncoder, EncoderConfig, get_config, load_checkpoint
-from asd.rescore import set_current_model
+from asd.serving import set_current_model
 from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fbank_norm, fit,
                        stage_train_config)
 

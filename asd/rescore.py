@@ -32,13 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd import storage
-from asd.embed import EmbedConfig, embed, embedding_blocks, embeddings_dir, read_embeddings
+from asd.layout import rescore_dir, rescore_partition_dir
+from asd.serving import current_model, set_current_model  # noqa: F401  (re-exported: the pointer rescoring reads)
+from asd.embed import EmbedConfig, embed
+from asd.embeddings import embedding_blocks, read_embeddings
 from asd.featurize import FeaturizeConfig, featurize
 from asd.score import ScoreConfig, build_banks, score_table, training_embeddings, write_dcase_csvs
 
 log = logging.getLogger(__name__)
 
-CURRENT = "CURRENT"
 RESCORE_SCHEMA = pa.schema(
     [
         ("clip_id", pa.string()),
@@ -52,20 +54,6 @@ RESCORE_SCHEMA = pa.schema(
         ("date", pa.string()),
     ]
 )
-
-
-def set_current_model(root: str, tag: str, embedder: str, params: dict | None = None, **extra) -> str:
-    """Name the serving model: embeddings ``<root>/embeddings/<tag>`` and the embedder that made them."""
-    info = {"tag": tag, "embedder": embedder, "params": params or {}, "embeddings": embeddings_dir(root, tag),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
-    return storage.atomic_write_json(storage.join(root, "models", CURRENT), info)
-
-
-def current_model(root: str) -> dict:
-    uri = storage.join(root, "models", CURRENT)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"no serving model: {uri!r} is missing; run the pipeline first (it writes it)")
-    return storage.read_json(uri)
 
 
 @dataclass
@@ -95,13 +83,12 @@ class RescoreResult:
         return asdict(self)
 
 
-def partition_dir(root: str, date: str) -> str:
-    return storage.join(root, "rescore", f"date={date}")
+partition_dir = rescore_partition_dir
 
 
 def scored_hashes(root: str) -> set[str]:
     """Content hashes scored on every published night so far."""
-    base = storage.join(root, "rescore")
+    base = rescore_dir(root)
     fs, path = storage.filesystem(base)
     if not fs.exists(path):
         return set()

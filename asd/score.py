@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import knn, raycompat, storage
+from asd import knn, layout, storage
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
 # where results are written, not here: every scoring worker imports this module.
-from asd.embed import embedding_blocks, read_embeddings, vectors
+from asd.embeddings import embedding_blocks, read_embeddings, vectors
 from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def build_banks(train: pa.Table, cfg: ScoreConfig,
                 blocks: list[dict] | None = None) -> tuple[dict[Group, knn.MemoryBank], dict[Group, float]]:
     """Memory banks and decision thresholds per (machine type, section) from training embeddings.
 
-    ``blocks`` (recorded with the embeddings, :func:`asd.embed.embedding_blocks`): score-level
+    ``blocks`` (recorded with the embeddings, :func:`asd.embeddings.embedding_blocks`): score-level
     fusion of the members, a :class:`asd.knn.FusedBank` per group; ``None``: one bank per group."""
     banks: dict[Group, knn.MemoryBank] = {}
     thresholds: dict[Group, float] = {}
@@ -198,7 +198,6 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
     import ray
     from ray.data import TaskPoolStrategy
 
-    raycompat.prepare_data_execution()
     require_resources({"CPU": cfg.num_cpus, "GPU": cfg.num_gpus}, 1, "scoring",
                       hint="Set score.num_cpus or score.num_gpus to what the cluster has.")
     banks_ref = ray.put(banks)
@@ -215,8 +214,7 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
     return storage.collect_tables(ds, SCORE_SCHEMA).sort_by("clip_id")
 
 
-def scores_dir(root: str, tag: str) -> str:
-    return storage.join(root, "scores", tag)
+scores_dir = layout.scores_dir
 
 
 def training_embeddings(embeddings_uri: str) -> pa.Table:
@@ -248,6 +246,7 @@ def score(
 ) -> ScoreResult:
     """Score every test clip of an embeddings folder against its training clips; write results."""
     import ray
+    import ray.data
     from ray.data import DataContext
 
     cfg = cfg or ScoreConfig()
@@ -264,7 +263,7 @@ def score(
     from ray.data.expressions import col
 
     afs, path = storage.arrow_filesystem(embeddings_uri)
-    test = storage.ray_read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
+    test = ray.data.read_parquet(path, filesystem=afs).filter(expr=col("split") == "test")
     scores = score_dataset(test, banks, thresholds, cfg)
     return write_results(scores, thresholds, out_uri, cfg, title=title, t0=t0)
 

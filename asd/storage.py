@@ -261,24 +261,6 @@ def require_published(uri: str) -> str:
     return uri
 
 
-def ray_read_parquet(paths, **kwargs):
-    """``ray.data.read_parquet`` with a footer-reader pool sized to the cluster.
-
-    Ray Data 2.60's Parquet listing starts ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` (default 32)
-    footer-reading actors for every read; on a small cluster they crowd out the real work
-    (seen: scoring 108 s instead of seconds on 2 cores). Unless the variable is set, it
-    becomes the cluster's CPU count, between 2 and 32.
-    """
-    import ray
-    import ray.data
-
-    if "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ:
-        cpus = int(ray.cluster_resources().get("CPU", 2)) if ray.is_initialized() else 2
-        os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = str(max(2, min(32, cpus)))
-    return ray.data.read_parquet(paths, **kwargs)
-
-
-
 def collect_tables(ds, schema):
     """Every block of the Ray Dataset ``ds`` as one table of ``schema``.
 

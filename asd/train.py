@@ -1,7 +1,8 @@
 """The shared Ray Train loop: workers, DDP, checkpoints, resume, bf16.
 
 An *objective* (:class:`Objective`) says what is trained (self-supervised pre-training in
-:mod:`asd.pretrain`, attribute classification later); this module does everything else:
+:mod:`asd.pretrain`, attribute classification in :mod:`asd.finetune`, the autoencoder baseline in
+:mod:`asd.baselines.autoencoder`); this module does everything else:
 
 * :func:`fit` (driver): reads ``<root>/features`` as a Ray Dataset (training splits only),
   starts a :class:`ray.train.torch.TorchTrainer` with ``num_workers`` workers (fractional
@@ -56,14 +57,13 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 import torch.nn as nn
 
-from asd import storage
-from asd.features import matrix_columns, read_features_ray, read_features_table
+from asd import layout, storage
+from asd.features import matrix_array, matrix_columns, read_features_ray, read_features_table
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
 from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
 
-FEATURE_COLUMNS = matrix_columns("fbank")
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
@@ -289,16 +289,8 @@ class FeatureBatches:
         wanted = self.matrix_cols + [c for c in self.columns if c not in self.matrix_cols]
         if "clip_id" in names and "clip_id" not in wanted:
             wanted.append("clip_id")
-        data, dtype, n_rows, n_cols = self.matrix_cols
-        out = []
-        for r in batch.select(wanted).to_pylist():
-            if r[data] is None:
-                raise ValueError(f"clip {r.get('clip_id')!r} has no {self.matrix!r} features; featurize the corpus "
-                                 f"into a fresh root with that front end enabled")
-            raw = np.frombuffer(r[data], dtype=np.dtype(r[dtype]))
-            fb = raw.reshape(int(r[n_rows]), int(r[n_cols]))
-            out.append((fb, {c: r[c] for c in self.columns}, str(r.get("clip_id") or "")))
-        return out
+        return [(matrix_array(r, self.matrix, as_stored=True), {c: r[c] for c in self.columns},
+                 str(r.get("clip_id") or "")) for r in batch.select(wanted).to_pylist()]
 
     def _collate(self, rows: list, epoch: int, index: int) -> dict:
         rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, index, 2])
@@ -1090,8 +1082,7 @@ def load_training_state(checkpoint_uri: str, fallback: bool = True) -> dict:
     return load_state_with_fallback(checkpoint_uri)[0] if fallback else _read_state(checkpoint_uri)
 
 
-def models_dir(root: str, tag: str) -> str:
-    return storage.join(root, "models", tag)
+models_dir = layout.models_dir
 
 
 def export_encoder(objective: Objective, checkpoint_uri: str, root: str, tag: str, meta: dict | None = None) -> str:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from asd import metrics, report, storage
 from asd.finetune import SingleClassError
-from asd.rescore import set_current_model
+from asd.serving import set_current_model
 from jobs import embed as embed_job
 from jobs import featurize as featurize_job
 from jobs import finetune as finetune_job

@@ -37,3 +37,66 @@ def test_training_and_embedding_load_no_stage_above_them():
 def test_training_imports_without_ray_hydra_soundfile_or_s3fs():
     bare = ("ray", "hydra", "omegaconf", "soundfile", "s3fs")
     assert _run(["asd.train", "asd.pretrain", "asd.finetune", "asd.features"], blocked=bare) == "[]"
+
+
+# The library's layers, from storage up to the evaluation recipe: a module may import its own layer
+# or those below it (including lazy imports inside functions), never one above.
+LAYERS = [
+    ["asd", "asd.storage", "asd.resources"],
+    ["asd.layout", "asd.serving", "asd.data", "asd.data.audio", "asd.data.dcase", "asd.data.manifest",
+     "asd.data.synthetic", "asd.data.realistic", "asd.metrics", "asd.knn", "asd.report", "asd.models",
+     "asd.models.encoder", "asd.models.cnn", "asd.models.modnet", "asd.models.heads"],
+    ["asd.features", "asd.embeddings", "asd.models.embedders"],
+    ["asd.featurize", "asd.train"],
+    ["asd.embed", "asd.pretrain", "asd.finetune", "asd.cluster"],
+    ["asd.score"],
+    ["asd.baselines", "asd.baselines.autoencoder", "asd.rescore"],
+    ["asd.evaluate"],
+]
+
+
+def _asd_imports(path: Path, module: str) -> set[str]:
+    """Every ``asd`` module ``path`` imports, at the top or inside functions."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "asd")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "asd":
+            for a in node.names:  # "from asd import storage" names a module; "from asd.x import f" names x
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if (REPO / (sub.replace(".", "/") + ".py")).exists() else node.module)
+    return found - {module}
+
+
+def test_no_module_imports_a_layer_above_it():
+    layer = {m: i for i, names in enumerate(LAYERS) for m in names}
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "asd").rglob("*.py")}
+    assert set(modules) == set(layer), f"place every module in LAYERS: {sorted(set(modules) ^ set(layer))}"
+    upward = [f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})"
+              for m, p in sorted(modules.items()) for d in sorted(_asd_imports(p, m)) if layer[d] > layer[m]]
+    assert not upward, upward
+    # and no cycle among same-layer imports
+    graph = {m: {d for d in _asd_imports(p, m) if layer[d] == layer[m]} for m, p in modules.items()}
+    seen, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in seen:
+            return
+        stack.append(m)
+        for d in graph[m]:
+            visit(d)
+        stack.pop()
+        seen.add(m)
+
+    for m in graph:
+        visit(m)
+
+
+def test_training_stages_load_neither_scoring_rescoring_nor_featurization():
+    above = ("asd.featurize", "asd.score", "asd.rescore", "asd.evaluate", "asd.embed", "asd.knn")
+    assert _run(["asd.pretrain", "asd.finetune"], absent=above) == "[]"

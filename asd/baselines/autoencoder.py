@@ -100,7 +100,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn as nn
 
-from asd import storage
+from asd import layout, storage
 from asd.featurize import (
     FbankConfig,
     FeaturizeConfig,
@@ -113,6 +113,7 @@ from asd.featurize import (
     read_features_table,
     write_feature_view,
 )
+from asd.features import KEY_COLUMNS, matrix_arrays, matrix_columns
 from asd.knn import fit_threshold
 from asd.score import SCORE_SCHEMA
 from asd.train import ObjectiveBase, TrainConfig, TrainResult, fit, load_training_state, models_dir, stage_train_config
@@ -120,8 +121,7 @@ from asd.train import ObjectiveBase, TrainConfig, TrainResult, fit, load_trainin
 log = logging.getLogger(__name__)
 
 DB_PER_NEPER = 10.0 / math.log(10.0)  # natural log of power -> decibels
-KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label", "content_sha256"]
-FEATURE_COLUMNS = ["fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"]
+FEATURE_COLUMNS = matrix_columns("fbank")
 REDUCTIONS = ("mean_error", "mean_distance")
 
 
@@ -192,9 +192,7 @@ def default_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def ae_root(root: str) -> str:
-    """Storage root of the baseline's own feature set (``<root>/baselines/ae``)."""
-    return storage.join(root, "baselines", "ae")
+ae_root = layout.ae_root
 
 
 def frontend_config(cfg: AEConfig, base: FeaturizeConfig | None = None) -> FeaturizeConfig:
@@ -402,11 +400,7 @@ def inverse_covariance(cov: np.ndarray, ridge: float) -> np.ndarray:
 
 
 def _arrays(table: pa.Table) -> list[np.ndarray]:
-    out = []
-    for r in table.select(FEATURE_COLUMNS).to_pylist():
-        raw = np.frombuffer(r["fbank"], dtype=np.dtype(r["fbank_dtype"]))
-        out.append(raw.reshape(int(r["fbank_frames"]), int(r["num_mel_bins"])).astype(np.float32))
-    return out
+    return matrix_arrays(table, "fbank")
 
 
 def recalibrate_batchnorm(model: TypeModel, arrays: list[np.ndarray], seed: int = 0) -> int:

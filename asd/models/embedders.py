@@ -1,6 +1,9 @@
-"""Model-backed embedders for :func:`asd.embed.embed`.
+"""Embedders: what :func:`asd.embed.embed` runs over the features, registered by name in
+:data:`EMBEDDERS`. An embedder maps lists of feature matrices, one list per name in its
+``inputs`` (``fbank``: log-mel ``(frames, bins)``; ``mod``: the modulation spectrum), to an
+``(n, d)`` float32 array.
 
-Importing this module registers them in :data:`asd.embed.EMBEDDERS`:
+``logmel_stats``: per-bin mean and standard deviation over time (the log-mel baseline).
 
 ``encoder``: an :class:`~asd.models.encoder.AudioEncoder` checkpoint (ours, e.g.
 ``<root>/models/pretrain/encoder.pt``, or a BEATs release file) -> pooled patch features of
@@ -30,15 +33,47 @@ separately (several training seeds each) on the same pseudo labels.
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
-from asd.embed import l2n, make_embedder, register
 from asd.models.encoder import (FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, load_checkpoint, normalize_fbank,
                                 pooled_dim)
 
 log = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    name: str
+    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.featurize.MATRICES)
+
+    def __call__(self, *features: list[np.ndarray]) -> np.ndarray: ...
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class LogMelStats:
+    """Per-bin mean and standard deviation over time (optionally of deltas too), L2-normalised."""
+
+    name = "logmel_stats"
+    inputs = ("fbank",)
+
+    def __init__(self, deltas: bool = False):
+        self.deltas = deltas
+
+    def __call__(self, features: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for fb in features:
+            parts = [fb.mean(axis=0), fb.std(axis=0)]
+            if self.deltas:
+                d = np.diff(fb, axis=0) if fb.shape[0] > 1 else np.zeros_like(fb)
+                parts += [np.abs(d).mean(axis=0), d.std(axis=0)]
+            out.append(np.concatenate(parts))
+        return l2n(np.stack(out)) if out else np.zeros((0, 0), np.float32)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -177,8 +212,6 @@ class ConcatEmbedder:
     @staticmethod
     def blocks_for(members: list[dict], fusion: str = "embedding", **_) -> list[dict] | None:
         """Score-level fusion: each member's width and weight, in order; else ``None``."""
-        from asd.embed import EMBEDDERS
-
         weights = _weights(members, fusion)
         if fusion == "embedding":
             return None
@@ -192,8 +225,6 @@ class ConcatEmbedder:
 
     @staticmethod
     def inputs_for(members: list[dict], **_) -> tuple[str, ...]:
-        from asd.embed import embedder_inputs
-
         return tuple(dict.fromkeys(i for m in members for i in embedder_inputs(m["embedder"], m.get("params"))))
 
     def __call__(self, *arrays: list[np.ndarray]) -> np.ndarray:
@@ -206,7 +237,44 @@ class ConcatEmbedder:
         return l2n(np.concatenate([np.sqrt(w) * p for w, p in zip(self.weights, parts)], axis=1))
 
 
-register("encoder", EncoderEmbedder)
-register("concat", ConcatEmbedder)
+# name -> factory(**params); register() adds one of your own
+EMBEDDERS: dict[str, Callable[..., Embedder]] = {
+    "logmel_stats": LogMelStats, "encoder": EncoderEmbedder, "concat": ConcatEmbedder}
 
-__all__ = ["ConcatEmbedder", "EncoderEmbedder", "resolve_device", "windows"]
+
+def register(name: str, factory: Callable[..., Embedder]) -> None:
+    EMBEDDERS[name] = factory
+
+
+def make_embedder(name: str, params: dict[str, Any] | None = None) -> Embedder:
+    try:
+        factory = EMBEDDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}") from None
+    return factory(**(params or {}))
+
+
+def embedder_inputs(name: str, params: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The feature matrices embedder ``name`` reads with ``params``, without building it (a
+    factory's ``inputs_for(**params)``, else its ``inputs``, else log-mel)."""
+    factory = EMBEDDERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
+    if hasattr(factory, "inputs_for"):
+        return tuple(factory.inputs_for(**(params or {})))
+    return tuple(getattr(factory, "inputs", ("fbank",)))
+
+
+def embedder_blocks(name: str, params: dict[str, Any] | None = None) -> list[dict] | None:
+    """How scoring splits this embedder's vectors: ``[{"dim", "weight"}, ...]`` for an embedder
+    whose members are scored separately and their distances summed (``concat`` with
+    ``fusion: score``), else ``None`` (one vector, one kNN). Known on the driver."""
+    factory = EMBEDDERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown embedder {name!r}; known: {sorted(EMBEDDERS)}")
+    return factory.blocks_for(**(params or {})) if hasattr(factory, "blocks_for") else None
+
+
+__all__ = ["EMBEDDERS", "ConcatEmbedder", "Embedder", "EncoderEmbedder", "LogMelStats", "embedder_blocks",
+           "embedder_inputs", "l2n", "make_embedder", "register", "resolve_device", "windows"]
+
