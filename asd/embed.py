@@ -22,9 +22,22 @@ import numpy as np
 import pyarrow as pa
 
 from asd import storage
-from asd.embeddings import KEY_COLUMNS, embedding_blocks, embeddings_dir, read_embeddings, vectors  # noqa: F401
+from asd.embeddings import (  # noqa: F401
+    KEY_COLUMNS,
+    embedding_blocks,
+    embeddings_dir,
+    read_embeddings,
+    vectors,
+)
 from asd.features import matrix_arrays, matrix_columns, read_features_ray
-from asd.models.embedders import EMBEDDERS, LogMelStats, embedder_blocks, embedder_inputs, l2n, make_embedder  # noqa: F401
+from asd.models.embedders import (  # noqa: F401
+    EMBEDDERS,
+    LogMelStats,
+    embedder_blocks,
+    embedder_inputs,
+    l2n,
+    make_embedder,
+)
 from asd.resources import require as require_resources
 
 log = logging.getLogger(__name__)
@@ -77,9 +90,9 @@ class _EmbedActor:
         self.inputs = tuple(getattr(self.embedder, "inputs", ("fbank",)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        vectors = self.embedder(*[matrix_arrays(batch, m) for m in self.inputs])
-        dim = vectors.shape[1] if vectors.ndim == 2 and len(vectors) else 0
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
+        out = self.embedder(*[matrix_arrays(batch, m) for m in self.inputs])
+        dim = out.shape[1] if out.ndim == 2 and len(out) else 0
+        flat = pa.array(np.ascontiguousarray(out, dtype=np.float32).reshape(-1), type=pa.float32())
         vec = pa.FixedSizeListArray.from_arrays(flat, dim) if dim else pa.array([], pa.list_(pa.float32(), 0))
         cols = {c: batch.column(c) for c in KEY_COLUMNS}
         cols["embedding"] = vec

@@ -61,9 +61,9 @@ from asd import metrics, report, storage
 from asd.baselines.autoencoder import AEConfig, ae_root, default_train_config
 from asd.cluster import ClusterConfig
 from asd.embed import EmbedConfig
-from asd.finetune import FinetuneConfig, SingleClassError
 from asd.features import KEY_COLUMNS
 from asd.featurize import FeaturizeConfig, read_features_table
+from asd.finetune import FinetuneConfig, SingleClassError
 from asd.pretrain import PretrainConfig
 from asd.score import SCORE_SCHEMA, ScoreConfig
 from asd.train import TrainConfig

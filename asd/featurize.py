@@ -208,7 +208,6 @@ def compute_modulation(wave: np.ndarray, sample_rate: int, cfg: ModulationConfig
     env = (env - env.mean(axis=0)) * np.hanning(n_frames)[:, None]
     spec = np.abs(np.fft.rfft(env, axis=0))  # (n_frames // 2 + 1, bands)
     rate = sample_rate / cfg.hop
-    mod_hz = np.arange(spec.shape[0]) * rate / n_frames
     spec[0] = 0.0  # the envelope's mean (removed above) is no modulation
     means = _interval_means(spec, rate / n_frames, np.linspace(0.0, cfg.max_hz, cfg.bins + 1))
     return np.log(means + 1e-6).astype(np.float32)

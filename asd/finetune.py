@@ -55,11 +55,27 @@ from torch import Tensor
 
 from asd import storage
 from asd.models import cnn, modnet
-from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, EncoderConfig, load_checkpoint, pooled_dim
+from asd.models.encoder import (
+    FBANK_MEAN,
+    FBANK_STD,
+    POOLS,
+    AudioEncoder,
+    EncoderConfig,
+    load_checkpoint,
+    pooled_dim,
+)
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.serving import set_current_model
-from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoders, fit, stage_train_config,
-                       unwrap)
+from asd.train import (
+    ObjectiveBase,
+    StageResult,
+    TrainConfig,
+    TrainResult,
+    export_encoders,
+    fit,
+    stage_train_config,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 

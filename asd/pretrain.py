@@ -44,8 +44,16 @@ from torch import Tensor
 from asd import storage
 from asd.models.encoder import AudioEncoder, EncoderConfig, get_config, load_checkpoint
 from asd.serving import set_current_model
-from asd.train import (ObjectiveBase, StageResult, TrainConfig, TrainResult, export_encoder, fbank_norm, fit,
-                       stage_train_config)
+from asd.train import (
+    ObjectiveBase,
+    StageResult,
+    TrainConfig,
+    TrainResult,
+    export_encoder,
+    fbank_norm,
+    fit,
+    stage_train_config,
+)
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd import storage
-from asd.layout import rescore_dir, rescore_partition_dir
-from asd.serving import current_model, set_current_model  # noqa: F401  (re-exported: the pointer rescoring reads)
 from asd.embed import EmbedConfig, embed
 from asd.embeddings import embedding_blocks, read_embeddings
 from asd.featurize import FeaturizeConfig, featurize
-from asd.score import ScoreConfig, build_banks, score_table, training_embeddings, write_dcase_csvs
+from asd.layout import rescore_dir, rescore_partition_dir
+from asd.score import (
+    ScoreConfig,
+    build_banks,
+    score_table,
+    training_embeddings,
+    write_dcase_csvs,
+)
+from asd.serving import current_model, set_current_model  # noqa: F401  (re-exported: the pointer rescoring reads)
 
 log = logging.getLogger(__name__)
 

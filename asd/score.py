@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd import knn, layout, storage
+
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
 # where results are written, not here: every scoring worker imports this module.
 from asd.embeddings import embedding_blocks, read_embeddings, vectors

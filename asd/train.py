@@ -58,7 +58,12 @@ import torch
 import torch.nn as nn
 
 from asd import layout, storage
-from asd.features import matrix_array, matrix_columns, read_features_ray, read_features_table
+from asd.features import (
+    matrix_array,
+    matrix_columns,
+    read_features_ray,
+    read_features_table,
+)
 from asd.models.encoder import FBANK_MEAN, FBANK_STD, AudioEncoder, save_checkpoint
 from asd.resources import require as require_resources
 

@@ -65,7 +65,6 @@ def quick(spec: R.RealisticSpec, root: str, workers: int = 2) -> dict:
     clips = list(R._plan(spec))
     emb = {c.relpath: _embed(os.path.join(root, c.relpath)) for c in clips}
     rows = []
-    per_kind: dict[tuple[str, str, str], list] = {}
     for m in spec.machine_types:
         mine = [c for c in clips if c.machine.name == m.name]
         train = [c for c in mine if c.split == "train"]

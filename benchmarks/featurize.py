@@ -86,7 +86,12 @@ def baseline(corpus: str, out: str) -> dict:
     import torch
 
     from asd.data.manifest import build_manifest
-    from asd.featurize import FEATURE_WRITE_OPTIONS, PARTITION_COLS, FeaturizeConfig, featurize_batch
+    from asd.featurize import (
+        FEATURE_WRITE_OPTIONS,
+        PARTITION_COLS,
+        FeaturizeConfig,
+        featurize_batch,
+    )
 
     torch.set_num_threads(1)
     cfg = FeaturizeConfig()

@@ -108,7 +108,6 @@ def step_flops(objective, clips: int, frames: int, device: torch.device) -> int:
             with counter:
                 run()
             counts.append(counter.get_total_flops())
-    del model
     return int(counts[0] + 3 * counts[1])
 
 

@@ -36,7 +36,16 @@ from jobs import make_corpus as make_corpus_job
 from jobs import pretrain as pretrain_job
 from jobs import pseudo_label as pseudo_label_job
 from jobs import score as score_job
-from jobs.common import apply_device, apply_input, check_paths, final_line, init_ray, log, refuse_path_as_data, setup_logging
+from jobs.common import (
+    apply_device,
+    apply_input,
+    check_paths,
+    final_line,
+    init_ray,
+    log,
+    refuse_path_as_data,
+    setup_logging,
+)
 
 STAGES = ["make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune", "score"]
 

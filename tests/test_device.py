@@ -71,12 +71,12 @@ def test_device_cpu_changes_nothing_and_device_gpu_reaches_every_stage(job):
 
 
 def test_device_gpu_configs_build_the_stage_dataclasses():
+    from omegaconf import OmegaConf
+
     from asd.embed import EmbedConfig
     from asd.pretrain import PretrainConfig
     from asd.rescore import RescoreConfig
     from asd.score import ScoreConfig
-    from omegaconf import OmegaConf
-
     from jobs.common import apply_device, stage_configs, to_dataclass
 
     cfg = apply_device(_compose("pipeline", "device=gpu", "device.train.num_workers=4"))

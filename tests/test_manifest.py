@@ -8,7 +8,7 @@ import pytest
 
 from asd import storage
 from asd.data import audio
-from asd.data.manifest import build_manifest, attributes_of
+from asd.data.manifest import attributes_of, build_manifest
 
 
 def _write(path, data: bytes):

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from asd.featurize import FeaturizeConfig, ModulationConfig, compute_modulation, matrix_array
+from asd.featurize import (
+    FeaturizeConfig,
+    ModulationConfig,
+    compute_modulation,
+    matrix_array,
+)
 from asd.models.encoder import load_checkpoint, save_checkpoint
 from asd.models.modnet import ModConfig, ModEncoder, RunningStandardize
 from tests.test_cnn import write_section_labels

@@ -4,6 +4,7 @@ killed worker, S3 checkpoints), init checkpoints, export and the ``encoder`` emb
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -11,7 +12,13 @@ import torch
 
 from asd import storage
 from asd.featurize import FeaturizeConfig, featurize, read_features_table
-from asd.models.encoder import AudioEncoder, beats_config_from, get_config, load_checkpoint, save_checkpoint
+from asd.models.encoder import (
+    AudioEncoder,
+    beats_config_from,
+    get_config,
+    load_checkpoint,
+    save_checkpoint,
+)
 from asd.pretrain import (
     Data2VecObjective,
     PretrainConfig,
@@ -195,9 +202,8 @@ def test_pretrain_on_s3_resumes_from_s3_starts_from_init_and_embeds(feat_root, s
     """Checkpoints and models on moto S3; a failure at step 3 restarts from the step-2
     checkpoint read back from S3; the student starts from a BEATs-format init checkpoint
     (tiny lr, so the export must still equal it); the export feeds asd.embed.embed."""
-    from asd.embed import EmbedConfig, embed, read_embeddings, vectors
-
     import asd.models.embedders  # noqa: F401  (registers "encoder")
+    from asd.embed import EmbedConfig, embed, read_embeddings, vectors
 
     torch.manual_seed(321)
     init = AudioEncoder("tiny")

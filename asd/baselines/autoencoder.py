@@ -101,22 +101,30 @@ import torch
 import torch.nn as nn
 
 from asd import layout, storage
+from asd.features import KEY_COLUMNS, matrix_arrays, matrix_columns
 from asd.featurize import (
     FbankConfig,
     FeaturizeConfig,
     FeaturizeResult,
-    read_commits,
-    featurize,
     features_dir,
+    featurize,
     load_stats,
+    read_commits,
     read_features_ray,
     read_features_table,
     write_feature_view,
 )
-from asd.features import KEY_COLUMNS, matrix_arrays, matrix_columns
 from asd.knn import fit_threshold
 from asd.score import SCORE_SCHEMA
-from asd.train import ObjectiveBase, TrainConfig, TrainResult, fit, load_training_state, models_dir, stage_train_config
+from asd.train import (
+    ObjectiveBase,
+    TrainConfig,
+    TrainResult,
+    fit,
+    load_training_state,
+    models_dir,
+    stage_train_config,
+)
 
 log = logging.getLogger(__name__)
 

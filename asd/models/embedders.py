@@ -38,8 +38,15 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from asd.models.encoder import (FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, load_checkpoint, normalize_fbank,
-                                pooled_dim)
+from asd.models.encoder import (
+    FBANK_MEAN,
+    FBANK_STD,
+    POOLS,
+    AudioEncoder,
+    load_checkpoint,
+    normalize_fbank,
+    pooled_dim,
+)
 
 log = logging.getLogger(__name__)
 
