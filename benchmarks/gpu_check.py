@@ -74,10 +74,10 @@ def feature_table(n_clips: int, frames: int, bins: int = 128, n_classes: int = 8
 
 
 def _loop(objective, table: pa.Table, cfg, device: torch.device):
-    from asd.train import FeatureBatches, _cuda_precision, table_batches, train_loop
+    from asd.train import FeatureBatches, cuda_precision, table_batches, train_loop
 
     if device.type == "cuda":
-        _cuda_precision(cfg)
+        cuda_precision(cfg)
         torch.cuda.reset_peak_memory_stats(device)
     source = FeatureBatches(table_batches(table, cfg), cfg, columns=objective.columns, cache=True,
                             weights=getattr(objective, "sample_weights", None))

@@ -59,13 +59,13 @@ def test_partial_depth_freezes_exactly_the_blocks_it_never_runs():
 def test_tf32_setting_reaches_torch():
     import torch
 
-    from asd.train import TrainConfig, _cuda_precision
+    from asd.train import TrainConfig, cuda_precision
 
     before = torch.get_float32_matmul_precision()
     try:
-        _cuda_precision(TrainConfig(tf32=True))
+        cuda_precision(TrainConfig(tf32=True))
         assert torch.get_float32_matmul_precision() == "high"
-        _cuda_precision(TrainConfig(tf32=False))
+        cuda_precision(TrainConfig(tf32=False))
         assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(before)

@@ -47,7 +47,7 @@ LAYERS = [
      "asd.data.synthetic", "asd.data.realistic", "asd.metrics", "asd.knn", "asd.report", "asd.models",
      "asd.models.encoder", "asd.models.cnn", "asd.models.modnet", "asd.models.heads"],
     ["asd.features", "asd.embeddings", "asd.models.embedders"],
-    ["asd.featurize", "asd.train"],
+    ["asd.featurize", "asd.loop", "asd.batches", "asd.checkpoints", "asd.faults", "asd.train"],
     ["asd.embed", "asd.pretrain", "asd.finetune", "asd.cluster"],
     ["asd.score"],
     ["asd.baselines", "asd.baselines.autoencoder", "asd.rescore"],

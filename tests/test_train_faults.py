@@ -17,7 +17,7 @@ from asd.pretrain import Data2VecObjective, PretrainConfig
 from asd.train import (
     CheckpointUnreadable,
     TrainConfig,
-    _checkpoint_dir_name,
+    checkpoint_dir_name,
     export_encoder,
     fit,
     load_state_with_fallback,
@@ -81,9 +81,9 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(store, caplog):
 
 
 def test_checkpoint_written_again_after_a_fallback_gets_a_name_of_its_own():
-    assert _checkpoint_dir_name(12) == "step-00000012"
-    assert _checkpoint_dir_name(10, ["/r/step-00000010"]) == "step-00000010-1"
-    assert _checkpoint_dir_name(10, ["s3://b/r/step-00000010", "s3://b/r/step-00000010-1"]) == "step-00000010-2"
+    assert checkpoint_dir_name(12) == "step-00000012"
+    assert checkpoint_dir_name(10, ["/r/step-00000010"]) == "step-00000010-1"
+    assert checkpoint_dir_name(10, ["s3://b/r/step-00000010", "s3://b/r/step-00000010-1"]) == "step-00000010-2"
 
 
 @pytest.fixture(scope="module")
