@@ -14,9 +14,9 @@ high-water mark; it includes the pages of the memory-mapped file it touched).
 
 * ``exact_sklearn``: ``sklearn.cluster.AgglomerativeClustering(linkage="ward")`` on
   the L2-normalised points (the baseline; scipy pdist + nn-chain, O(n^2) memory).
-* ``exact_asd``: ``asd.cluster.ward_exact`` (the stage's exact path: same Ward tree,
+* ``exact_asd``: ``asd.ward.ward_exact`` (the stage's exact path: same Ward tree,
   distances with BLAS), for reference.
-* ``chunked``: ``asd.cluster.ward_chunked`` (n_micro=4096, chunk_size=65536) + cut
+* ``chunked``: ``asd.ward.ward_chunked`` (n_micro=4096, chunk_size=65536) + cut
   at K, plus the automatic cluster count (gap) on the same tree.
 
 Targets: chunked >= 10x faster than exact Ward at 20k with ARI >= 0.9 against

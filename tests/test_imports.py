@@ -44,7 +44,7 @@ def test_training_imports_without_ray_hydra_soundfile_or_s3fs():
 LAYERS = [
     ["asd", "asd.storage", "asd.resources"],
     ["asd.layout", "asd.serving", "asd.data", "asd.data.audio", "asd.data.dcase", "asd.data.manifest",
-     "asd.data.synthetic", "asd.data.realistic", "asd.metrics", "asd.knn", "asd.report", "asd.models",
+     "asd.data.synthetic", "asd.data.realistic", "asd.metrics", "asd.knn", "asd.report", "asd.ward", "asd.models",
      "asd.models.encoder", "asd.models.cnn", "asd.models.modnet", "asd.models.heads"],
     ["asd.features", "asd.embeddings", "asd.models.embedders"],
     ["asd.featurize", "asd.loop", "asd.batches", "asd.checkpoints", "asd.faults", "asd.train"],
