@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,43 @@ def _wait_http(url: str, timeout: float) -> None:
             if time.time() > deadline:
                 raise
             time.sleep(1)
+
+
+def _stop_ray_node(proc: subprocess.Popen) -> None:
+    """Stop one `ray start --block` node: SIGTERM makes it stop the processes it started (its
+    documented shutdown); anything of its session still alive after that is killed (by session id,
+    so the test session's own Ray and other clusters are untouched)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) == proc.pid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
+def _job_status(client, job: str, head_temp: str, grace_s: float = 60.0):
+    """The job's status; a dashboard that stops answering for a moment is asked again, one that stays
+    away for ``grace_s`` fails the test with the end of the head's dashboard log (what it said last)."""
+    deadline = time.time() + grace_s
+    while True:
+        try:
+            return client.get_job_status(job)
+        except OSError as exc:  # requests' ConnectionError ("Connection refused") is an OSError
+            if time.time() < deadline:
+                time.sleep(2)
+                continue
+            log = os.path.join(head_temp, "session_latest", "logs", "dashboard.log")
+            tail = Path(log).read_text(errors="replace")[-4000:] if os.path.exists(log) else "(no dashboard.log)"
+            raise AssertionError(f"the head's dashboard stopped answering: {exc}\n{log}:\n{tail}") from exc
 
 
 @pytest.mark.slow
@@ -74,8 +112,8 @@ def test_token_auth_refuses_job_submission_without_the_token(tmp_path):
             time.sleep(1)
         assert status == JobStatus.SUCCEEDED and "42" in client.get_job_logs(job)
     finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        _stop_ray_node(head)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- two nodes + S3
@@ -180,7 +218,7 @@ def test_pipeline_job_runs_on_two_nodes_against_s3(s3_bucket, tmp_path):
                 time.sleep(2)
         status, deadline = None, time.time() + 480
         while time.time() < deadline:
-            status = client.get_job_status(job)
+            status = _job_status(client, job, f"{temp}-head")
             if status.is_terminal():
                 break
             time.sleep(2)
@@ -218,11 +256,7 @@ def test_pipeline_job_runs_on_two_nodes_against_s3(s3_bucket, tmp_path):
         featurized = set().union(*[n for name, n in ran.items() if "_featurize_udf" in name])
         assert featurized == {"head", "worker"}, where  # one stage's tasks, spread over both nodes
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)  # Ray's processes of this cluster only
+        for p in reversed(procs):  # the worker node first, then the head
+            _stop_ray_node(p)
         for suffix in ("-head", "-worker"):
             shutil.rmtree(temp + suffix, ignore_errors=True)
