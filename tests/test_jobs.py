@@ -44,8 +44,14 @@ def test_stage_jobs_on_s3(tmp_path, s3_bucket):
 
 def test_unknown_config_key_is_refused(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
-    out = subprocess.run([sys.executable, "-m", "jobs.score", "+score.kk=3"], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=str(tmp_path))
+
+    def job(override):
+        return subprocess.run([sys.executable, "-m", "jobs.score", override], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=str(tmp_path))
+
+    out = job("score.kk=3")  # the schema (jobs.schema) knows every key: Hydra refuses at composition
+    assert out.returncode != 0 and "Key 'kk' not in 'ScoreConfig'" in out.stderr
+    out = job("+score.kk=3")  # forced in with '+': the stage's dataclass refuses it before anything runs
     assert out.returncode != 0 and "unknown keys for ScoreConfig: ['kk']" in out.stderr
 
 
