@@ -67,10 +67,13 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     DataContext.get_current().enable_progress_bars = False
     # the pipeline's default fine-tuning settings
-    import yaml
+    from dataclasses import asdict
 
-    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/conf/finetune/pseudo.yaml").read_text())
-    train0 = {k: v for k, v in conf.pop("train").items() if k not in ("name", "storage_path")}
+    from jobs.common import compose_config, stage_configs
+
+    fcfg0, tcfg0 = stage_configs(compose_config("finetune", [f"root={root}"]).finetune, FinetuneConfig)
+    conf = asdict(fcfg0)
+    train0 = {k: v for k, v in asdict(tcfg0).items() if k not in ("name", "storage_path")}
     rows = {}
     if not a.only or "untrained" in a.only:
         # the pre-trained encoder's own starting point (pretrain's seed), for the #6 comparison
@@ -79,10 +82,9 @@ def main() -> None:
         from asd.models.encoder import save_checkpoint
         from asd.pretrain import Data2VecObjective, PretrainConfig
 
-        pnode = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/conf/pretrain/tiny.yaml").read_text())
-        seed = pnode.pop("train").get("seed", 0)
-        torch.manual_seed(seed)
-        enc = Data2VecObjective(PretrainConfig(**pnode)).build().encoder
+        pcfg, ptrain = stage_configs(compose_config("pretrain", [f"root={root}"]).pretrain, PretrainConfig)
+        torch.manual_seed(ptrain.seed)
+        enc = Data2VecObjective(pcfg).build().encoder
         uri = save_checkpoint(enc, storage.join(root, "models", "sweep_untrained", "encoder.pt"))
         embed(root, "sweep_untrained", EmbedConfig(embedder="encoder", params={"checkpoint": uri}, num_actors=2,
                                                    num_cpus=0.5, progress=False))

@@ -169,24 +169,17 @@ def compare(root: str, steps: int | None = None) -> dict:
     """Official score: tiny pre-trained with the job's tiny config (``steps`` overrides its step
     count) vs the same encoder untrained, each pooled every way in :data:`COMPARE_POOLS`."""
     import torch
-    from omegaconf import OmegaConf
 
     import asd.models.embedders  # noqa: F401  (registers "encoder")
     from asd.embed import EmbedConfig, embed
     from asd.models.encoder import save_checkpoint
     from asd.pretrain import Data2VecObjective, PretrainConfig, pretrain
     from asd.score import ScoreConfig, score, scores_dir
-    from asd.train import TrainConfig
-    from jobs.common import to_dataclass
+    from jobs.common import compose_config, stage_configs
 
     _ray()
-    node = OmegaConf.to_container(OmegaConf.load(REPO / "jobs" / "conf" / "pretrain" / "tiny.yaml"), resolve=True)
-    train = node.pop("train")
-    train.update(storage_path=os.path.join(root, "checkpoints"), name="pretrain", resume=False)
-    if steps:
-        train.update(steps=steps)
-    pcfg = to_dataclass(PretrainConfig, node)
-    tcfg = to_dataclass(TrainConfig, train)
+    overrides = [f"root={root}", "pretrain.train.resume=false"] + ([f"pretrain.train.steps={steps}"] if steps else [])
+    pcfg, tcfg = stage_configs(compose_config("pretrain", overrides).pretrain, PretrainConfig)
     t0 = time.perf_counter()
     res = pretrain(root, root, pcfg, tcfg)
     pretrain_s = time.perf_counter() - t0

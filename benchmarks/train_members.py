@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
-
-from hydra import compose, initialize_config_dir
 
 from asd import storage
 
@@ -29,6 +26,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
     from asd.embed import EmbedConfig, embed
     from asd.finetune import finetune, member_tag
+    from jobs.common import compose_config
     from jobs.evaluate import evaluate_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,8 +40,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("overrides", nargs="*", help="jobs.evaluate overrides (e.g. cnn.finetune.train.steps=300)")
     args = p.parse_intermixed_args(argv)
 
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "jobs" / "conf"), version_base=None):
-        cfg = compose("evaluate", overrides=[f"root={args.root}", *args.overrides])
+    cfg = compose_config("evaluate", [f"root={args.root}", *args.overrides])
     ecfg = evaluate_config(cfg)
     mc = getattr(ecfg, args.model)
     labels = storage.join(args.root, "labels", f"{ecfg.cnn.tag}-pseudo")

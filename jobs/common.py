@@ -40,6 +40,21 @@ def to_dataclass(cls: type[T], node: DictConfig | dict | None, **extra: Any) -> 
     return cls(**kwargs)
 
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(job: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """A job's composed config outside ``hydra.main`` (benchmarks, scripts): exactly what
+    ``python -m jobs.<job> <overrides>`` would run with."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(job, overrides=list(overrides))
+
+
 def stage_configs(node: DictConfig | dict, cls: type[T]) -> tuple[T, Any]:
     """A training stage's config node -> (its dataclass, the ``train:`` part as asd.train.TrainConfig)."""
     from asd.train import TrainConfig
@@ -162,7 +177,7 @@ def check_paths(cfg: DictConfig | dict) -> None:
     walk({k: v for k, v in data.items() if k not in ("hydra",)}, "")
 
 
-DATA_CONFIGS = Path(__file__).resolve().parent / "conf" / "data"
+DATA_CONFIGS = CONF_DIR / "data"
 
 
 def apply_input(cfg: DictConfig) -> DictConfig:
