@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-# what jobs.common.ray_data_defaults sets for a job: Parquet footer readers sized to this machine
-os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(max(2, min(32, os.cpu_count() or 2))))
+from jobs.common import ray_data_defaults
+
+ray_data_defaults(cpus=os.cpu_count() or 2)  # as for a job on this machine's CPUs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

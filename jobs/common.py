@@ -109,19 +109,22 @@ def init_ray(ray_cfg: DictConfig | dict | None) -> None:
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
-def ray_data_defaults() -> None:
-    """Environment defaults for Ray Data in this job's process (a variable the user set wins).
+def ray_data_defaults(cpus: float | None = None) -> None:
+    """Environment defaults for Ray Data in this process (a variable the user set wins); the one
+    place they are decided, for jobs, tests (``tests/conftest.py``) and benchmarks alike.
 
     ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``: Ray Data 2.60 starts this many footer-reading actors
     for every Parquet read (default 32); on a small cluster they crowd out the real work (seen:
-    scoring 108 s instead of seconds on 2 cores). The job sets it to the cluster's CPU count,
-    between 2 and 32 (README: "Ray Data settings")."""
-    import ray
+    scoring 108 s instead of seconds on 2 cores). Set to ``cpus`` (default: the connected cluster's
+    CPU count), between 2 and 32 (README: "Ray Data settings")."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        return
+    if cpus is None:
+        import ray
 
-    if FOOTER_ACTORS_ENV not in os.environ:
-        cpus = int(ray.cluster_resources().get("CPU", 2))
-        os.environ[FOOTER_ACTORS_ENV] = str(max(2, min(32, cpus)))
-        log.info("%s=%s (the cluster's CPUs; set it to override)", FOOTER_ACTORS_ENV, os.environ[FOOTER_ACTORS_ENV])
+        cpus = ray.cluster_resources().get("CPU", 2)
+    os.environ[FOOTER_ACTORS_ENV] = str(max(2, min(32, int(cpus))))
+    log.info("%s=%s (%d CPUs; set it to override)", FOOTER_ACTORS_ENV, os.environ[FOOTER_ACTORS_ENV], int(cpus))
 
 
 def final_line(payload: dict) -> None:

@@ -141,3 +141,15 @@ def test_evaluate_reads_the_real_clips_named_by_input(tmp_path, real_data):
     assert set(final["official_scores"]) == {"logmel_knn"} and 0 <= final["official_scores"]["logmel_knn"] <= 1
     report = json.load(open(final["report_json"]))
     assert report["data"]["input"] == f"{real_data}/dcase2024_roboticarm" and report["data"]["clips"] == 39 + 57
+
+
+def test_ray_data_defaults_size_footer_readers_to_the_cluster_and_keep_a_users_value(monkeypatch):
+    from jobs.common import FOOTER_ACTORS_ENV, ray_data_defaults
+
+    for cpus, expected in ((1, "2"), (8, "8"), (500, "32")):
+        monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+        ray_data_defaults(cpus=cpus)
+        assert os.environ[FOOTER_ACTORS_ENV] == expected
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "5")
+    ray_data_defaults(cpus=64)
+    assert os.environ[FOOTER_ACTORS_ENV] == "5"
