@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-models_dir = layout.models_dir
 
 
 class CheckpointUnreadable(RuntimeError):
@@ -152,7 +151,7 @@ def export_encoders(objective: Objective, checkpoint_uri: str, root: str, tags: 
     for i, (tag, meta) in enumerate(zip(tags, metas, strict=True)):
         encoder = objective.encoder(module) if len(tags) == 1 else objective.encoder(module, member=i)
         info = {**common, **meta}
-        out = models_dir(root, tag)
+        out = layout.models_dir(root, tag)
         uris.append(save_checkpoint(encoder, storage.join(out, "encoder.pt"), meta=info))
         storage.atomic_write_json(storage.join(out, "config.json"), {"encoder": asdict(encoder.cfg), "meta": info})
     return uris

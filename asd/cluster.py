@@ -28,21 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd import storage
-from asd.ward import (  # noqa: F401
-    AUTO_METHODS,
-    LABEL_SOURCES,
-    ChunkedWard,
+from asd.ward import (
     ClusterConfig,
-    ClusterResult,
-    choose_n_clusters,
     cluster_type,
-    cut,
     cut_height,
     estimate_memory_gb,
     node_point_counts,
-    ward_chunked,
-    ward_exact,
-    ward_weighted,
 )
 
 log = logging.getLogger(__name__)
@@ -60,22 +51,6 @@ LABELS_SCHEMA = pa.schema(
     ]
 )
 
-__all__ = [
-    "ClusterConfig",
-    "attribute_string",
-    "ClusterResult",
-    "ChunkedWard",
-    "PseudoLabelResult",
-    "ward_exact",
-    "ward_weighted",
-    "ward_chunked",
-    "choose_n_clusters",
-    "cut",
-    "cluster_type",
-    "estimate_memory_gb",
-    "pseudo_label",
-    "LABELS_SCHEMA",
-]
 
 
 @dataclass

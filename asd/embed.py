@@ -22,20 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from asd import storage
-from asd.embeddings import (  # noqa: F401
-    KEY_COLUMNS,
-    embedding_blocks,
-    embeddings_dir,
-    read_embeddings,
-    vectors,
-)
-from asd.features import matrix_arrays, matrix_columns, read_features_ray
-from asd.models.embedders import (  # noqa: F401
-    EMBEDDERS,
-    LogMelStats,
+from asd.embeddings import read_embeddings
+from asd.features import KEY_COLUMNS, matrix_arrays, matrix_columns, read_features_ray
+from asd.layout import embeddings_dir
+from asd.models.embedders import (
     embedder_blocks,
     embedder_inputs,
-    l2n,
     make_embedder,
 )
 from asd.resources import require as require_resources

@@ -11,8 +11,6 @@ import numpy as np
 import pyarrow as pa
 
 from asd import storage
-from asd.features import KEY_COLUMNS  # noqa: F401  (the rows' key columns, as in the feature store)
-from asd.layout import embeddings_dir  # noqa: F401  (where a tag's embeddings live)
 
 
 def embedding_blocks(uri: str) -> list[dict] | None:

@@ -57,16 +57,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import metrics, report, storage
-from asd.baselines.autoencoder import AEConfig, ae_root, default_train_config
-from asd.cluster import ClusterConfig
+from asd import layout, metrics, report, storage
+from asd.baselines.autoencoder import AEConfig, default_train_config
 from asd.embed import EmbedConfig
-from asd.features import KEY_COLUMNS
-from asd.featurize import FeaturizeConfig, read_features_table
+from asd.features import KEY_COLUMNS, read_features_table
+from asd.featurize import FeaturizeConfig
 from asd.finetune import FinetuneConfig, SingleClassError
+from asd.loop import TrainConfig
 from asd.pretrain import PretrainConfig
 from asd.score import SCORE_SCHEMA, ScoreConfig
-from asd.train import TrainConfig
+from asd.ward import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +359,9 @@ def get_method(name: str) -> Method:
 def _ae_scores(ctx: EvalContext) -> dict:
     from asd.baselines.autoencoder import score_autoencoders, train_autoencoders
 
-    trained = train_autoencoders(ae_root(ctx.root), ctx.root, ctx.cfg.ae, ctx.cfg.ae_train,
+    trained = train_autoencoders(layout.ae_root(ctx.root), ctx.root, ctx.cfg.ae, ctx.cfg.ae_train,
                                  train_clips=sorted(ctx.plan.train_ids))
-    scored = score_autoencoders(ae_root(ctx.root), trained.models, sorted(ctx.plan.test_ids), cfg=ctx.cfg.ae)
+    scored = score_autoencoders(layout.ae_root(ctx.root), trained.models, sorted(ctx.plan.test_ids), cfg=ctx.cfg.ae)
     info = {"models": trained.models, "maha_reduction": ctx.cfg.ae.maha_reduction,
             "training": {k: v for k, v in trained.training.items() if k != "loss_history"},
             "loss_history": trained.training.get("loss_history"),
@@ -374,7 +374,9 @@ def _ae_scores(ctx: EvalContext) -> dict:
 def _knn(ctx: EvalContext, tag: str, embed_cfg: EmbedConfig) -> MethodOutput:
     import ray
 
-    from asd.embed import embed, embedding_blocks, embeddings_dir, read_embeddings
+    from asd.embed import embed
+    from asd.embeddings import embedding_blocks, read_embeddings
+    from asd.layout import embeddings_dir
     from asd.score import build_banks, score_dataset
 
     res = embed(ctx.root, tag, embed_cfg)
@@ -676,7 +678,7 @@ def evaluate(
     and the comparison report under ``root`` (and copies as ``<report_to>.{md,json,png}``)."""
     from asd.baselines.autoencoder import featurize_frontend
     from asd.featurize import featurize
-    from asd.score import scores_dir, write_results
+    from asd.score import write_results
 
     cfg = cfg or EvaluateConfig()
     t0 = time.perf_counter()
@@ -721,7 +723,7 @@ def evaluate(
                                  f"(missing e.g. {sorted(test_ids - scored)[:3]})")
         if out.scores.schema != SCORE_SCHEMA:
             raise AssertionError(f"{m.name} returned scores in another schema: {out.scores.schema}")
-        res = write_results(out.scores, out.thresholds, scores_dir(root, m.name), ScoreConfig(plots=cfg.plots),
+        res = write_results(out.scores, out.thresholds, layout.scores_dir(root, m.name), ScoreConfig(plots=cfg.plots),
                             title=f"{m.name}: {m.title}")
         results[m.name] = metrics.evaluate_table(out.scores)
         per_method[m.name] = {"title": m.title, "scores": res.scores, "n_scored": res.n_scored,
@@ -736,28 +738,26 @@ def evaluate(
 def _clip_keys(root: str, needs: set[str]) -> pa.Table:
     """The featurized clips of this corpus. A root is one corpus: featurize is incremental, so a
     root that also holds another corpus's clips (a second input into the same root) is refused."""
-    from asd.featurize import features_dir
-
     tables = {}
     if LOGMEL in needs:
         tables[LOGMEL] = read_features_table(root, columns=KEY_COLUMNS)
     if AE in needs:
-        tables[AE] = read_features_table(ae_root(root), columns=KEY_COLUMNS)
+        tables[AE] = read_features_table(layout.ae_root(root), columns=KEY_COLUMNS)
     for kind, t in tables.items():
-        base = root if kind == LOGMEL else ae_root(root)
+        base = root if kind == LOGMEL else layout.ae_root(root)
         listed = set(storage.read_table(storage.join(base, "manifest", "manifest.parquet"),
                                         columns=["clip_id"]).column("clip_id").to_pylist())
         extra = sorted(set(t.column("clip_id").to_pylist()) - listed)
         if extra:
-            raise ValueError(f"{features_dir(base)!r} holds {len(extra)} clip(s) that are not in this input "
+            raise ValueError(f"{layout.features_dir(base)!r} holds {len(extra)} clip(s) that are not in this input "
                              f"(e.g. {extra[:3]}): the root was used for another corpus; evaluate into a fresh "
                              "root (e.g. run=evaluate-<data name>)")
     sets = {k: set(t.column("clip_id").to_pylist()) for k, t in tables.items()}
     if len(sets) == 2 and sets[LOGMEL] != sets[AE]:
         only = sorted(sets[LOGMEL] ^ sets[AE])
         raise ValueError(f"the two front ends featurized different clips ({len(only)} differ, e.g. {only[:3]}); "
-                         f"see the quarantine folders under {features_dir(root)!r} and "
-                         f"{features_dir(ae_root(root))!r}")
+                         f"see the quarantine folders under {layout.features_dir(root)!r} and "
+                         f"{layout.features_dir(layout.ae_root(root))!r}")
     keys = next(iter(tables.values()))
     if keys.num_rows == 0:
         raise ValueError(f"no featurized clips under {root!r}: nothing to evaluate")

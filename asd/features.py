@@ -101,7 +101,6 @@ def fbank_arrays(table: pa.Table) -> list[np.ndarray]:
     return matrix_arrays(table, "fbank")
 
 
-features_dir = layout.features_dir
 
 
 def read_commits(fdir: str) -> list[dict]:
@@ -118,7 +117,7 @@ def read_commits(fdir: str) -> list[dict]:
 
 def committed_files(root: str) -> list[str]:
     """URIs of every committed feature file under ``<root>/features``."""
-    fdir = features_dir(root)
+    fdir = layout.features_dir(root)
     return [storage.join(fdir, rel) for c in read_commits(fdir) for rel in c["files"]]
 
 
@@ -135,7 +134,7 @@ def read_features_table(root: str, columns: list[str] | None = None, filter=None
     files = committed_files(root)
     if not files:
         return FEATURE_SCHEMA.empty_table().select(columns) if columns else FEATURE_SCHEMA.empty_table()
-    afs, base = storage.arrow_filesystem(features_dir(root))
+    afs, base = storage.arrow_filesystem(layout.features_dir(root))
     paths = [storage.arrow_filesystem(f)[1] for f in files]
     dset = pds.dataset(paths, filesystem=afs, format="parquet", partitioning=partitioning(), partition_base_dir=base)
     table = dset.to_table(columns=columns, filter=filter)
@@ -149,8 +148,8 @@ def read_features_ray(root: str, columns: list[str] | None = None):
 
     files = committed_files(root)
     if not files:
-        raise FileNotFoundError(f"no committed features under {features_dir(root)!r}; run featurize first")
-    afs, base = storage.arrow_filesystem(features_dir(root))
+        raise FileNotFoundError(f"no committed features under {layout.features_dir(root)!r}; run featurize first")
+    afs, base = storage.arrow_filesystem(layout.features_dir(root))
     paths = [storage.arrow_filesystem(f)[1] for f in files]
     ds = ray.data.read_parquet(
         paths,
@@ -162,4 +161,4 @@ def read_features_ray(root: str, columns: list[str] | None = None):
 
 def load_stats(root: str) -> dict:
     """Normalisation statistics: {"all": {"mean": [...], "std": [...]}, "per_type": {...}}."""
-    return storage.read_json(storage.join(features_dir(root), "_stats", "stats.json"))
+    return storage.read_json(storage.join(layout.features_dir(root), "_stats", "stats.json"))

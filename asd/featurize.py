@@ -41,19 +41,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import SAMPLE_RATE, storage
+from asd import SAMPLE_RATE, layout, storage
 from asd.data import audio
 from asd.data.manifest import PROBLEM_SCHEMA, Problem, build_manifest, problems_table
-from asd.features import (  # noqa: F401  (the feature store; re-exported for existing callers)
+from asd.features import (
     FEATURE_SCHEMA,
     FEATURE_WRITE_OPTIONS,
     MATRICES,
     PARTITION_COLS,
-    RAW_COLUMNS,
     committed_files,
     fbank_array,
     fbank_arrays,
-    features_dir,
     load_stats,
     matrix_array,
     matrix_arrays,
@@ -368,9 +366,9 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
     found = set(keys.column("clip_id").to_pylist())
     missing = [c for c in ids if c not in found]
     if missing:
-        raise ValueError(f"{len(missing)} clip(s) have no committed features under {features_dir(source_root)!r}, "
+        raise ValueError(f"{len(missing)} clip(s) have no committed features under {layout.features_dir(source_root)!r}, "
                          f"e.g. {missing[:3]}")
-    fdir = features_dir(view_root)
+    fdir = layout.features_dir(view_root)
     storage.remove(fdir)
     files: list[str] = []
     stats: dict = {}  # machine type -> partial sums, over every row of the view
@@ -403,7 +401,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
         "counts": counts,
         "rejects": {},
         "stats": _stats_record(stats),
-        "config_hash": sorted({c.get("config_hash") for c in read_commits(features_dir(source_root))} - {None}),
+        "config_hash": sorted({c.get("config_hash") for c in read_commits(layout.features_dir(source_root))} - {None}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.atomic_write_json(storage.join(fdir, "_stats", "stats.json"), _combine_stats([commit]))
@@ -502,7 +500,7 @@ def featurize(
     storage.check_reachable(input_uri)
     storage.check_reachable(output_root, must_exist=False)
     manifest = build_manifest(input_uri, probe=False)
-    fdir = features_dir(output_root)
+    fdir = layout.features_dir(output_root)
     commits = read_commits(fdir)
     _vacuum(fdir, {rel for c in commits for rel in c["files"]})
     known, rejected = _known(commits)

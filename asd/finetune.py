@@ -12,7 +12,7 @@ the normalised crops, mixup (``mixup_prob`` of the batches, ``lam ~ Beta(a, a)``
 mixed with the same ``lam``), then the head's loss; accuracy of the unmixed targets is logged.
 Class-balanced sampling (``balance``): every clip gets a weight ``count(group) ** -power``
 (``group`` = its class, or its type/section/domain), normalised to mean 1, and
-:class:`asd.train.FeatureBatches` samples by these weights, so the ~10 target-domain clips of a
+:class:`asd.batches.FeatureBatches` samples by these weights, so the ~10 target-domain clips of a
 DCASE section are drawn about as often as the ~990 source clips.
 
 Ensembles in one run (``members > 1``): that many independent models (encoder + head) train
@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asd import storage
+from asd.checkpoints import export_encoders
+from asd.loop import ObjectiveBase, TrainConfig, unwrap
 from asd.models import cnn, modnet
 from asd.models.encoder import (
     FBANK_MEAN,
@@ -66,16 +68,7 @@ from asd.models.encoder import (
 )
 from asd.models.heads import HEADS, MarginHead, make_head
 from asd.serving import set_current_model
-from asd.train import (
-    ObjectiveBase,
-    StageResult,
-    TrainConfig,
-    TrainResult,
-    export_encoders,
-    fit,
-    stage_train_config,
-    unwrap,
-)
+from asd.train import StageResult, TrainResult, fit, stage_train_config
 
 log = logging.getLogger(__name__)
 

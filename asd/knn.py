@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
+from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -171,7 +173,7 @@ def knn_distance(
     dev = torch.device(device)
     out = np.empty(n, dtype=np.float32)
     with torch.inference_mode():
-        bank_t = torch.from_numpy(b if bank_normalized else l2_normalize(b)).to(dev)
+        bank_t = device_copy(b, dev) if bank_normalized else torch.from_numpy(l2_normalize(b)).to(dev)
         q_norm = l2_normalize(q)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -183,6 +185,28 @@ def knn_distance(
             dist = (1.0 - top).clamp_(0.0, 2.0).mean(dim=1)
             out[start:stop] = dist.cpu().numpy()
     return out
+
+
+# A bank array's copy on an accelerator, kept while the array lives: a scoring worker scores
+# many batches against the same banks (asd.score keeps them per worker), so each bank crosses to
+# the device once per run instead of once per batch.
+_DEVICE_COPIES: dict[tuple[int, str], tuple[weakref.ref, Any]] = {}
+
+
+def device_copy(bank: np.ndarray, dev) -> Any:
+    """``bank`` (a finite, normalised float32 array that is not modified afterwards, as a
+    :class:`MemoryBank`'s) as a torch tensor on ``dev``, made once per array and device."""
+    import torch
+
+    key = (id(bank), str(dev))
+    hit = _DEVICE_COPIES.get(key)
+    if hit is not None and hit[0]() is bank:
+        return hit[1]
+    for k in [k for k, (ref, _) in _DEVICE_COPIES.items() if ref() is None]:  # banks of runs gone
+        del _DEVICE_COPIES[k]
+    t = torch.from_numpy(bank).to(dev)
+    _DEVICE_COPIES[key] = (weakref.ref(bank), t)
+    return t
 
 
 def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int, exclude_self: bool = False) -> np.ndarray:

@@ -42,18 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from asd import storage
+from asd.batches import fbank_norm
+from asd.checkpoints import export_encoder
+from asd.loop import ObjectiveBase, TrainConfig
 from asd.models.encoder import AudioEncoder, EncoderConfig, get_config, load_checkpoint
 from asd.serving import set_current_model
-from asd.train import (
-    ObjectiveBase,
-    StageResult,
-    TrainConfig,
-    TrainResult,
-    export_encoder,
-    fbank_norm,
-    fit,
-    stage_train_config,
-)
+from asd.train import StageResult, TrainResult, fit, stage_train_config
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +185,7 @@ def teacher_targets(layers: list[Tensor], k: int, layer_norm: bool = True) -> Te
 
 
 class Data2VecObjective(ObjectiveBase):
-    """The SSL objective plugged into :func:`asd.train.train_loop` (picklable)."""
+    """The SSL objective plugged into :func:`asd.loop.train_loop` (picklable)."""
 
     name = "data2vec2"
     columns: tuple[str, ...] = ()
@@ -342,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch.distributed as dist
 
-    from asd.train import param_checksum, train_plain
+    from asd.loop import param_checksum
+    from asd.train import train_plain
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--features", required=True, help="storage root holding features/")

@@ -199,13 +199,13 @@ def _clips(machine_type, domain, label, score) -> dict[str, dict[str, np.ndarray
     }
 
 
-def _note_figure(out_png_uri: str, what: str, note: str = NO_DATA_NOTE) -> str:
-    logger.warning("%s: %s; writing a placeholder figure to %s", what, note, out_png_uri)
+def _note_figure(what: str, note: str = NO_DATA_NOTE) -> Figure:
+    logger.warning("%s: %s; the figure is a placeholder that says so", what, note)
     fig = Figure(figsize=(6, 3))
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.text(0.5, 0.5, f"{what}\n{note}", ha="center", va="center", fontsize=12)
-    return save_figure(fig, out_png_uri)
+    return fig
 
 
 def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
@@ -214,6 +214,11 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
 
 
 def plot_roc(out_png_uri: str, machine_type, domain, label, score) -> str:
+    """:func:`roc_figure` written as PNG to ``out_png_uri``."""
+    return save_figure(roc_figure(machine_type, domain, label, score), out_png_uri)
+
+
+def roc_figure(machine_type, domain, label, score) -> Figure:
     """ROC curves, one panel per machine type with a source and a target curve.
 
     As in the official AUCs, the source curve uses the source-domain normals
@@ -224,7 +229,7 @@ def plot_roc(out_png_uri: str, machine_type, domain, label, score) -> str:
     """
     data = _clips(machine_type, domain, label, score)
     if not data:
-        return _note_figure(out_png_uri, "ROC curves")
+        return _note_figure("ROC curves")
     nrows, ncols = _grid(len(data))
     fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
@@ -253,17 +258,16 @@ def plot_roc(out_png_uri: str, machine_type, domain, label, score) -> str:
     for ax in axes[len(data):]:
         ax.set_axis_off()
     fig.suptitle("ROC per machine type (sections pooled; domain normals vs all anomalies)")
-    return save_figure(fig, out_png_uri)
+    return fig
 
 
-def plot_score_histograms(
-    out_png_uri: str,
-    machine_type,
-    domain,
-    label,
-    score,
-    threshold: dict[str, float] | None = None,
-) -> str:
+def plot_score_histograms(out_png_uri: str, machine_type, domain, label, score,
+                          threshold: dict[str, float] | None = None) -> str:
+    """:func:`histogram_figure` written as PNG to ``out_png_uri``."""
+    return save_figure(histogram_figure(machine_type, domain, label, score, threshold), out_png_uri)
+
+
+def histogram_figure(machine_type, domain, label, score, threshold: dict[str, float] | None = None) -> Figure:
     """Anomaly-score histograms: per machine type a row with a source and a target panel.
 
     Each panel overlays the domain's normal and anomalous clips (the domain's
@@ -273,7 +277,7 @@ def plot_score_histograms(
     """
     data = _clips(machine_type, domain, label, score)
     if not data:
-        return _note_figure(out_png_uri, "anomaly score histograms")
+        return _note_figure("anomaly score histograms")
     threshold = threshold or {}
     n = len(data)
     fig = Figure(figsize=(10, 2.8 * n + 0.6), layout="constrained")
@@ -306,14 +310,19 @@ def plot_score_histograms(
             ax.set_ylabel("clips")
             ax.legend(fontsize=8)
     fig.suptitle("Anomaly score distributions")
-    return save_figure(fig, out_png_uri)
+    return fig
 
 
 def plot_method_bars(out_png_uri: str, results: dict[str, MetricsResult]) -> str:
+    """:func:`method_bars_figure` written as PNG to ``out_png_uri``."""
+    return save_figure(method_bars_figure(results), out_png_uri)
+
+
+def method_bars_figure(results: dict[str, MetricsResult]) -> Figure:
     """Grouped bars: per machine type the hmean of each method, plus ``overall`` (official score)."""
     types = sorted({t for r in results.values() for t in r.machine_types})
     if not results or not types:
-        return _note_figure(out_png_uri, "method comparison", "no metrics to compare")
+        return _note_figure("method comparison", "no metrics to compare")
     groups = types + ["overall"]
     methods = list(results)
     x = np.arange(len(groups), dtype=float)
@@ -338,4 +347,4 @@ def plot_method_bars(out_png_uri: str, results: dict[str, MetricsResult]) -> str
     ax.set_title("Per machine type hmean and official score by method")
     ax.legend(fontsize=8, ncols=min(4, len(methods)), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, out_png_uri)
+    return fig

@@ -43,7 +43,7 @@ from asd.score import (
     training_embeddings,
     write_dcase_csvs,
 )
-from asd.serving import current_model, set_current_model  # noqa: F401  (re-exported: the pointer rescoring reads)
+from asd.serving import current_model
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ class RescoreResult:
         return asdict(self)
 
 
-partition_dir = rescore_partition_dir
 
 
 def scored_hashes(root: str) -> set[str]:
@@ -125,7 +124,7 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
     night = read_embeddings(emb.embeddings)
     seen = scored_hashes(root)
     new = night.filter(pc.invert(pc.is_in(night.column("content_sha256"), pa.array(sorted(seen), pa.string()))))
-    out = partition_dir(root, date)
+    out = rescore_partition_dir(root, date)
     old = (storage.read_table(storage.join(out, "scores.parquet")) if storage.is_published(out)
            else RESCORE_SCHEMA.empty_table())
     if new.num_rows == 0:

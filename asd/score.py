@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import knn, layout, storage
+from asd import knn, storage
 
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
 # where results are written, not here: every scoring worker imports this module.
@@ -215,7 +215,6 @@ def score_dataset(ds, banks: dict, thresholds: dict, cfg: ScoreConfig) -> pa.Tab
     return storage.collect_tables(ds, SCORE_SCHEMA).sort_by("clip_id")
 
 
-scores_dir = layout.scores_dir
 
 
 def training_embeddings(embeddings_uri: str) -> pa.Table:

@@ -11,9 +11,9 @@ Train workers, with checkpoints, resume and DDP.
   checkpoint is skipped for the previous kept one (:mod:`asd.checkpoints`).
 * :func:`train_plain`: the same loop without Ray (one process, or one per GPU under ``torchrun``).
 
-The pieces live apart: the loop and :class:`TrainConfig` in :mod:`asd.loop`, batches in
-:mod:`asd.batches`, checkpoints and export in :mod:`asd.checkpoints`, test-only fault injection
-in :mod:`asd.faults`; this module re-exports their public names.
+The pieces live apart: the loop and :class:`~asd.loop.TrainConfig` in :mod:`asd.loop`, batches
+in :mod:`asd.batches`, checkpoints and export in :mod:`asd.checkpoints`, test-only fault
+injection in :mod:`asd.faults`; import each name from the module that defines it.
 
 Ray Train 2.60 notes (Train V2 is the default, ``RAY_TRAIN_V2_ENABLED=1``):
 ``ray.train.report`` is a barrier every worker must call equally often; only rank 0's
@@ -44,31 +44,21 @@ import torch
 import torch.nn as nn
 
 from asd import storage
-from asd.batches import FeatureBatches, crop_batch, fbank_norm, table_batches
+from asd.batches import FeatureBatches, fbank_norm, table_batches
 from asd.checkpoints import (
     META_FILE,
     STATE_FILE,
-    CheckpointUnreadable,
     checkpoint_dir_name,
-    export_encoder,
-    export_encoders,
     load_state_with_fallback,
-    load_training_state,
-    models_dir,
 )
-from asd.faults import InjectedFault, fault_hook
+from asd.faults import fault_hook
 from asd.features import matrix_columns, read_features_ray, read_features_table
 from asd.loop import (
     LoopResult,
     Objective,
-    ObjectiveBase,
     TrainConfig,
-    clip_gradients,
     cuda_precision,
-    param_checksum,
-    set_activation_checkpointing,
     train_loop,
-    unwrap,
 )
 from asd.resources import require as require_resources
 
@@ -353,35 +343,3 @@ def fit(objective: Objective, features_root: str, cfg: TrainConfig, norm: tuple[
         steady_samples_per_s=float(sum(w.get("steady_samples_per_s", 0.0) for w in workers)),
         num_workers=cfg.num_workers,
     )
-
-
-__all__ = [  # the training layer's public names, wherever they live (asd.loop, asd.batches, asd.checkpoints)
-    "CheckpointUnreadable",
-    "FeatureBatches",
-    "InjectedFault",
-    "LoopResult",
-    "META_FILE",
-    "Objective",
-    "ObjectiveBase",
-    "STATE_FILE",
-    "StageResult",
-    "TrainConfig",
-    "TrainResult",
-    "clip_gradients",
-    "crop_batch",
-    "cuda_precision",
-    "export_encoder",
-    "export_encoders",
-    "fbank_norm",
-    "fit",
-    "load_state_with_fallback",
-    "load_training_state",
-    "models_dir",
-    "param_checksum",
-    "set_activation_checkpointing",
-    "stage_train_config",
-    "table_batches",
-    "train_loop",
-    "train_plain",
-    "unwrap",
-]

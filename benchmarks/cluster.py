@@ -114,7 +114,7 @@ def child_exact_asd(n: int, out: str) -> dict:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from asd.cluster import ClusterConfig, choose_n_clusters, cut, ward_exact
+    from asd.ward import ClusterConfig, choose_n_clusters, cut, ward_exact
 
     x, y = gen_all(n)
     t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def child_chunked(n: int, out: str, data_path: str | None) -> dict:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from asd.cluster import ClusterConfig, choose_n_clusters, cut, ward_chunked
+    from asd.ward import ClusterConfig, choose_n_clusters, cut, ward_chunked
 
     cfg = ClusterConfig(n_micro=N_MICRO, chunk_size=CHUNK, seed=SEED)
     if data_path:  # a memory-mapped .npy written beforehand: streamed from disk / page cache

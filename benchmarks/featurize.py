@@ -86,12 +86,8 @@ def baseline(corpus: str, out: str) -> dict:
     import torch
 
     from asd.data.manifest import build_manifest
-    from asd.featurize import (
-        FEATURE_WRITE_OPTIONS,
-        PARTITION_COLS,
-        FeaturizeConfig,
-        featurize_batch,
-    )
+    from asd.features import FEATURE_WRITE_OPTIONS, PARTITION_COLS
+    from asd.featurize import FeaturizeConfig, featurize_batch
 
     torch.set_num_threads(1)
     cfg = FeaturizeConfig()
@@ -125,7 +121,8 @@ def minimal(corpus: str, out: str) -> dict:
 
     from asd.data.audio import sha256
     from asd.data.manifest import build_manifest
-    from asd.featurize import FEATURE_WRITE_OPTIONS, FbankConfig, compute_fbank
+    from asd.features import FEATURE_WRITE_OPTIONS
+    from asd.featurize import FbankConfig, compute_fbank
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -160,7 +157,8 @@ def minimal(corpus: str, out: str) -> dict:
 def ray_job(corpus: str, out: str, batch_size: int, rows_per_block: int, num_cpus: float) -> dict:
     import ray
 
-    from asd.featurize import FeaturizeConfig, committed_files, featurize
+    from asd.features import committed_files
+    from asd.featurize import FeaturizeConfig, featurize
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cfg = FeaturizeConfig(batch_size=batch_size, rows_per_block=rows_per_block, num_cpus=num_cpus,

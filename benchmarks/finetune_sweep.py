@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from asd import layout
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import write_result  # noqa: E402
@@ -57,10 +59,11 @@ def main() -> None:
     from ray.data import DataContext
 
     from asd import storage
-    from asd.embed import EmbedConfig, embed, embeddings_dir
+    from asd.embed import EmbedConfig, embed
     from asd.finetune import FinetuneConfig, finetune
-    from asd.score import ScoreConfig, score, scores_dir
-    from asd.train import TrainConfig
+    from asd.layout import embeddings_dir
+    from asd.loop import TrainConfig
+    from asd.score import ScoreConfig, score
 
     root = os.path.abspath(a.root)
     base = json.loads((Path(root) / "scores" / "pretrained" / "metrics.json").read_text())
@@ -88,7 +91,7 @@ def main() -> None:
         uri = save_checkpoint(enc, storage.join(root, "models", "sweep_untrained", "encoder.pt"))
         embed(root, "sweep_untrained", EmbedConfig(embedder="encoder", params={"checkpoint": uri}, num_actors=2,
                                                    num_cpus=0.5, progress=False))
-        sc = score(embeddings_dir(root, "sweep_untrained"), scores_dir(root, "sweep_untrained"),
+        sc = score(embeddings_dir(root, "sweep_untrained"), layout.scores_dir(root, "sweep_untrained"),
                    ScoreConfig(plots=False, progress=False), title="untrained encoder")
         rows["untrained_encoder"] = {"change": "no pre-training, no fine-tuning", "official_score": sc.official_score,
                                      "mean": _means(sc.metrics)}
@@ -105,7 +108,7 @@ def main() -> None:
         res = finetune(root, root, fcfg, TrainConfig(**{**train, "splits": tuple(train["splits"])}))
         embed(root, f"sweep_{name}", EmbedConfig(embedder="encoder", params={"checkpoint": res.encoder},
                                                  num_actors=2, num_cpus=0.5, progress=False))
-        sc = score(embeddings_dir(root, f"sweep_{name}"), scores_dir(root, f"sweep_{name}"),
+        sc = score(embeddings_dir(root, f"sweep_{name}"), layout.scores_dir(root, f"sweep_{name}"),
                    ScoreConfig(plots=False, progress=False), title=f"sweep {name}")
         m = sc.metrics
         rows[name] = {"change": VARIANTS[name], "official_score": m["official_score"],

@@ -7,7 +7,7 @@ Runs where only torch and pyarrow are installed (a bare GPU image: no Ray, Hydra
 s3fs; ``benchmarks/gpu_check.sh`` adds the ``gpu`` tests when pytest and Ray are there). Every
 part goes through the project's own code, on random log-mel features held in memory:
 
-1. ``pretrain``: the ``base`` encoder (``tiny`` on CPU) pre-trained through :func:`asd.train.train_loop`
+1. ``pretrain``: the ``base`` encoder (``tiny`` on CPU) pre-trained through :func:`asd.loop.train_loop`
    (the loop Ray Train runs on each worker) at the EAT settings of ``jobs/conf/pretrain/base.yaml``
    (12 clips x 16 masked clones of 1024 frames per step), bf16 autocast and TF32 on CUDA; reports
    clips/s over the second half of the steps, peak memory and MFU (model FLOPs per step, counted
@@ -74,7 +74,8 @@ def feature_table(n_clips: int, frames: int, bins: int = 128, n_classes: int = 8
 
 
 def _loop(objective, table: pa.Table, cfg, device: torch.device):
-    from asd.train import FeatureBatches, cuda_precision, table_batches, train_loop
+    from asd.batches import FeatureBatches, table_batches
+    from asd.loop import cuda_precision, train_loop
 
     if device.type == "cuda":
         cuda_precision(cfg)
@@ -114,9 +115,9 @@ def step_flops(objective, clips: int, frames: int, device: torch.device) -> int:
 def part_pretrain(args, device: torch.device, out_dir: str | None, steps: int | None = None, **options) -> dict:
     """Pre-training through the loop; ``options``: TrainConfig switches (``compile``,
     ``activation_checkpointing``). Writes the encoder to ``out_dir`` when given."""
+    from asd.loop import TrainConfig
     from asd.models.encoder import save_checkpoint
     from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import TrainConfig
 
     if args.device == "cpu":
         pcfg = PretrainConfig(model="tiny", clone_batch=4, top_k_layers=2, decoder_dim=64, decoder_layers=1)
@@ -212,8 +213,8 @@ def part_knn(args, device: torch.device) -> dict:
 
 def part_finetune_lora(args, device: torch.device, encoder: str) -> dict:
     from asd.finetune import AttributeObjective, FinetuneConfig
+    from asd.loop import TrainConfig
     from asd.models.encoder import load_checkpoint
-    from asd.train import TrainConfig
 
     enc_cfg = load_checkpoint(encoder).cfg
     cpu = args.device == "cpu"
@@ -232,7 +233,7 @@ def part_finetune_lora(args, device: torch.device, encoder: str) -> dict:
 
 
 def part_embed(args, device: torch.device, encoder: str) -> dict:
-    from asd.embed import make_embedder
+    from asd.models.embedders import make_embedder
 
     cpu = args.device == "cpu"
     n, frames = (8, 192) if cpu else (256, 1000)

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from asd import layout
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import peak_rss_mb, run_child, write_result  # noqa: E402
@@ -82,7 +84,8 @@ COMPARE_CORPORA = {
 def prepare(root: str, corpus: str = "default") -> dict:
     """Generate a corpus (:data:`COMPARE_CORPORA`) and featurize it (once per root)."""
     from asd.data.synthetic import default_spec, make_corpus
-    from asd.featurize import FeaturizeConfig, committed_files, featurize
+    from asd.features import committed_files
+    from asd.featurize import FeaturizeConfig, featurize
 
     if committed_files(root):
         return {"root": root, "skipped": True}
@@ -94,8 +97,9 @@ def prepare(root: str, corpus: str = "default") -> dict:
 
 
 def cpu_run(root: str, model: str, workers: int) -> dict:
+    from asd.loop import TrainConfig
     from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import TrainConfig, fit
+    from asd.train import fit
 
     steps, batch, clone, ddim, dlayers, topk = CPU_CASES[model]
     _ray()
@@ -120,8 +124,9 @@ def gpu_run(root: str, dry_run: bool = False) -> dict:
     batches (``benchmarks.gpu_check.step_flops``); MFU against the card's dense bf16 peak."""
     import torch
 
+    from asd.loop import TrainConfig
     from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import TrainConfig, fit
+    from asd.train import fit
     from benchmarks.gpu_check import peak_flops, step_flops
 
     _ray()
@@ -174,7 +179,7 @@ def compare(root: str, steps: int | None = None) -> dict:
     from asd.embed import EmbedConfig, embed
     from asd.models.encoder import save_checkpoint
     from asd.pretrain import Data2VecObjective, PretrainConfig, pretrain
-    from asd.score import ScoreConfig, score, scores_dir
+    from asd.score import ScoreConfig, score
     from jobs.common import compose_config, stage_configs
 
     _ray()
@@ -193,7 +198,7 @@ def compare(root: str, steps: int | None = None) -> dict:
     for tag, params in runs + [("logmel", None)]:
         cfg = EmbedConfig(embedder="encoder", params=params, progress=False) if params else EmbedConfig(progress=False)
         e = embed(root, tag, cfg)
-        s = score(e.embeddings, scores_dir(root, tag), ScoreConfig(progress=False, plots=False))
+        s = score(e.embeddings, layout.scores_dir(root, tag), ScoreConfig(progress=False, plots=False))
         out[tag] = {"official_score": s.official_score, "per_type": s.metrics.get("per_type") if s.metrics else None,
                     "dim": e.dim}
     return out

@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asd import knn, metrics
-from asd.embed import embedding_blocks, embeddings_dir, read_embeddings, vectors
+from asd.embeddings import embedding_blocks, read_embeddings, vectors
+from asd.layout import embeddings_dir
 
 
 def _tables(root: str, tag: str, train_ids: set[str], test_ids: set[str]) -> tuple[pa.Table, pa.Table]:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     if args.n_clusters is not None:
         from asd.cluster import pseudo_label
-        from asd.embed import embeddings_dir
+        from asd.layout import embeddings_dir
 
         labels = storage.join(args.root, "labels", f"{args.prefix}-pseudo")
         manifest = storage.join(args.root, "manifest", "manifest.parquet")

@@ -56,8 +56,8 @@ def compose_config(job: str, overrides: list[str] | tuple[str, ...] = ()) -> Dic
 
 
 def stage_configs(node: DictConfig | dict, cls: type[T]) -> tuple[T, Any]:
-    """A training stage's config node -> (its dataclass, the ``train:`` part as asd.train.TrainConfig)."""
-    from asd.train import TrainConfig
+    """A training stage's config node -> (its dataclass, the ``train:`` part as asd.loop.TrainConfig)."""
+    from asd.loop import TrainConfig
 
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     train = data.pop("train", None) or {}

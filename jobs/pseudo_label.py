@@ -7,8 +7,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from asd import storage
-from asd.cluster import ClusterConfig, pseudo_label
-from asd.embed import embeddings_dir
+from asd.cluster import pseudo_label
+from asd.layout import embeddings_dir
+from asd.ward import ClusterConfig
 from jobs.common import run_job
 
 

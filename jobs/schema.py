@@ -14,7 +14,7 @@ default.
 | ``finetune`` | one fine-tuning run | ``asd.finetune.FinetuneConfig`` + ``train`` |
 | ``embed`` | one embedding | ``asd.embed.EmbedConfig`` + ``tag`` and the pipeline's ``after`` |
 | ``score`` | kNN scoring | ``asd.score.ScoreConfig`` |
-| ``cluster`` | pseudo labelling | ``asd.cluster.ClusterConfig`` |
+| ``cluster`` | pseudo labelling | ``asd.ward.ClusterConfig`` |
 | ``featurize`` | the front ends | ``asd.featurize.FeaturizeConfig`` |
 | ``ae`` | the DCASE autoencoder baseline | ``asd.baselines.autoencoder.AEConfig`` + ``train`` (its published settings) |
 | ``method_embed`` | an embedding inside an evaluation method | ``asd.embed.EmbedConfig`` |
@@ -31,13 +31,13 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from asd.baselines.autoencoder import AEConfig, default_train_config
-from asd.cluster import ClusterConfig
 from asd.embed import EmbedConfig
 from asd.featurize import FeaturizeConfig
 from asd.finetune import FinetuneConfig
 from asd.loop import TrainConfig
 from asd.pretrain import PretrainConfig
 from asd.score import ScoreConfig
+from asd.ward import ClusterConfig
 
 SCHEMA = "schema"  # the option name of each group's schema
 

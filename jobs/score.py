@@ -5,9 +5,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from asd import storage
-from asd.embed import embeddings_dir
-from asd.score import ScoreConfig, score, scores_dir
+from asd import layout, storage
+from asd.layout import embeddings_dir
+from asd.score import ScoreConfig, score
 from jobs.common import run_job, to_dataclass
 
 
@@ -15,7 +15,7 @@ def run(cfg: DictConfig) -> dict:
     tag = cfg.embed.tag
     res = score(
         embeddings_dir(cfg.root, tag),
-        scores_dir(cfg.root, tag),
+        layout.scores_dir(cfg.root, tag),
         to_dataclass(ScoreConfig, cfg.score),
         title=f"{tag} kNN (k={cfg.score.k})",
     )

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from asd.finetune import AttributeObjective, FinetuneConfig
+from asd.loop import ObjectiveBase
 from asd.models.encoder import CONFIGS as ENCODERS
-from asd.train import ObjectiveBase
 
 N_CLASSES, STEPS, BATCH, FRAMES = 4, 3, 4, 64
 TINY = replace(ENCODERS["tiny"], encoder_layers=3, relative_position_embedding=True, gru_rel_pos=True,

@@ -11,14 +11,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from asd import storage
+from asd import layout, storage
 from asd.baselines.autoencoder import (
     AEBank,
     AEConfig,
     AENet,
     AutoencoderObjective,
     TypeModel,
-    ae_root,
     clip_vectors,
     context_vectors,
     default_train_config,
@@ -28,7 +27,8 @@ from asd.baselines.autoencoder import (
     mahalanobis_term,
     run_baseline,
 )
-from asd.featurize import FeaturizeConfig, read_features_table
+from asd.features import read_features_table
+from asd.featurize import FeaturizeConfig
 from asd.score import SCORE_SCHEMA
 
 # ----------------------------------------------------------------------------- parts, no Ray
@@ -138,7 +138,7 @@ def test_training_loss_falls_and_models_are_published(baseline):
     assert info["target_covariance"] == "target" and info["bn_recalibration_vectors"] > 0
     assert all(np.isfinite(v) for v in info["thresholds"].values())
     # the front end is a second feature set: 64 ms / 32 ms frames, float32
-    feats = read_features_table(ae_root(root), columns=["fbank_frames", "num_mel_bins", "fbank_dtype"])
+    feats = read_features_table(layout.ae_root(root), columns=["fbank_frames", "num_mel_bins", "fbank_dtype"])
     assert set(feats.column("num_mel_bins").to_pylist()) == {128}
     assert set(feats.column("fbank_dtype").to_pylist()) == {"float32"}
     assert set(feats.column("fbank_frames").to_pylist()) == {(32000 - 1024) // 512 + 1}
@@ -153,7 +153,7 @@ def test_mahalanobis_covariances_are_per_domain(baseline):
     models_uri = storage.join(root, "models", "ae")
     model: TypeModel = load_autoencoders(models_uri)["fanlike"]
     maha = np.load(io.BytesIO(storage.read_bytes(storage.join(models_uri, "fanlike", "mahalanobis.npz"))))
-    rows = read_features_table(ae_root(root))
+    rows = read_features_table(layout.ae_root(root))
     rows = rows.filter(pc.equal(rows.column("split"), "train"))
     for domain in ("source", "target"):
         part = rows.filter(pc.equal(rows.column("domain"), domain))

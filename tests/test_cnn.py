@@ -19,7 +19,7 @@ def write_section_labels(root: str) -> str:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from asd.featurize import read_features_table
+    from asd.features import read_features_table
 
     t = read_features_table(root, columns=["clip_id", "machine_type", "section", "domain", "split"])
     rows = [{"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
@@ -102,10 +102,12 @@ def test_finetune_config_checks_what_a_cnn_cannot_do():
 
 @pytest.mark.slow
 def test_a_cnn_trained_from_scratch_learns_the_classes_and_feeds_scoring(small_corpus, ray_session, tmp_path):
-    from asd.embed import EmbedConfig, embed, read_embeddings
-    from asd.featurize import FeaturizeConfig, featurize, read_features_table
+    from asd.embed import EmbedConfig, embed
+    from asd.embeddings import read_embeddings
+    from asd.features import read_features_table
+    from asd.featurize import FeaturizeConfig, featurize
     from asd.finetune import FinetuneConfig, finetune
-    from asd.train import TrainConfig
+    from asd.loop import TrainConfig
 
     root = str(tmp_path)
     featurize(small_corpus, root, FeaturizeConfig(progress=False))

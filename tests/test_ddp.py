@@ -59,7 +59,7 @@ def test_partial_depth_freezes_exactly_the_blocks_it_never_runs():
 def test_tf32_setting_reaches_torch():
     import torch
 
-    from asd.train import TrainConfig, cuda_precision
+    from asd.loop import TrainConfig, cuda_precision
 
     before = torch.get_float32_matmul_precision()
     try:

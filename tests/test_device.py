@@ -118,9 +118,32 @@ def test_knn_torch_path_matches_numpy():
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
+def test_a_banks_device_copy_is_made_once_and_dropped_with_the_bank():
+    """Scoring many batches against one bank copies it to the device once; a new bank (the next
+    run's) gets its own copy and the old one is released."""
+    import gc
+
+    rng = np.random.default_rng(1)
+    bank = knn.MemoryBank.build(rng.standard_normal((30, 8)), ["source"] * 20 + ["target"] * 10)
+    q = rng.standard_normal((4, 8))
+    first = bank.score_parts(q, device="cpu:0")
+    arrays = [b for b in vars(bank).values() if isinstance(b, np.ndarray) and b.ndim == 2]
+    copies = {id(a): knn.device_copy(a, "cpu:0") for a in arrays}
+    second = bank.score_parts(q, device="cpu:0")
+    assert all(knn.device_copy(a, "cpu:0") is copies[id(a)] for a in arrays)  # reused, not copied again
+    for x, y in zip(first, second):
+        np.testing.assert_array_equal(x, y)
+    n = len(knn._DEVICE_COPIES)
+    del bank, arrays, copies
+    gc.collect()
+    knn.device_copy(np.zeros((2, 8), np.float32), "cpu:0")  # a new bank: the dead ones' copies go
+    assert len(knn._DEVICE_COPIES) == 1 < n
+
+
 def _pretrain_run(dropout: float = 0.1, **train_kw):
+    from asd.batches import FeatureBatches, table_batches
+    from asd.loop import TrainConfig, train_loop
     from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import FeatureBatches, TrainConfig, table_batches, train_loop
 
     rng = np.random.default_rng(0)
     frames, bins = 112, 128
@@ -145,8 +168,8 @@ def test_activation_checkpointing_gives_the_same_training():
 
 
 def test_activation_checkpointing_needs_a_transformer():
+    from asd.loop import set_activation_checkpointing
     from asd.models.cnn import CNNEncoder
-    from asd.train import set_activation_checkpointing
 
     with pytest.raises(ValueError, match="needs a transformer encoder"):
         set_activation_checkpointing(CNNEncoder(), True)
@@ -162,7 +185,7 @@ def test_compiled_training_matches_eager():
 
 
 def test_train_config_checks_gpus_per_worker():
-    from asd.train import TrainConfig
+    from asd.loop import TrainConfig
 
     with pytest.raises(ValueError, match="gpus_per_worker"):
         TrainConfig(use_gpu=True, gpus_per_worker=0)
@@ -173,7 +196,8 @@ def test_train_config_checks_gpus_per_worker():
 def test_gpu_embedding_and_scoring_through_ray(small_corpus, ray_session, tmp_path):
     """Embedding actors and scoring tasks that ask for a GPU run on it: bf16 embeddings close to the
     CPU's float32 ones but not equal (bf16 applies on CUDA only), the same kNN scores."""
-    from asd.embed import EmbedConfig, embed, read_embeddings, vectors
+    from asd.embed import EmbedConfig, embed
+    from asd.embeddings import read_embeddings, vectors
     from asd.featurize import FeaturizeConfig, featurize
     from asd.models.encoder import AudioEncoder, save_checkpoint
     from asd.score import ScoreConfig, score

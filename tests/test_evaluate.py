@@ -116,7 +116,7 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
     test_pretrain.py): the stub checks it would train on exactly the split's training clips."""
     import asd.pretrain
     from asd.data.synthetic import MachineSpec, default_spec, make_corpus
-    from asd.featurize import read_features_table
+    from asd.features import read_features_table
     from asd.models.encoder import AudioEncoder, save_checkpoint
     from jobs import evaluate as job
 
@@ -178,7 +178,7 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
 
 
 def _split_rows(rep):
-    from asd.featurize import read_features_table
+    from asd.features import read_features_table
 
     root = rep["root"]
     keys = read_features_table(root, columns=["clip_id", "machine_type", "section", "domain", "split", "label",
@@ -237,7 +237,7 @@ def test_finetuned_knn_fine_tunes_in_the_run_on_pseudo_labels_of_the_training_sp
 
 
 def read_train_ids(root):
-    from asd.featurize import read_features_table
+    from asd.features import read_features_table
 
     return read_features_table(f"{root}/evaluate/train_view", columns=["clip_id"]).column("clip_id").to_pylist()
 
@@ -287,7 +287,7 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     """mod_pseudo trains the modulation CNNs (two members in one run) on cnn_pseudo's labels and scores
     the first; fused_pseudo fuses the log-mel CNN and both modulation CNNs at the score level without
     training any of them again; its scores are the weighted sums of the members' own kNN distances."""
-    from asd.embed import read_embeddings, vectors
+    from asd.embeddings import read_embeddings, vectors
     from asd.models.encoder import load_checkpoint
     from asd.models.modnet import ModEncoder
     from jobs import evaluate as job

@@ -10,17 +10,19 @@ import pytest
 from asd import storage
 from asd.data import audio
 from asd.data.synthetic import default_spec, make_corpus
-from asd.featurize import (
+from asd.features import (
     RAW_COLUMNS,
+    committed_files,
+    fbank_arrays,
+    load_stats,
+    read_features_table,
+)
+from asd.featurize import (
     FbankConfig,
     FeaturizeConfig,
     block_sizes,
-    committed_files,
     compute_fbank,
-    fbank_arrays,
     featurize,
-    load_stats,
-    read_features_table,
 )
 from tests.test_manifest import EXPECTED_PROBLEMS, make_tiny_corpus
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from asd import storage
-from asd.featurize import FeaturizeConfig, featurize, read_features_table
+from asd.batches import FeatureBatches, table_batches
+from asd.features import read_features_table
+from asd.featurize import FeaturizeConfig, featurize
 from asd.finetune import (
     AttributeObjective,
     EnsembleModel,
@@ -21,9 +23,10 @@ from asd.finetune import (
     merge_lora,
     spec_augment,
 )
+from asd.loop import TrainConfig
 from asd.models.encoder import AudioEncoder, load_checkpoint, save_checkpoint
 from asd.models.heads import AdaCos, ArcFace
-from asd.train import FeatureBatches, TrainConfig, table_batches, train_plain
+from asd.train import train_plain
 
 # ----------------------------------------------------------------------------- heads and parts
 
@@ -199,7 +202,8 @@ def test_loss_falls_and_accuracy_rises_without_ray(ft_root):
 
 
 def test_finetune_with_ray_resumes_after_a_killed_worker_and_feeds_scoring(ft_root):
-    from asd.embed import EmbedConfig, embed, read_embeddings
+    from asd.embed import EmbedConfig, embed
+    from asd.embeddings import read_embeddings
 
     fcfg = FinetuneConfig(tag="ft", subclusters=2, lora_rank=0)
     tcfg = TrainConfig(steps=12, batch_size=8, crop_frames=96, warmup_steps=2, checkpoint_every=4, num_workers=2,
@@ -269,7 +273,7 @@ def test_an_ensemble_trains_each_member_on_its_own_share_of_the_batch(ft_root):
 
 
 def test_each_member_is_clipped_on_its_own():
-    from asd.train import clip_gradients
+    from asd.loop import clip_gradients
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5

@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from asd.featurize import (
-    FeaturizeConfig,
-    ModulationConfig,
-    compute_modulation,
-    matrix_array,
-)
+from asd.features import matrix_array
+from asd.featurize import FeaturizeConfig, ModulationConfig, compute_modulation
 from asd.models.encoder import load_checkpoint, save_checkpoint
 from asd.models.modnet import ModConfig, ModEncoder, RunningStandardize
 from tests.test_cnn import write_section_labels
@@ -104,8 +100,8 @@ def test_the_mod_encoder_embeds_whole_spectra_and_round_trips_through_a_checkpoi
 
 
 def test_the_concat_embedder_reads_both_matrices_and_weighs_its_members_alike(tmp_path):
-    from asd.embed import embedder_inputs, make_embedder
     from asd.models.cnn import CNNConfig, CNNEncoder
+    from asd.models.embedders import embedder_inputs, make_embedder
 
     torch.manual_seed(0)
     cnn_uri = save_checkpoint(CNNEncoder(CNNConfig(channels=(4, 4, 8), embed_dim=16)).eval(), str(tmp_path / "c.pt"))
@@ -136,10 +132,12 @@ def test_a_row_without_the_modulation_matrix_is_refused_by_name():
 @pytest.mark.slow
 def test_the_mod_encoder_trains_through_the_finetune_stage_and_embeds_side_by_side(small_corpus, ray_session,
                                                                                      tmp_path):
-    from asd.embed import EmbedConfig, embed, read_embeddings, vectors
-    from asd.featurize import featurize, read_features_table
+    from asd.embed import EmbedConfig, embed
+    from asd.embeddings import read_embeddings, vectors
+    from asd.features import read_features_table
+    from asd.featurize import featurize
     from asd.finetune import FinetuneConfig, finetune
-    from asd.train import TrainConfig
+    from asd.loop import TrainConfig
 
     root = str(tmp_path / "on")
     featurize(small_corpus, root, FeaturizeConfig(progress=False))
@@ -176,8 +174,8 @@ def test_the_mod_encoder_trains_through_the_finetune_stage_and_embeds_side_by_si
 
 
 def test_the_concat_embedder_weights_members_and_keeps_blocks_for_score_fusion(tmp_path):
-    from asd.embed import embedder_blocks, make_embedder
     from asd.models.cnn import CNNConfig, CNNEncoder
+    from asd.models.embedders import embedder_blocks, make_embedder
 
     torch.manual_seed(0)
     cnn_uri = save_checkpoint(CNNEncoder(CNNConfig(channels=(4, 4, 8), embed_dim=16)).eval(), str(tmp_path / "c.pt"))

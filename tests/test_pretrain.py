@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from asd import storage
-from asd.featurize import FeaturizeConfig, featurize, read_features_table
+from asd.batches import FeatureBatches, table_batches
+from asd.checkpoints import export_encoder, load_training_state
+from asd.features import read_features_table
+from asd.featurize import FeaturizeConfig, featurize
+from asd.loop import TrainConfig, param_checksum, train_loop
 from asd.models.encoder import (
     AudioEncoder,
     beats_config_from,
@@ -27,16 +31,7 @@ from asd.pretrain import (
     resolve_encoder_config,
     teacher_targets,
 )
-from asd.train import (
-    FeatureBatches,
-    TrainConfig,
-    export_encoder,
-    fit,
-    load_training_state,
-    param_checksum,
-    table_batches,
-    train_loop,
-)
+from asd.train import fit
 
 TINY = dict(model="tiny", clone_batch=2, decoder_dim=64, decoder_layers=1, top_k_layers=2,
             ema_start=0.99, ema_end=0.999)
@@ -203,7 +198,8 @@ def test_pretrain_on_s3_resumes_from_s3_starts_from_init_and_embeds(feat_root, s
     checkpoint read back from S3; the student starts from a BEATs-format init checkpoint
     (tiny lr, so the export must still equal it); the export feeds asd.embed.embed."""
     import asd.models.embedders  # noqa: F401  (registers "encoder")
-    from asd.embed import EmbedConfig, embed, read_embeddings, vectors
+    from asd.embed import EmbedConfig, embed
+    from asd.embeddings import read_embeddings, vectors
 
     torch.manual_seed(321)
     init = AudioEncoder("tiny")

@@ -1,5 +1,6 @@
-"""Tests for asd.report: Markdown tables carry the right numbers and rows; every
-plot writes a valid PNG; all-unlabelled input writes a placeholder figure."""
+"""Tests for asd.report: Markdown tables carry the right numbers and rows; every figure shows
+the data it was given (panels, curves, counts, bar heights) and is written as a PNG of that
+figure; all-unlabelled input writes a placeholder figure that says so."""
 
 from __future__ import annotations
 
@@ -53,13 +54,25 @@ def _clip_columns(seed=0, types=("fan", "pump", "valve"), n=80):
     return np.array(mt), np.array(dom), lab, np.array(sc)
 
 
-def _assert_png(path, min_bytes=5_000):
+def _assert_png(path, fig_size_in=None, min_bytes=5_000):
+    """A PNG that decodes, of the figure's size, with something drawn on it."""
+    from matplotlib import image
+
     with open(path, "rb") as f:
         data = f.read()
     assert data[:8] == PNG_SIGNATURE
     assert len(data) > min_bytes, len(data)
+    pixels = image.imread(path)
+    if fig_size_in is not None:
+        w, h = fig_size_in
+        assert pixels.shape[:2] == (round(h * report.DPI), round(w * report.DPI))
+    assert pixels[..., :3].std() > 0.01  # not one flat colour
     # atomic write leaves no staging files next to it
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".tmp")]
+
+
+def _legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 # --------------------------------------------------------------------------- #
@@ -125,31 +138,72 @@ def test_methods_markdown_side_by_side():
 # --------------------------------------------------------------------------- #
 # Plots
 # --------------------------------------------------------------------------- #
-def test_plot_roc_writes_png(tmp_path):
+def test_roc_figure_shows_each_types_source_and_target_auc(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
     mt, dom, lab, sc = _clip_columns()
     lab = list(lab)
     lab[0] = None  # unlabelled clips are skipped
+    fig = report.roc_figure(mt, dom, lab, sc)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["fan", "pump", "valve"]
+    keep = np.array([v is not None for v in lab])
+    y = np.array([v == "anomaly" for v in lab])
+    for ax in panels:
+        t = (mt == ax.get_title()) & keep
+        for d in ("source", "target"):  # the domain's normals against every anomaly of the type
+            rows = t & ((dom == d) | y)
+            auc = roc_auc_score(y[rows], sc[rows])
+            assert f"{d}: AUC {100 * auc:.2f}%" in _legend(ax)
+        curve = [ln for ln in ax.get_lines() if ln.get_label().startswith("source")][0]
+        fpr, tpr = curve.get_data()
+        assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
     uri = report.plot_roc(str(tmp_path / "plots" / "roc.png"), mt, dom, lab, sc)
     assert uri == str(tmp_path / "plots" / "roc.png")
-    _assert_png(uri)
+    _assert_png(uri, fig.get_size_inches())
 
 
-def test_plot_roc_handles_missing_target_domain(tmp_path):
+def test_roc_figure_says_when_a_domain_has_no_normals():
     mt, _, lab, sc = _clip_columns(types=("fan",))
-    uri = report.plot_roc(str(tmp_path / "roc.png"), mt, None, lab, sc)
-    _assert_png(uri)
+    fig = report.roc_figure(mt, None, lab, sc)  # no domains: every clip counts as source
+    n_normal, n_anomalous = sum(v == "normal" for v in lab), sum(v == "anomaly" for v in lab)
+    legend = _legend(fig.axes[0])
+    assert legend[0].startswith("source: AUC")
+    assert legend[1] == f"target: n/a (0 normal, {n_anomalous} anomalous)" and n_normal > 0
 
 
-def test_plot_score_histograms_writes_png(tmp_path):
+def test_histogram_figure_counts_each_domains_clips_and_draws_the_threshold(tmp_path):
     mt, dom, lab, sc = _clip_columns()
+    fig = report.histogram_figure(list(mt), list(dom), lab, list(sc), threshold={"fan": 0.7, "pump": 1.0})
+    titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(titled) == {f"{t} - {d}" for t in ("fan", "pump", "valve") for d in ("source", "target")}
+    y = np.array([v == "anomaly" for v in lab])
+    for title, ax in titled.items():
+        t, d = title.split(" - ")
+        rows = (mt == t) & (dom == d)
+        normal, anomalous = int(np.sum(rows & ~y)), int(np.sum(rows & y))
+        legend = _legend(ax)
+        assert f"normal ({normal})" in legend and f"anomaly ({anomalous})" in legend
+        drawn = sum(p.get_height() for p in ax.patches)  # histogram bars hold every clip once
+        assert drawn == normal + anomalous
+        assert any(s.startswith("threshold") for s in legend) == (t in ("fan", "pump"))
     uri = report.plot_score_histograms(str(tmp_path / "hist.png"), list(mt), list(dom), lab,
                                        list(sc), threshold={"fan": 0.7, "pump": 1.0})
-    _assert_png(uri)
+    _assert_png(uri, fig.get_size_inches())
 
 
-def test_plot_method_bars_writes_png(tmp_path):
+def test_method_bars_figure_draws_each_methods_hmeans(tmp_path):
+    fig = report.method_bars_figure({"baseline": RESULT_A, "ours": RESULT_B})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fan", "pump", "valve", "overall"]
+    bars = [p.get_height() for p in ax.patches]
+    expected = [100 * RESULT_A.per_type["fan"], 100 * RESULT_A.per_type["pump"], 0.0, 100 * RESULT_A.official_score,
+                100 * RESULT_B.per_type["fan"], 0.0, 100 * RESULT_B.per_type["valve"], 100 * RESULT_B.official_score]
+    assert bars == pytest.approx(expected)
+    assert _legend(ax) == ["baseline", "ours"]
+    assert "n/a" in [t.get_text() for t in ax.texts]  # a type a method has no score for says so
     uri = report.plot_method_bars(str(tmp_path / "bars.png"), {"baseline": RESULT_A, "ours": RESULT_B})
-    _assert_png(uri)
+    _assert_png(uri, fig.get_size_inches())
 
 
 def test_all_unlabelled_writes_placeholder_with_warning(tmp_path, caplog):
@@ -163,6 +217,8 @@ def test_all_unlabelled_writes_placeholder_with_warning(tmp_path, caplog):
         _assert_png(uri, min_bytes=0)
     assert sum(report.NO_DATA_NOTE in r.getMessage() for r in caplog.records) == 2
     assert len(caplog.records) == 3
+    fig = report.roc_figure(mt, ["source"] * 5, [None] * 5, np.arange(5.0))
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"ROC curves\n{report.NO_DATA_NOTE}"]
 
 
 def test_save_figure_closes_pyplot_figure(tmp_path):

@@ -6,12 +6,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from asd import layout, storage
 from asd import rescore as rescore_mod
-from asd import storage
 from asd.embed import EmbedConfig, embed
 from asd.featurize import FeaturizeConfig, featurize
-from asd.rescore import RescoreConfig, current_model, rescore, set_current_model
+from asd.rescore import RescoreConfig, rescore
 from asd.score import ScoreConfig
+from asd.serving import current_model, set_current_model
 
 CFG = RescoreConfig(featurize=FeaturizeConfig(progress=False), score=ScoreConfig(progress=False))
 
@@ -87,7 +88,7 @@ def test_interrupted_night_reruns_to_the_same_table(served, small_corpus, tmp_pa
     monkeypatch.setattr(rescore_mod, "_publish_night", boom)
     with pytest.raises(RuntimeError):
         rescore(str(inbox), str(crashy), date="2026-11-24", cfg=CFG)
-    assert not storage.is_published(rescore_mod.partition_dir(str(crashy), "2026-11-24"))
+    assert not storage.is_published(layout.rescore_partition_dir(str(crashy), "2026-11-24"))
     monkeypatch.undo()
     done = rescore(str(inbox), str(crashy), date="2026-11-24", cfg=CFG)
     assert done.n_new == ref.n_new == 10
@@ -121,7 +122,7 @@ def test_a_score_fused_model_is_rescored_member_by_member(served, small_corpus, 
     import torch
 
     from asd import knn
-    from asd.embed import embedding_blocks, read_embeddings, vectors
+    from asd.embeddings import embedding_blocks, read_embeddings, vectors
     from asd.models.cnn import CNNConfig, CNNEncoder
     from asd.models.encoder import save_checkpoint
 

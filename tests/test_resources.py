@@ -33,8 +33,8 @@ def test_wait_seconds_reads_the_environment(monkeypatch):
 
 
 def test_training_that_asks_for_a_gpu_fails_fast_on_a_cpu_cluster(ray_session, monkeypatch, tmp_path):
+    from asd.loop import TrainConfig
     from asd.pretrain import PretrainConfig, pretrain
-    from asd.train import TrainConfig
 
     monkeypatch.setenv(resources.WAIT_ENV, "1")
     (tmp_path / "features").mkdir()  # reachable, empty: the resource check comes before any data is read

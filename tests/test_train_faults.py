@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from asd import storage
-from asd.featurize import FeaturizeConfig, featurize
-from asd.pretrain import Data2VecObjective, PretrainConfig
-from asd.train import (
+from asd.checkpoints import (
     CheckpointUnreadable,
-    TrainConfig,
     checkpoint_dir_name,
     export_encoder,
-    fit,
     load_state_with_fallback,
     load_training_state,
 )
+from asd.featurize import FeaturizeConfig, featurize
+from asd.loop import TrainConfig
+from asd.pretrain import Data2VecObjective, PretrainConfig
+from asd.train import fit
 
 TINY = {"model": "tiny", "clone_batch": 2, "decoder_dim": 64, "decoder_layers": 1, "top_k_layers": 2,
         "ema_start": 0.99, "ema_end": 0.999}

@@ -56,7 +56,7 @@ Where this implementation differs, and why:
   cost: each Ray Train run pays a start-up of 30-50 s on a small machine, once per run instead of
   once per type.
 * **Training budget and batches.** :func:`asd.train.fit` feeds random crops of clips
-  (:class:`asd.train.FeatureBatches`): per type, a batch holds about 22 clips x 16 frames = 22 x 12
+  (:class:`asd.batches.FeatureBatches`): per type, a batch holds about 22 clips x 16 frames = 22 x 12
   context vectors (264, close to the official 256); the default is 1000 steps, far fewer than 100
   epochs over every vector of a full DCASE type. Adam's settings are kept (lr 1e-3, no weight
   decay, no warm-up, constant rate, no clipping). The official 10 % validation hold-out only
@@ -101,30 +101,27 @@ import torch
 import torch.nn as nn
 
 from asd import layout, storage
-from asd.features import KEY_COLUMNS, matrix_arrays, matrix_columns
+from asd.checkpoints import load_training_state
+from asd.features import (
+    KEY_COLUMNS,
+    load_stats,
+    matrix_arrays,
+    matrix_columns,
+    read_commits,
+    read_features_ray,
+    read_features_table,
+)
 from asd.featurize import (
     FbankConfig,
     FeaturizeConfig,
     FeaturizeResult,
-    features_dir,
     featurize,
-    load_stats,
-    read_commits,
-    read_features_ray,
-    read_features_table,
     write_feature_view,
 )
 from asd.knn import fit_threshold
+from asd.loop import ObjectiveBase, TrainConfig
 from asd.score import SCORE_SCHEMA
-from asd.train import (
-    ObjectiveBase,
-    TrainConfig,
-    TrainResult,
-    fit,
-    load_training_state,
-    models_dir,
-    stage_train_config,
-)
+from asd.train import TrainResult, fit, stage_train_config
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +197,6 @@ def default_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
-ae_root = layout.ae_root
 
 
 def frontend_config(cfg: AEConfig, base: FeaturizeConfig | None = None) -> FeaturizeConfig:
@@ -218,10 +214,10 @@ def featurize_frontend(input_uri: str, root: str, cfg: AEConfig | None = None,
     """
     cfg = cfg or AEConfig()
     fcfg = frontend_config(cfg, base)
-    out = ae_root(root)
-    hashes = {c.get("config_hash") for c in read_commits(features_dir(out))} - {None}
+    out = layout.ae_root(root)
+    hashes = {c.get("config_hash") for c in read_commits(layout.features_dir(out))} - {None}
     if hashes - {fcfg.config_hash()}:
-        raise ValueError(f"{features_dir(out)!r} holds features of other filterbank settings "
+        raise ValueError(f"{layout.features_dir(out)!r} holds features of other filterbank settings "
                          f"(config hash {sorted(hashes)} != {fcfg.config_hash()}); use a fresh root")
     return featurize(input_uri, out, fcfg)
 
@@ -490,11 +486,11 @@ def train_autoencoders(
     t0 = time.perf_counter()
     keys = read_features_table(features_root, columns=KEY_COLUMNS + ["num_mel_bins"])
     if keys.num_rows == 0:
-        raise FileNotFoundError(f"no committed features under {features_dir(features_root)!r}; "
+        raise FileNotFoundError(f"no committed features under {layout.features_dir(features_root)!r}; "
                                 "run featurize_frontend first")
     bins = set(keys.column("num_mel_bins").to_pylist())
     if bins != {cfg.n_mels}:
-        raise ValueError(f"{features_dir(features_root)!r} has {sorted(bins)} mel bins; the autoencoder expects "
+        raise ValueError(f"{layout.features_dir(features_root)!r} has {sorted(bins)} mel bins; the autoencoder expects "
                          f"{cfg.n_mels} (featurize with featurize_frontend)")
     ids = set(default_training_clips(keys) if train_clips is None else (str(c) for c in train_clips))
     known = set(keys.column("clip_id").to_pylist())
@@ -524,7 +520,7 @@ def train_autoencoders(
                "final_loss": res.final_loss, "loss_history": [[h["step"], h["loss"]] for h in res.history if "loss" in h],
                "checkpoint": res.checkpoint, "run": res.run, "view": view, "train_seconds": res.seconds,
                "workers": res.num_workers}
-    out_uri = models_dir(out_root, cfg.tag)
+    out_uri = layout.models_dir(out_root, cfg.tag)
     staging = storage.staging_dir(out_uri)
     per_type: dict = {}
     try:
@@ -753,15 +749,15 @@ def run_baseline(
     """The baseline end to end on a DCASE-layout corpus: front end, per-type training on the train
     split, both scores of the test split written like the kNN scoring to
     ``<root>/scores/ae_mse`` and ``<root>/scores/ae_mahalanobis``."""
-    from asd.score import ScoreConfig, scores_dir, write_results
+    from asd.score import ScoreConfig, write_results
 
     cfg = cfg or AEConfig()
     feat = featurize_frontend(input_uri, root, cfg, fcfg)
-    trained = train_autoencoders(ae_root(root), root, cfg, tcfg)
-    scored = score_autoencoders(ae_root(root), trained.models, cfg=cfg)
+    trained = train_autoencoders(layout.ae_root(root), root, cfg, tcfg)
+    scored = score_autoencoders(layout.ae_root(root), trained.models, cfg=cfg)
     results = {}
     for name, (table, thresholds) in scored.items():
-        res = write_results(table, thresholds, scores_dir(root, name), ScoreConfig(plots=plots),
+        res = write_results(table, thresholds, layout.scores_dir(root, name), ScoreConfig(plots=plots),
                             title=f"DCASE autoencoder baseline, {name}")
         results[name] = res.to_dict()
     return BaselineResult(frontend=feat.to_dict(), train=trained.to_dict(), scores=results)
@@ -775,7 +771,6 @@ __all__ = [
     "AutoencoderObjective",
     "BaselineResult",
     "TypeModel",
-    "ae_root",
     "clip_vectors",
     "context_vectors",
     "default_train_config",

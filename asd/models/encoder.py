@@ -415,7 +415,7 @@ class TransformerEncoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layerdrop = cfg.encoder_layerdrop
         self.grad_decay = cfg.layer_wise_gradient_decay_ratio
-        self.activation_checkpointing = False  # recompute each block in backward (asd.train: TrainConfig)
+        self.activation_checkpointing = False  # recompute each block in backward (asd.loop.TrainConfig)
 
     def positions(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The full patch sequence (B, N, C) with its convolutional positions added (and, for
