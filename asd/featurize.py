@@ -34,7 +34,6 @@ import os
 import posixpath
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -65,6 +64,7 @@ from asd.features import (
 log = logging.getLogger(__name__)
 
 CONTENT_CHANGED = "content_changed"
+WORKER_DIED = "worker_died"  # quarantine reason: the clip killed its worker process, repeatedly
 
 
 @dataclass
@@ -129,9 +129,14 @@ class FeaturizeConfig:
     num_cpus: float = 1.0  # per featurize task; fractions let it share small machines
     compute_stats: bool = True
     progress: bool = True
-    max_task_retries: int = 3  # a featurize task whose worker dies is run again (same output file names)
+    # A task whose worker process dies (a decoder crash, an out-of-memory kill, a lost node) is run
+    # again by Ray Data; a clip that was being decoded when its worker died this many times is
+    # quarantined (reason ``worker_died``) instead of killing every retry.
+    deaths_to_quarantine: int = 2
     # fault injection for tests: the first task to see this marker missing creates it and kills its worker
     kill_worker_once_marker: str | None = None
+    # fault injection for tests: the worker dies whenever it decodes the clip with this id
+    kill_worker_on_clip: str | None = None
 
     def config_hash(self) -> str:
         front = asdict(self.fbank)
@@ -237,6 +242,7 @@ def featurize_batch(
     quarantine_dir: str,
     run_id: str,
     rejected: dict[str, str | None] | None = None,
+    attempts_dir: str | None = None,
 ) -> pa.Table:
     """Read, hash, check, decode and featurize one batch of manifest rows.
 
@@ -245,11 +251,21 @@ def featurize_batch(
     maps clip_id -> sha256 of clips quarantined before: the same bytes are skipped,
     new bytes get a new try. Rejects are written to ``quarantine_dir`` by this
     task; only good rows are returned.
+
+    ``attempts_dir`` (the run's staging): a batch marks that it started; when the mark is already
+    there, an earlier attempt's worker died, and this attempt marks each clip before decoding it
+    and unmarks it after, so a clip left marked ``deaths_to_quarantine`` times is quarantined as
+    ``worker_died`` (the first attempt pays one small write per batch, retries one per clip).
     """
     rejected = rejected or {}
     if cfg.kill_worker_once_marker and not storage.exists(cfg.kill_worker_once_marker):
         storage.atomic_write_text(cfg.kill_worker_once_marker, "killed\n")
         os._exit(1)  # the worker process dies mid-task, as on a lost node or an OOM kill
+    ids = batch.column("clip_id").to_pylist()
+    marks = storage.join(attempts_dir, hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20]) if attempts_dir else None
+    careful = marks is not None and storage.exists(storage.join(marks, "started"))
+    if marks is not None and not careful:
+        storage.atomic_write_text(storage.join(marks, "started"), "")
     import torch
 
     torch.set_num_threads(1)
@@ -261,8 +277,25 @@ def featurize_batch(
     mcfg = cfg.modulation
     sums, sumsqs = [], []
     bins = cfg.fbank.num_mel_bins
-    ids, paths, warns = (batch.column(c).to_pylist() for c in ("clip_id", "path", "warnings"))
+    paths, warns = (batch.column(c).to_pylist() for c in ("path", "warnings"))
+    mark = None  # the clip being featurized, on a careful attempt
     for i, (clip_id, path) in enumerate(zip(ids, paths)):
+        if mark is not None:  # the clip before this one finished
+            storage.remove(mark)
+            mark = None
+        if careful:  # an earlier attempt of this batch died: which clip was it on?
+            deaths = 0
+            while storage.exists(storage.join(marks, f"{i}.{deaths}")):
+                deaths += 1
+            if deaths >= cfg.deaths_to_quarantine:
+                problems.append(dict(path=path, clip_id=clip_id, reason=WORKER_DIED, stage="featurize",
+                                     error=f"the worker process died {deaths} times while featurizing this clip "
+                                           "(a decoder crash or an out-of-memory kill); not retried"))
+                continue
+            mark = storage.join(marks, f"{i}.{deaths}")
+            storage.atomic_write_text(mark, "")
+        if cfg.kill_worker_on_clip == clip_id:
+            os._exit(1)  # fault injection: this clip kills its worker, every time
         try:
             data = storage.read_bytes(path)
         except Exception as exc:
@@ -299,6 +332,8 @@ def featurize_batch(
                      ("mod_dtype", None if mod is None else mcfg.dtype),
                      ("mod", None if mod is None else mod.tobytes())):
             computed[k].append(v)
+    if mark is not None:
+        storage.remove(mark)
     _quarantine_part(problems, quarantine_dir)
     return _feature_table(batch.take(pa.array(keep, pa.int64())), computed, sums, sumsqs, bins, cfg.fbank.dtype, run_id)
 
@@ -512,6 +547,7 @@ def featurize(
     # side outputs (quarantine parts) live beside the Parquet sink's folder, never inside it
     staging = storage.join(fdir, "_staging", run_id, "data")
     qdir = storage.join(fdir, "_staging", run_id, "quarantine")
+    attempts = storage.join(fdir, "_staging", run_id, "attempts")
     files: list[str] = []
     partial_stats: dict = {}
     n_rows = 0
@@ -531,25 +567,21 @@ def featurize(
         # only operators whose args are compatible. Unfused, every feature block (~250 KiB
         # per clip) went through the object store to separate write tasks, which cost a third
         # of the throughput on 2 cores (benchmarks/featurize.py).
-        # max_retries bounds the reruns of a task whose worker dies (Ray Data's default is
-        # unbounded, so an input that kills its worker would loop for ever). Ray 2.60 takes it
-        # only as a free-form remote arg of map_batches, which it marks deprecated for 2.64;
-        # that one warning is silenced here, on purpose.
-        remote_args = dict(num_cpus=cfg.num_cpus, max_retries=cfg.max_task_retries)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
-            ds = ray.data.from_arrow(blocks).map_batches(
-                _featurize_udf,
-                fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id),
-                batch_size=cfg.batch_size,
-                batch_format="pyarrow",
-                **remote_args,
-            )
+        # Ray Data reruns a task whose worker died, without bound; featurize_batch's attempt
+        # markers (``attempts``) quarantine the clip that keeps killing its worker, so a poison
+        # input ends as a quarantine entry instead of a loop.
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _featurize_udf,
+            fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id, attempts_dir=attempts),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_cpus=cfg.num_cpus,
+        )
         afs, staging_path = storage.arrow_filesystem(staging)
         # Ray deletes a folder it created when no rows were written; on object stores that
         # delete fails (folders are virtual), and they need no folders: don't create one there.
         ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
-                         try_create_dir=not storage.is_remote(staging), ray_remote_args=remote_args,
+                         try_create_dir=not storage.is_remote(staging), ray_remote_args={"num_cpus": cfg.num_cpus},
                          row_group_size=cfg.batch_size, **FEATURE_WRITE_OPTIONS)
         files = _staged_files(staging)
         if files and cfg.compute_stats:
@@ -636,7 +668,7 @@ def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[i
 _WORKER_KNOWN: dict[str, tuple] = {}
 
 
-def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id):
+def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id, attempts_dir=None):
     import ray
 
     if isinstance(known_ref, tuple):
@@ -647,7 +679,7 @@ def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id):
             _WORKER_KNOWN.clear()
             _WORKER_KNOWN[key] = ray.get(known_ref)
         known, rejected = _WORKER_KNOWN[key]
-    return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected)
+    return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected, attempts_dir)
 
 
 def _staged_files(staging: str) -> list[str]:

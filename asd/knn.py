@@ -33,9 +33,9 @@ import logging
 import math
 import warnings
 import weakref
-from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 

@@ -50,7 +50,8 @@ def _field_like(f: dataclasses.Field) -> dataclasses.Field:
 
 # fault injection for tests (asd.faults, asd.featurize): settable on the dataclasses, never in a shipped
 # config; a test that drives a job with them adds them with '+' (the dataclass still checks them)
-TEST_ONLY = frozenset({"fail_at_step", "fail_rank", "fail_mode", "fail_wait_s", "kill_worker_once_marker"})
+TEST_ONLY = frozenset({"fail_at_step", "fail_rank", "fail_mode", "fail_wait_s", "kill_worker_once_marker",
+                       "kill_worker_on_clip"})
 
 
 def with_fields(cls: type, name: str, extra: list[tuple[str, Any, dataclasses.Field]] = ()) -> type:

@@ -232,6 +232,21 @@ def test_killed_worker_leaves_no_missing_or_duplicate_rows(ray_session, small_co
     assert sorted(ids) == expected
 
 
+def test_a_clip_that_keeps_killing_its_worker_is_quarantined(ray_session, small_corpus, tmp_path):
+    """A decoder crash or an OOM kill on one clip: Ray Data reruns the task, the attempt markers
+    find the clip the worker died on, and after ``deaths_to_quarantine`` deaths it is quarantined
+    as ``worker_died``; every other clip is featurized once."""
+    expected = read_features_table_expected(small_corpus)
+    victim = expected[3]
+    cfg = FeaturizeConfig(progress=False, rows_per_block=16, batch_size=8, kill_worker_on_clip=victim)
+    res = featurize(small_corpus, str(tmp_path / "out"), cfg)
+    ids = read_features_table(str(tmp_path / "out"), columns=["clip_id"]).column("clip_id").to_pylist()
+    assert sorted(ids) == [c for c in expected if c != victim] and res.n_featurized == len(ids)
+    quarantined = storage.read_table(res.quarantine_uri).to_pylist()
+    assert [(q["clip_id"], q["reason"]) for q in quarantined] == [(victim, "worker_died")]
+    assert "died 2 times" in quarantined[0]["error"]
+
+
 def read_features_table_expected(corpus):
     from asd.data.manifest import build_manifest
 
