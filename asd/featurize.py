@@ -42,22 +42,13 @@ import pyarrow.compute as pc
 
 from asd import SAMPLE_RATE, layout, storage
 from asd.data import audio
-from asd.data.manifest import PROBLEM_SCHEMA, Problem, build_manifest, problems_table
+from asd.data.manifest import PROBLEM_SCHEMA, build_manifest
 from asd.features import (
     FEATURE_SCHEMA,
     FEATURE_WRITE_OPTIONS,
-    MATRICES,
     PARTITION_COLS,
-    committed_files,
-    fbank_array,
-    fbank_arrays,
-    load_stats,
-    matrix_array,
-    matrix_arrays,
-    matrix_columns,
     partitioning,
     read_commits,
-    read_features_ray,
     read_features_table,
 )
 
@@ -766,26 +757,12 @@ def _read_staged_quarantine(qdir: str) -> list[dict]:
 
 __all__ = [
     "FbankConfig",
-    "MATRICES",
     "ModulationConfig",
     "compute_modulation",
-    "matrix_array",
-    "matrix_arrays",
-    "matrix_columns",
     "FeaturizeConfig",
     "FeaturizeResult",
-    "FEATURE_SCHEMA",
-    "FEATURE_WRITE_OPTIONS",
-    "Problem",
     "block_sizes",
     "compute_fbank",
-    "committed_files",
-    "fbank_array",
-    "fbank_arrays",
     "featurize",
-    "load_stats",
-    "problems_table",
-    "read_features_ray",
-    "read_features_table",
     "write_feature_view",
 ]
