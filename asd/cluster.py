@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import storage
+from asd import commitlog, storage
 from asd.ward import (
     ClusterConfig,
     cluster_type,
@@ -308,7 +308,7 @@ def pseudo_label(embeddings_uri: str, out_uri: str, cfg: ClusterConfig | None = 
             "seconds": round(seconds, 3),
         }
         storage.atomic_write_json(storage.join(final, "summary.json"), summary)
-        storage.publish_dir(final, out_uri, {"rows": labels.num_rows, "types": types})
+        commitlog.publish_dir(final, out_uri, {"rows": labels.num_rows, "types": types})
     except BaseException:
         try:
             storage.remove(final)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from asd import storage
+from asd import commitlog, storage
 from asd.embeddings import read_embeddings
 from asd.features import KEY_COLUMNS, matrix_arrays, matrix_columns, read_features_ray
 from asd.layout import embeddings_dir
@@ -128,7 +128,7 @@ def embed(root: str, tag: str, cfg: EmbedConfig | None = None) -> EmbedResult:
         if table.num_rows and sum(b["dim"] for b in blocks) != dim:
             raise ValueError(f"{cfg.embedder}: blocks {blocks} do not add up to the embedding width {dim}")
         info["blocks"] = blocks
-    storage.publish_dir(staging, final, info)
+    commitlog.publish_dir(staging, final, info)
     elapsed = time.perf_counter() - t0
     log.info("embedded %d clips (dim %d) with %s into %s in %.1f s", table.num_rows, dim, cfg.embedder, final, elapsed)
     return EmbedResult(embeddings=final, n_clips=table.num_rows, dim=dim, seconds=elapsed)

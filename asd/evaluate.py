@@ -57,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import layout, metrics, report, storage
+from asd import commitlog, layout, metrics, report, storage
 from asd.baselines.autoencoder import AEConfig, default_train_config
 from asd.embed import EmbedConfig
 from asd.features import KEY_COLUMNS, read_features_table
@@ -494,7 +494,7 @@ def _direct_labels(ctx: EvalContext, uri: str, mode: str) -> str:
                      "real_label": real})
     stage = storage.staging_dir(uri)
     storage.write_table(storage.join(stage, "labels.parquet"), pa.Table.from_pylist(rows))
-    storage.publish_dir(stage, uri, {"rows": len(rows), "label_source": mode})
+    commitlog.publish_dir(stage, uri, {"rows": len(rows), "label_source": mode})
     return uri
 
 

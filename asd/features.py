@@ -1,11 +1,15 @@
-"""The feature store: what a featurized row holds and how its committed files are read.
+"""The feature store: what a featurized row holds, its commit log, and how committed files are read.
 
 ``<root>/features/`` holds Parquet files partitioned by machine type and section
-(``machine_type=<t>/section=<s>/<run>.parquet``), normalisation statistics under ``_stats/`` and
-one commit record per featurize run under ``_commits/`` listing its files: a file is visible only
-once a commit names it, so readers never see half a run. :mod:`asd.featurize` writes it; the
-training, embedding and scoring stages read it through this module, which needs neither Ray (its
-Ray Dataset reader imports Ray when called) nor an audio decoder.
+(``machine_type=<t>/section=<s>/<run>-<part>.parquet``) and a commit log ``_log/<seq>.json``
+(:class:`asd.commitlog.CommitLog`): one entry per committing featurize run, naming its files, its
+clip keys, its rejects and its partial normalisation sums. A file is visible only once an entry
+names it, so readers never see half a run; entries are created put-if-absent in one order, and a
+run that finds a concurrent run's entry naming some of its clips drops them first
+(:func:`drop_clips`), so every clip key is in the store once whatever runs overlap.
+:mod:`asd.featurize` writes it; the training, embedding and scoring stages read it through this
+module, which needs neither Ray (its Ray Dataset reader imports Ray when called) nor an audio
+decoder. Stores written before the log (``_commits/<run>.json``) are read as they are.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import posixpath
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from asd import layout, storage
+from asd.commitlog import CommitLog
 from asd.data.manifest import MANIFEST_SCHEMA
 
 PARTITION_COLS = ["machine_type", "section"]
@@ -103,22 +109,91 @@ def fbank_arrays(table: pa.Table) -> list[np.ndarray]:
 
 
 
-def read_commits(fdir: str) -> list[dict]:
-    """The commit records under ``<fdir>/_commits``, oldest first."""
-    fs, path = storage.filesystem(storage.join(fdir, "_commits"))
-    if not fs.exists(path):
-        return []
+LOG = "_log"  # the store's commit log (asd.commitlog.CommitLog): one entry per committing run
+LEGACY_COMMITS = "_commits"  # commit records of stores written before the log (read, never written)
+
+
+def feature_log(fdir: str) -> CommitLog:
+    return CommitLog(storage.join(fdir, LOG))
+
+
+def read_commits(fdir: str, log: bool = True) -> list[dict]:
+    """The store's commits, in commit order: the records of the layout before the commit log
+    (``_commits/<run>.json``, read as they are) first, then the log's entries (``log=False``:
+    the old records only)."""
     out = []
-    for p in sorted(fs.glob(posixpath.join(path, "*.json") if "://" in fdir else f"{path}/*.json")):
-        with fs.open(p, "rb") as f:
-            out.append(json.loads(f.read()))
+    fs, path = storage.filesystem(storage.join(fdir, LEGACY_COMMITS))
+    if fs.exists(path):
+        for p in sorted(fs.glob(posixpath.join(path, "*.json") if "://" in fdir else f"{path}/*.json")):
+            with fs.open(p, "rb") as f:
+                out.append(json.loads(f.read()))
+    if log:
+        out += [entry for _, entry in feature_log(fdir).entries()]
     return out
+
+
+def committed_keys(commits: list[dict]) -> tuple[dict[str, str], dict[str, str | None]]:
+    """(clip_id -> sha256 of committed features, clip_id -> sha256 of quarantined clips)."""
+    known: dict[str, str] = {}
+    rejected: dict[str, str | None] = {}
+    for c in commits:
+        known.update(c.get("clips", {}))
+        rejected.update(c.get("rejected", {}))
+    for clip_id in known:
+        rejected.pop(clip_id, None)
+    return known, rejected
 
 
 def committed_files(root: str) -> list[str]:
     """URIs of every committed feature file under ``<root>/features``."""
     fdir = layout.features_dir(root)
     return [storage.join(fdir, rel) for c in read_commits(fdir) for rel in c["files"]]
+
+
+def drop_clips(fdir: str, files: list[str], clip_ids: set[str], tag: str) -> list[str]:
+    """``files`` (relative to ``fdir``, not yet committed) without the rows of ``clip_ids``: a
+    file that holds some is rewritten under a new name (``<tag>-d<n>-...``) and the old one
+    removed; one left empty is removed. Returns the new file list."""
+    import pyarrow.parquet as pq
+
+    drop = pa.array(sorted(clip_ids), pa.string())
+    out = []
+    for n, rel in enumerate(files):
+        uri = storage.join(fdir, rel)
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        keep = table.filter(pc.invert(pc.is_in(table.column("clip_id"), drop)))
+        if keep.num_rows == table.num_rows:
+            out.append(rel)
+            continue
+        if keep.num_rows:
+            new = posixpath.join(posixpath.dirname(rel), f"{tag}-d{n}-{posixpath.basename(rel)}")
+            storage.write_table(storage.join(fdir, new), keep, **FEATURE_WRITE_OPTIONS)
+            out.append(new)
+        storage.remove(uri)
+    return out
+
+
+def _combine_stats(commits: list[dict]) -> dict:
+    per: dict[str, list] = {}
+    for c in commits:
+        for mt, s in c.get("stats", {}).items():
+            acc = per.setdefault(mt, [0, 0.0, 0.0])
+            acc[0] += s["count"]
+            acc[1] = acc[1] + np.asarray(s["sum"])
+            acc[2] = acc[2] + np.asarray(s["sumsq"])
+
+    def finish(n, s, ss):
+        mean = s / max(n, 1)
+        std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 1e-12))
+        return {"frames": int(n), "mean": mean.tolist(), "std": std.tolist()}
+
+    out = {"per_type": {mt: finish(*v) for mt, v in sorted(per.items())}}
+    if per:
+        out["all"] = finish(sum(v[0] for v in per.values()), sum(v[1] for v in per.values()),
+                            sum(v[2] for v in per.values()))
+    return out
 
 
 def partitioning():
@@ -160,5 +235,7 @@ def read_features_ray(root: str, columns: list[str] | None = None):
 
 
 def load_stats(root: str) -> dict:
-    """Normalisation statistics: {"all": {"mean": [...], "std": [...]}, "per_type": {...}}."""
-    return storage.read_json(storage.join(layout.features_dir(root), "_stats", "stats.json"))
+    """Normalisation statistics of the committed training normals, combined from the commits
+    (so always those of the rows a reader sees): {"all": {"mean", "std", "frames"},
+    "per_type": {...}}."""
+    return _combine_stats(read_commits(layout.features_dir(root)))

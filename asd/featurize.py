@@ -6,21 +6,21 @@ Pipeline, streaming end to end::
       -> map_batches(featurize_batch)   read bytes, sha256, skip known, decode (soundfile),
                                         resample/downmix, Kaldi fbank (torchaudio)
       -> write_parquet(partition_cols=[machine_type, section])  into a staging folder
-      -> commit: move files into place, write _commits/<run_id>.json last
+      -> commit: move files into place, create the next entry of _log/ (put-if-absent)
 
-Layout under ``<root>/features/`` (see DESIGN.md)::
+Layout under ``<root>/features/`` (see docs/design.md)::
 
-    machine_type=<t>/section=<ss>/<file>.parquet   feature rows (committed files only count)
-    _commits/<run_id>.json                         the files, rows and stats partial sums of one run
+    machine_type=<t>/section=<ss>/<run_id>-<file>.parquet   feature rows (committed files only count)
+    _log/<seq>.json                                the files, clip keys, rejects and stats sums of one run
     _quarantine/<run_id>.parquet                   rejected inputs: path, clip_id, reason, error
-    _stats/stats.json                              per-bin mean/std of train normals, per type and all
-    _SUMMARY.json                                  counts, rejects, throughput, config hash
-    _staging/<run_id>/{data,quarantine}/           a run in progress (never read)
+    _SUMMARY.json                                  counts, rejects, throughput, config hash (as the last run saw them)
+    _staging/<run_id>/{data,quarantine,attempts,_alive}   a run in progress (never read)
 
-Readers use :func:`committed_files`, so a crashed or running job is invisible. A
+Readers use :func:`asd.features.committed_files`, so a crashed or running job is invisible. A
 rerun hashes every input and featurizes only clips whose ``(clip_id,
 content_sha256)`` is not already committed (features or quarantine), so reruns
-write nothing and new files are added exactly once. A clip whose bytes changed
+write nothing and new files are added exactly once, also when runs overlap (the loser of a
+race for the next log entry drops the clips the winner committed; :mod:`asd.features`). A clip whose bytes changed
 under the same ``clip_id`` is quarantined as ``content_changed`` (DCASE corpora
 are immutable; a changed clip needs a new run root).
 """
@@ -47,6 +47,9 @@ from asd.features import (
     FEATURE_SCHEMA,
     FEATURE_WRITE_OPTIONS,
     PARTITION_COLS,
+    committed_keys,
+    drop_clips,
+    feature_log,
     partitioning,
     read_commits,
     read_features_table,
@@ -55,6 +58,7 @@ from asd.features import (
 log = logging.getLogger(__name__)
 
 CONTENT_CHANGED = "content_changed"
+ALIVE = "_alive"  # a running featurize's heartbeat file in its staging folder
 WORKER_DIED = "worker_died"  # quarantine reason: the clip killed its worker process, repeatedly
 
 
@@ -124,6 +128,9 @@ class FeaturizeConfig:
     # again by Ray Data; a clip that was being decoded when its worker died this many times is
     # quarantined (reason ``worker_died``) instead of killing every retry.
     deaths_to_quarantine: int = 2
+    # uncommitted files and staging folders of a run whose heartbeat stopped this long ago are a dead
+    # run's leftovers (a live run rewrites its heartbeat every 30 s)
+    vacuum_after_s: float = 3600.0
     # fault injection for tests: the first task to see this marker missing creates it and kills its worker
     kill_worker_once_marker: str | None = None
     # fault injection for tests: the worker dies whenever it decodes the clip with this id
@@ -147,7 +154,7 @@ class FeaturizeResult:
     seconds: float
     clips_per_s: float
     summary_uri: str
-    stats_uri: str | None
+    commit_seq: int | None  # this run's entry in features/_log (None: it added nothing)
     quarantine_uri: str | None
 
     def to_dict(self) -> dict:
@@ -430,8 +437,7 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
         "config_hash": sorted({c.get("config_hash") for c in read_commits(layout.features_dir(source_root))} - {None}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.atomic_write_json(storage.join(fdir, "_stats", "stats.json"), _combine_stats([commit]))
-    storage.atomic_write_json(storage.join(fdir, "_commits", f"{VIEW_RUN_ID}.json"), commit)
+    feature_log(fdir).append(lambda entries: commit)
     return commit
 
 
@@ -440,50 +446,35 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
 # --------------------------------------------------------------------------------------
 
 
-def _known(commits: list[dict]) -> tuple[dict[str, str], dict[str, str | None]]:
-    """(clip_id -> sha256 of committed features, clip_id -> sha256 of quarantined clips)."""
-    known: dict[str, str] = {}
-    rejected: dict[str, str | None] = {}
-    for c in commits:
-        known.update(c.get("clips", {}))
-        rejected.update(c.get("rejected", {}))
-    for clip_id in known:
-        rejected.pop(clip_id, None)
-    return known, rejected
-
-
-def _vacuum(fdir: str, keep: set[str]) -> None:
-    """Remove leftovers of interrupted runs: staging folders and uncommitted data files."""
-    storage.remove(storage.join(fdir, "_staging"))
+def _vacuum(fdir: str, keep: set[str], after_s: float) -> None:
+    """Remove what dead runs left: staging folders whose heartbeat stopped more than ``after_s``
+    ago, and data files no commit names that belong to no live run (a live run's files, moved into
+    place a moment before its commit, are left alone)."""
     fs, base = storage.filesystem(fdir)
     if not fs.exists(base):
         return
+    live = set()
+    stage_root = storage.join(fdir, "_staging")
+    sfs, spath = storage.filesystem(stage_root)
+    if sfs.exists(spath):
+        for run in sfs.ls(spath, detail=False):
+            run_id = run.rstrip("/").rsplit("/", 1)[-1]
+            alive = storage.join(stage_root, run_id, ALIVE)
+            if storage.exists(alive) and storage.age_seconds(alive) < after_s:
+                live.add(run_id)
+            else:
+                log.warning("removing the staging folder of run %s (no heartbeat for %.0f s)", run_id, after_s)
+                storage.remove(storage.join(stage_root, run_id))
     for path in fs.find(base):
         rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
-        if rel.startswith("machine_type=") and rel.endswith(".parquet") and rel not in keep:
+        if not rel.startswith("machine_type=") or not rel.endswith(".parquet") or rel in keep:
+            continue
+        name = posixpath.basename(rel)
+        if any(name.startswith(r + "-") for r in live):
+            continue
+        if storage.age_seconds(storage.join(fdir, rel)) >= after_s:
             log.warning("removing uncommitted feature file %s (left by an interrupted run)", rel)
             fs.rm(path)
-
-
-def _combine_stats(commits: list[dict]) -> dict:
-    per: dict[str, list] = {}
-    for c in commits:
-        for mt, s in c.get("stats", {}).items():
-            acc = per.setdefault(mt, [0, 0.0, 0.0])
-            acc[0] += s["count"]
-            acc[1] = acc[1] + np.asarray(s["sum"])
-            acc[2] = acc[2] + np.asarray(s["sumsq"])
-
-    def finish(n, s, ss):
-        mean = s / max(n, 1)
-        std = np.sqrt(np.maximum(ss / max(n, 1) - mean**2, 1e-12))
-        return {"frames": int(n), "mean": mean.tolist(), "std": std.tolist()}
-
-    out = {"per_type": {mt: finish(*v) for mt, v in sorted(per.items())}}
-    if per:
-        out["all"] = finish(sum(v[0] for v in per.values()), sum(v[1] for v in per.values()),
-                            sum(v[2] for v in per.values()))
-    return out
 
 
 def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig) -> dict:
@@ -527,112 +518,177 @@ def featurize(
     storage.check_reachable(output_root, must_exist=False)
     manifest = build_manifest(input_uri, probe=False)
     fdir = layout.features_dir(output_root)
-    commits = read_commits(fdir)
-    _vacuum(fdir, {rel for c in commits for rel in c["files"]})
-    known, rejected = _known(commits)
+    seen = feature_log(fdir).entries()
+    start_seq = seen[-1][0] if seen else -1  # commits after this one are concurrent runs'
+    commits = read_commits(fdir, log=False) + [entry for _, entry in seen]
+    _vacuum(fdir, {rel for c in commits for rel in c["files"]}, cfg.vacuum_after_s)
+    known, rejected = committed_keys(commits)
     storage.write_table(storage.join(output_root, "manifest", "manifest.parquet"), manifest.table)
 
     listing_problems = [p for p in manifest.problems if p.clip_id not in rejected]
     todo = manifest.table
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    # side outputs (quarantine parts) live beside the Parquet sink's folder, never inside it
-    staging = storage.join(fdir, "_staging", run_id, "data")
-    qdir = storage.join(fdir, "_staging", run_id, "quarantine")
-    attempts = storage.join(fdir, "_staging", run_id, "attempts")
+    run_dir = storage.join(fdir, "_staging", run_id)
+    # side outputs (quarantine parts, attempt markers) live beside the Parquet sink's folder, never inside it
+    staging = storage.join(run_dir, "data")
+    qdir = storage.join(run_dir, "quarantine")
+    attempts = storage.join(run_dir, "attempts")
     files: list[str] = []
-    partial_stats: dict = {}
-    n_rows = 0
-    if todo.num_rows:
-        if not ray.is_initialized():
-            ray.init()
-        from ray.data import DataContext
+    with _Heartbeat(storage.join(run_dir, ALIVE)):  # other runs' vacuum leaves a live run's files alone
+        if todo.num_rows:
+            if not ray.is_initialized():
+                ray.init()
+            from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = cfg.progress
-        slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.num_cpus))  # concurrent featurize tasks
-        blocks, start = [], 0
-        for n in block_sizes(todo.num_rows, slots, cfg.rows_per_block, cfg.batch_size):
-            blocks.append(todo.slice(start, n))
-            start += n
-        known_ref = ray.put((known, rejected))  # once in the object store, not per task
-        # The featurize and write operators must carry the same remote args: Ray Data fuses
-        # only operators whose args are compatible. Unfused, every feature block (~250 KiB
-        # per clip) went through the object store to separate write tasks, which cost a third
-        # of the throughput on 2 cores (benchmarks/featurize.py).
-        # Ray Data reruns a task whose worker died, without bound; featurize_batch's attempt
-        # markers (``attempts``) quarantine the clip that keeps killing its worker, so a poison
-        # input ends as a quarantine entry instead of a loop.
-        ds = ray.data.from_arrow(blocks).map_batches(
-            _featurize_udf,
-            fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id, attempts_dir=attempts),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            num_cpus=cfg.num_cpus,
-        )
-        afs, staging_path = storage.arrow_filesystem(staging)
-        # Ray deletes a folder it created when no rows were written; on object stores that
-        # delete fails (folders are virtual), and they need no folders: don't create one there.
-        ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
-                         try_create_dir=not storage.is_remote(staging), ray_remote_args={"num_cpus": cfg.num_cpus},
-                         row_group_size=cfg.batch_size, **FEATURE_WRITE_OPTIONS)
-        files = _staged_files(staging)
-        if files and cfg.compute_stats:
-            partial_stats = _run_stats(staging, files)
-
-    staged = _staged_table(staging, files, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
-    n_rows = staged.num_rows
-    new_clips = dict(zip(staged.column("clip_id").to_pylist(), staged.column("content_sha256").to_pylist()))
-    problems = [asdict(p) for p in listing_problems] + _read_staged_quarantine(qdir)
-    n_quar = len(problems)
+            DataContext.get_current().enable_progress_bars = cfg.progress
+            slots = max(1, int(ray.cluster_resources().get("CPU", 1) / cfg.num_cpus))  # concurrent featurize tasks
+            blocks, start = [], 0
+            for n in block_sizes(todo.num_rows, slots, cfg.rows_per_block, cfg.batch_size):
+                blocks.append(todo.slice(start, n))
+                start += n
+            known_ref = ray.put((known, rejected))  # once in the object store, not per task
+            # The featurize and write operators must carry the same remote args: Ray Data fuses
+            # only operators whose args are compatible. Unfused, every feature block (~250 KiB
+            # per clip) went through the object store to separate write tasks, which cost a third
+            # of the throughput on 2 cores (benchmarks/featurize.py).
+            # Ray Data reruns a task whose worker died, without bound; featurize_batch's attempt
+            # markers (``attempts``) quarantine the clip that keeps killing its worker, so a poison
+            # input ends as a quarantine entry instead of a loop.
+            ds = ray.data.from_arrow(blocks).map_batches(
+                _featurize_udf,
+                fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id, attempts_dir=attempts),
+                batch_size=cfg.batch_size,
+                batch_format="pyarrow",
+                num_cpus=cfg.num_cpus,
+            )
+            afs, staging_path = storage.arrow_filesystem(staging)
+            # Ray deletes a folder it created when no rows were written; on object stores that
+            # delete fails (folders are virtual), and they need no folders: don't create one there.
+            ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
+                             try_create_dir=not storage.is_remote(staging), ray_remote_args={"num_cpus": cfg.num_cpus},
+                             row_group_size=cfg.batch_size, **FEATURE_WRITE_OPTIONS)
+            files = _staged_files(staging)
+        problems = [asdict(p) for p in listing_problems] + _read_staged_quarantine(qdir)
+        commit, n_lost = _commit(fdir, staging, files, problems, run_id, cfg, start_seq) if files or problems else (None, 0)
+    storage.remove(run_dir)
+    commits = read_commits(fdir)
+    n_rows = commit["rows"] if commit else 0
+    committed_problems = [p for p in problems if commit and p["clip_id"] in commit["rejected"]]
+    n_quar = len(committed_problems)
     elapsed = time.perf_counter() - t0
-    last = {"run_id": run_id, "featurized": n_rows, "quarantined": n_quar, "seconds": round(elapsed, 3),
-            "clips_per_s": round(n_rows / elapsed, 3) if elapsed else 0.0}
-    quarantine_uri = None
-    if files or problems:
-        # commit: move files into place, then publish the commit record (the atomic step)
-        for rel in files:
-            src, dst = storage.join(staging, rel), storage.join(fdir, rel)
-            fs, src_path = storage.filesystem(src)
-            fs.makedirs(posixpath.dirname(storage.filesystem(dst)[1]), exist_ok=True)
-            fs.mv(src_path, storage.filesystem(dst)[1])
-        if problems:
-            quarantine_uri = storage.join(fdir, "_quarantine", f"{run_id}.parquet")
-            storage.write_table(quarantine_uri, pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
-        commit = {
-            "run_id": run_id,
-            "files": files,
-            "rows": n_rows,
-            "clips": new_clips,
-            "rejected": {p["clip_id"]: p.get("content_sha256") for p in problems},
-            "counts": _counts(staged),
-            "rejects": _reason_counts(problems),
-            "stats": partial_stats,
-            "config_hash": cfg.config_hash(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        storage.atomic_write_json(storage.join(fdir, "_commits", f"{run_id}.json"), commit)
-        commits = commits + [commit]
-    storage.remove(storage.join(fdir, "_staging"))
-    stats_uri = None
-    if cfg.compute_stats and any(c.get("stats") for c in commits):
-        stats_uri = storage.atomic_write_json(storage.join(fdir, "_stats", "stats.json"), _combine_stats(commits))
+    last = {"run_id": run_id, "featurized": n_rows, "quarantined": n_quar, "lost_race": n_lost,
+            "seconds": round(elapsed, 3), "clips_per_s": round(n_rows / elapsed, 3) if elapsed else 0.0}
     summary_uri = storage.atomic_write_json(storage.join(fdir, "_SUMMARY.json"), _summary(fdir, commits, last, cfg))
-    for p in problems:
+    for p in committed_problems:
         log.warning("quarantined %s: %s: %s", p["path"], p["reason"], p["error"])
+    if n_lost:
+        log.warning("%d clip(s) featurized by this run were committed first by a concurrent run; not added again", n_lost)
     log.info("featurized %d clips (%d already done, %d quarantined) into %s in %.1f s",
              n_rows, len(known), n_quar, fdir, elapsed)
     return FeaturizeResult(
         features=fdir,
-        run_id=run_id if (files or problems) else None,
+        run_id=run_id if commit else None,
         n_listed=manifest.table.num_rows + len(manifest.problems),
-        n_already_done=len([c for c in manifest.table.column("clip_id").to_pylist() if c in known or c in rejected]),
+        n_already_done=len([c for c in manifest.table.column("clip_id").to_pylist() if c in known or c in rejected]) + n_lost,
         n_featurized=n_rows,
         n_quarantined=n_quar,
         seconds=elapsed,
         clips_per_s=last["clips_per_s"],
         summary_uri=summary_uri,
-        stats_uri=stats_uri,
-        quarantine_uri=quarantine_uri,
+        commit_seq=commit["seq"] if commit else None,
+        quarantine_uri=commit.get("quarantine") if commit else None,
     )
+
+
+def _commit(fdir: str, staging: str, files: list[str], problems: list[dict], run_id: str,
+            cfg: FeaturizeConfig, start_seq: int) -> tuple[dict | None, int]:
+    """Move this run's staged files into the store (named ``<run_id>-...``: invisible until a
+    commit names them) and add one commit to the store's log. When a concurrent run committed
+    some of the same clips first, their rows are dropped from this run's files (rewritten) and
+    its commit names only the rest, so every clip key is in the store once. Returns the commit
+    (with ``seq`` and ``quarantine``; None when nothing was left to add) and how many of this
+    run's clips a concurrent run committed first."""
+    moved = []
+    for rel in files:
+        dst_rel = posixpath.join(posixpath.dirname(rel), f"{run_id}-{posixpath.basename(rel)}")
+        fs, src_path = storage.filesystem(storage.join(staging, rel))
+        dst_path = storage.filesystem(storage.join(fdir, dst_rel))[1]
+        fs.makedirs(posixpath.dirname(dst_path) if storage.is_remote(fdir) else os.path.dirname(dst_path), exist_ok=True)
+        fs.mv(src_path, dst_path)
+        moved.append(dst_rel)
+    keys = _staged_table(fdir, moved, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
+    state = {"files": moved, "keys": keys, "problems": problems, "stats": None, "lost": set()}
+
+    def make(entries: list[tuple[int, dict]]) -> dict | None:
+        taken_clips, taken_rejects = committed_keys([e for seq, e in entries if seq > start_seq])
+        taken = set(taken_clips) | set(taken_rejects)
+        ids = state["keys"].column("clip_id").to_pylist()
+        lost = taken.intersection(ids)
+        if lost or state["stats"] is None:
+            if lost:  # a concurrent run committed these clips first
+                state["files"] = drop_clips(fdir, state["files"], lost, run_id)
+                state["keys"] = state["keys"].filter(pc.invert(pc.is_in(state["keys"].column("clip_id"),
+                                                                         pa.array(sorted(lost), pa.string()))))
+                state["lost"] |= lost
+            state["stats"] = _run_stats(fdir, state["files"]) if cfg.compute_stats else {}
+        lost_problems = {p["clip_id"] for p in state["problems"] if p["clip_id"] in taken}
+        state["lost"] |= lost_problems
+        state["problems"] = [p for p in state["problems"] if p["clip_id"] not in taken]
+        if not state["files"] and not state["problems"]:
+            return None
+        keys, problems = state["keys"], state["problems"]
+        quarantine = None
+        if problems:
+            quarantine = storage.join(fdir, "_quarantine", f"{run_id}.parquet")
+            storage.write_table(quarantine, pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
+        return {
+            "run_id": run_id,
+            "files": state["files"],
+            "rows": keys.num_rows,
+            "clips": dict(zip(keys.column("clip_id").to_pylist(), keys.column("content_sha256").to_pylist())),
+            "rejected": {p["clip_id"]: p.get("content_sha256") for p in problems},
+            "counts": _counts(keys),
+            "rejects": _reason_counts(problems),
+            "stats": state["stats"],
+            "config_hash": cfg.config_hash(),
+            "quarantine": quarantine,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    got = feature_log(fdir).append(make)
+    if got is None:  # concurrent runs committed every clip of this one
+        for rel in state["files"]:
+            storage.remove(storage.join(fdir, rel))
+        return None, len(state["lost"])
+    seq, commit = got
+    return {**commit, "seq": seq}, len(state["lost"])
+
+
+class _Heartbeat:
+    """Rewrites ``uri`` every ``every_s`` seconds while the block runs (a run is alive)."""
+
+    def __init__(self, uri: str, every_s: float = 30.0):
+        import threading
+
+        self.uri, self.every_s = uri, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="featurize-heartbeat")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                storage.atomic_write_text(self.uri, f"{time.time()}\n")
+            except Exception as exc:  # a missed beat only shortens what vacuum waits for
+                log.warning("heartbeat %s: %s", self.uri, exc)
+
+    def __enter__(self):
+        storage.atomic_write_text(self.uri, f"{time.time()}\n")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[int]:

@@ -10,7 +10,7 @@ from asd import storage
 
 
 def features_dir(root: str) -> str:
-    """Featurized clips: Parquet files committed under ``_commits/`` (:mod:`asd.features`)."""
+    """Featurized clips: Parquet files named by the commit log ``_log/`` (:mod:`asd.features`)."""
     return storage.join(root, "features")
 
 

@@ -8,15 +8,20 @@ A night's recordings arrive under an inbox folder in DCASE layout
    embeddings folder whose training clips form the memory banks);
 2. featurizes the inbox into ``<root>/rescore/_work/date=<day>/`` (the featurize
    stage's own commits make this incremental and crash-safe);
-3. embeds those features with the current embedder and drops clips whose content
-   hash was scored on any earlier night (``rescore/date=*/scores.parquet``);
-4. scores the rest against the current banks and thresholds and publishes the
-   day's partition ``<root>/rescore/date=<day>/`` (scores.parquet with the day's
-   old and new rows, DCASE CSVs, summary.json) in one atomic step.
+3. embeds those features with the current embedder;
+4. under the nightly store's lease (``rescore/_lease``, :class:`asd.commitlog.Lease`): drops
+   clips whose content hash is already scored (``rescore/date=*/scores.parquet``), scores the
+   rest against the current banks and thresholds and publishes the day's partition
+   ``<root>/rescore/date=<day>/`` (scores.parquet with the day's old and new rows, DCASE CSVs,
+   summary.json) in one atomic step.
 
 Running a night twice changes nothing; a run that dies before step 4 leaves the
 partition as it was, and its rerun produces the same table an uninterrupted run
-would have (rows are keyed by content hash and sorted by clip id).
+would have (rows are keyed by content hash and sorted by clip id). Runs that overlap (a slow
+night and the next, a manual rerun during the scheduled one) score every clip once: the
+feature store's commit log keeps each clip once in ``_work``, and the lease makes the second
+run see the first one's rows before it decides what is new; each run's summary counts what it
+scored itself (``n_new``) and what it found already scored (``n_already_scored``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import storage
+from asd import commitlog, storage
 from asd.embed import EmbedConfig, embed
 from asd.embeddings import embedding_blocks, read_embeddings
 from asd.featurize import FeaturizeConfig, featurize
@@ -122,17 +127,25 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
                                                 num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                                 progress=cfg.featurize.progress))
     night = read_embeddings(emb.embeddings)
+    out = rescore_partition_dir(root, date)
+    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score,
+                                    embedding_blocks(model["embeddings"]))
+    # What was scored and what this run adds are decided and published under one lease over the
+    # nightly store, so overlapping runs (a slow night and the next, a manual rerun) score every
+    # clip once: the second finds the first's rows and adds only what is left.
+    with commitlog.Lease(storage.join(rescore_dir(root), "_lease")):
+        return _score_and_publish(root, night, out, model, banks, thresholds, feat, date, inbox, cfg, t0)
+
+
+def _score_and_publish(root, night, out, model, banks, thresholds, feat, date, inbox, cfg, t0) -> RescoreResult:
+    """The critical section of :func:`rescore` (under the nightly store's lease)."""
     seen = scored_hashes(root)
     new = night.filter(pc.invert(pc.is_in(night.column("content_sha256"), pa.array(sorted(seen), pa.string()))))
-    out = rescore_partition_dir(root, date)
     old = (storage.read_table(storage.join(out, "scores.parquet")) if storage.is_published(out)
            else RESCORE_SCHEMA.empty_table())
     if new.num_rows == 0:
         log.info("rescore %s: nothing new in %s (%d clips already scored)", date, inbox, night.num_rows)
         return _result(date, out, model, night, new, feat, old, changed=False, t0=t0)
-
-    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score,
-                                    embedding_blocks(model["embeddings"]))
     scored = score_table(new, banks, thresholds, cfg.score.k)
     rows = pa.table({
         "clip_id": scored.column("clip_id"),
@@ -165,7 +178,7 @@ def _publish_night(table: pa.Table, out: str, model: dict, date: str) -> None:
                      for mt in sorted({r["machine_type"] for r in rows})},
     }
     storage.atomic_write_json(storage.join(staging, "summary.json"), summary)
-    storage.publish_dir(staging, out, {"rows": len(rows)})
+    commitlog.publish_dir(staging, out, {"rows": len(rows)})
 
 
 def _result(date, out, model, night, new, feat, table, changed, t0) -> RescoreResult:

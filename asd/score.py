@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import knn, storage
+from asd import commitlog, knn, storage
 
 # asd.metrics and asd.report (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
 # where results are written, not here: every scoring worker imports this module.
@@ -307,7 +307,7 @@ def write_results(
             report.plot_roc(storage.join(staging, "roc.png"), *cols)
             thr_by_type = {mt: v for (mt, _), v in thresholds.items() if np.isfinite(v)}
             report.plot_score_histograms(storage.join(staging, "histograms.png"), *cols, threshold=thr_by_type)
-    storage.publish_dir(staging, out_uri, {"rows": len(rows), "official_score": official})
+    commitlog.publish_dir(staging, out_uri, {"rows": len(rows), "official_score": official})
     elapsed = time.perf_counter() - t0
     log.info("scored %d test clips into %s in %.1f s (official score %s)", len(rows), out_uri, elapsed,
              "n/a" if official is None else f"{100 * official:.2f} %")

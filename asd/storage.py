@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -170,6 +171,46 @@ def atomic_write_bytes(uri: str, data: bytes) -> str:
     return uri
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` unless it exists (put-if-absent); True when this call
+    created it. Readers see no file or the whole of it. Local: a hard link of a finished
+    temporary file (atomic, refuses an existing name). S3: one ``PutObject`` with
+    ``If-None-Match: *`` (S3 answers 412 when the key exists; conditional writes need an S3
+    or S3-compatible store that supports them: AWS S3 has since 2024, MinIO and moto do)."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    if is_remote(uri):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def age_seconds(uri: str) -> float:
+    """Seconds since ``uri`` (a file) was last written."""
+    import datetime as dt
+
+    fs, path = filesystem(uri)
+    modified = fs.modified(path)
+    if modified.tzinfo is None:  # local filesystems answer in local time without a zone
+        return time.time() - modified.timestamp()
+    return (dt.datetime.now(dt.timezone.utc) - modified).total_seconds()
+
+
 def atomic_write_text(uri: str, text: str) -> str:
     return atomic_write_bytes(uri, text.encode("utf-8"))
 
@@ -219,7 +260,8 @@ def staging_dir(final_uri: str) -> str:
 
 
 def publish_dir(staging_uri: str, final_uri: str, info: dict | None = None) -> str:
-    """Replace the directory ``final_uri`` by the finished ``staging_uri``.
+    """Replace the directory ``final_uri`` by the finished ``staging_uri`` (one writer at a time:
+    stages publish through :func:`asd.commitlog.publish_dir`, which takes turns under a lease).
 
     Local: ``_SUCCESS`` is written into the staging folder, then the folder is swapped
     in by rename, so readers see the old stage or the whole new one. Object stores

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from pngs import assert_drawn_png
 from scipy.cluster.hierarchy import linkage
 from sklearn.metrics import adjusted_rand_score
 
@@ -28,6 +27,7 @@ from asd.ward import (
     ward_exact,
     ward_weighted,
 )
+from tests.pngs import assert_drawn_png
 
 REPO = Path(__file__).resolve().parents[1]
 

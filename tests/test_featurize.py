@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -132,11 +133,11 @@ def test_rerun_writes_nothing_and_new_clips_are_added_exactly_once(ray_session, 
     make_corpus(spec, str(corpus), progress=False)
     first = featurize(str(corpus), str(tmp_path / "out"), CFG)
     n0 = first.n_featurized
-    before = sorted(os.listdir(tmp_path / "out" / "features" / "_commits"))
+    before = sorted(os.listdir(tmp_path / "out" / "features" / "_log"))
 
     again = featurize(str(corpus), str(tmp_path / "out"), CFG)
     assert again.n_featurized == 0 and again.n_quarantined == 0 and again.run_id is None
-    assert sorted(os.listdir(tmp_path / "out" / "features" / "_commits")) == before
+    assert sorted(os.listdir(tmp_path / "out" / "features" / "_log")) == before
     assert len(read_features_table(str(tmp_path / "out"))) == n0
 
     # five new clips arrive: a corpus from another seed, five of its files copied in under new indices
@@ -175,9 +176,22 @@ def test_interrupted_run_is_invisible_and_cleaned_up(ray_session, small_corpus, 
     orphan = next((out / "features").glob("machine_type=*/section=*/")) / "orphan.parquet"
     shutil.copy(next((out / "features").glob("machine_type=*/section=*/*.parquet")), orphan)
     assert len(read_features_table(str(out))) == n  # readers only read committed files
+    # ... and what a run still going has: a fresh heartbeat, a file moved into place, not committed yet
+    live = out / "features" / "_staging" / "live-run"
+    live.mkdir(parents=True)
+    (live / "_alive").write_text("now\n")
+    pending = orphan.parent / "live-run-part.parquet"
+    shutil.copy(orphan, pending)
+    long_ago = time.time() - 2 * CFG.vacuum_after_s
+    for f in (stale / "part.parquet", orphan, pending):
+        os.utime(f, (long_ago, long_ago))
     featurize(small_corpus, str(out), CFG)
-    assert not orphan.exists() and not (out / "features" / "_staging").exists()
+    assert not orphan.exists() and not (out / "features" / "_staging" / "dead-run").exists()
+    assert pending.exists() and (live / "_alive").exists()  # a live run's files are left alone
     assert len(read_features_table(str(out))) == n
+    os.utime(live / "_alive", (long_ago, long_ago))  # its heartbeat stopped: it died
+    featurize(small_corpus, str(out), CFG)
+    assert not pending.exists() and not list((out / "features" / "_staging").iterdir())  # no run folder left
 
 
 def test_missing_input_fails_before_writing(ray_session, tmp_path):
@@ -251,3 +265,20 @@ def read_features_table_expected(corpus):
     from asd.data.manifest import build_manifest
 
     return sorted(build_manifest(corpus, probe=False).table.column("clip_id").to_pylist())
+
+
+def test_a_store_from_before_the_commit_log_is_read_and_extended(ray_session, small_corpus, tmp_path):
+    """Roots featurized before the commit log (one record per run under ``_commits/``) are read
+    as they are; the next run adds to the log."""
+    out = tmp_path / "out"
+    first = featurize(small_corpus, str(out), CFG)
+    fdir = out / "features"
+    before = read_features_table(str(out), columns=["clip_id"]).column("clip_id").to_pylist()
+    (fdir / "_commits").mkdir()
+    for entry in (fdir / "_log").glob("*.json"):  # the old layout: _commits/<run_id>.json, no log
+        entry.rename(fdir / "_commits" / f"{first.run_id}.json")
+    assert read_features_table(str(out), columns=["clip_id"]).column("clip_id").to_pylist() == before
+    assert load_stats(str(out))["all"]["frames"] > 0
+    again = featurize(small_corpus, str(out), CFG)
+    assert again.n_featurized == 0 and again.n_already_done == len(before)
+    assert not list((fdir / "_log").glob("*.json"))  # nothing new: nothing added

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from pngs import assert_drawn_png
 
 from asd import metrics, storage
 from asd.embed import EmbedConfig, embed
@@ -16,6 +15,7 @@ from asd.embeddings import read_embeddings, vectors
 from asd.featurize import FeaturizeConfig, featurize
 from asd.models.embedders import LogMelStats
 from asd.score import ScoreConfig, build_banks, score
+from tests.pngs import assert_drawn_png
 
 FCFG = FeaturizeConfig(progress=False, rows_per_block=32)
 ECFG = EmbedConfig(progress=False)

@@ -100,7 +100,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn as nn
 
-from asd import layout, storage
+from asd import commitlog, layout, storage
 from asd.checkpoints import load_training_state
 from asd.features import (
     KEY_COLUMNS,
@@ -542,7 +542,7 @@ def train_autoencoders(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         storage.atomic_write_json(storage.join(staging, "config.json"), config)
-        storage.publish_dir(staging, out_uri, {"machine_types": types})
+        commitlog.publish_dir(staging, out_uri, {"machine_types": types})
     except BaseException:
         storage.remove(staging)  # nothing half-written is left beside the published models
         raise
