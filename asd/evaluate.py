@@ -427,7 +427,7 @@ def _pretrained_encoder(ctx: EvalContext) -> str:
 
 def _train_view(ctx: EvalContext) -> str:
     """The split's training clips as a feature root of their own (what Ray Train reads)."""
-    from asd.featurize import write_feature_view
+    from asd.features import write_feature_view
 
     def make() -> str:
         view = storage.join(ctx.root, "evaluate", "train_view")

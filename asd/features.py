@@ -7,15 +7,19 @@ clip keys, its rejects and its partial normalisation sums. A file is visible onl
 names it, so readers never see half a run; entries are created put-if-absent in one order, and a
 run that finds a concurrent run's entry naming some of its clips drops them first
 (:func:`drop_clips`), so every clip key is in the store once whatever runs overlap.
-:mod:`asd.featurize` writes it; the training, embedding and scoring stages read it through this
-module, which needs neither Ray (its Ray Dataset reader imports Ray when called) nor an audio
-decoder. Stores written before the log (``_commits/<run>.json``) are read as they are.
+:mod:`asd.featurize` computes the rows and commits them through :func:`commit_run`; the
+training, embedding and scoring stages read it through this module, which needs neither Ray (its
+Ray Dataset reader imports Ray when called) nor an audio decoder. Stores written before the log
+(``_commits/<run>.json``) are read as they are.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import posixpath
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +27,9 @@ import pyarrow.compute as pc
 
 from asd import layout, storage
 from asd.commitlog import CommitLog
-from asd.data.manifest import MANIFEST_SCHEMA
+from asd.data.manifest import MANIFEST_SCHEMA, PROBLEM_SCHEMA
+
+log = logging.getLogger(__name__)
 
 PARTITION_COLS = ["machine_type", "section"]
 
@@ -239,3 +245,274 @@ def load_stats(root: str) -> dict:
     (so always those of the rows a reader sees): {"all": {"mean", "std", "frames"},
     "per_type": {...}}."""
     return _combine_stats(read_commits(layout.features_dir(root)))
+
+
+# --------------------------------------------------------------------------------------
+# the write side: committing a run's files, dead runs' leftovers, feature views
+# --------------------------------------------------------------------------------------
+
+ALIVE = "_alive"  # a running writer's heartbeat file in its staging folder
+VIEW_RUN_ID = "view"
+
+
+def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str | None = "train",
+                       note: str = "") -> dict:
+    """Commit the rows of ``clip_ids`` (committed features of ``source_root``) as the features of
+    ``view_root``, in the featurize layout, so every reader of committed features (Ray Train's
+    :func:`asd.train.fit`, :func:`asd.embed.embed`) reads exactly that subset.
+
+    ``split`` (default ``"train"``) overwrites the rows' ``split`` column: a view is usually a
+    training set (e.g. one machine type's training clips, or a training split formed from normal
+    test clips), and training stages select ``split == "train"``; ``None`` keeps the stored split.
+    The view is rebuilt whole (its old features are removed first); its commit record is written
+    last, so readers see no view or the whole view. Normalisation statistics are recomputed over the
+    view's rows. Returns the commit record. Raises ``ValueError`` for an empty selection or clip ids
+    without committed features.
+    """
+    import pyarrow.compute as pc
+
+    ids = sorted({str(c) for c in clip_ids})
+    if not ids:
+        raise ValueError(f"empty feature view {view_root!r}: no clip ids given")
+    wanted = pa.array(ids, pa.string())
+    keys = read_features_table(source_root, columns=["clip_id", "machine_type", "section"],
+                               filter=pc.field("clip_id").isin(wanted))
+    found = set(keys.column("clip_id").to_pylist())
+    missing = [c for c in ids if c not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} clip(s) have no committed features under {layout.features_dir(source_root)!r}, "
+                         f"e.g. {missing[:3]}")
+    fdir = layout.features_dir(view_root)
+    storage.remove(fdir)
+    files: list[str] = []
+    stats: dict = {}  # machine type -> partial sums, over every row of the view
+    clips: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    n_rows = 0
+    # one (machine type, section) partition at a time: the driver never holds more than one
+    for mt, sec in sorted(set(zip(keys.column("machine_type").to_pylist(), keys.column("section").to_pylist()))):
+        part = read_features_table(source_root, filter=(pc.field("machine_type") == mt) & (pc.field("section") == sec)
+                                   & pc.field("clip_id").isin(wanted))
+        if split is not None:
+            part = part.set_column(part.schema.get_field_index("split"), "split",
+                                   pa.array([split] * part.num_rows, pa.string()))
+        rel = f"machine_type={mt}/section={sec}/{VIEW_RUN_ID}.parquet"
+        storage.write_table(storage.join(fdir, rel), part.drop_columns(PARTITION_COLS), **FEATURE_WRITE_OPTIONS)
+        files.append(rel)
+        n_rows += part.num_rows
+        clips.update(zip(part.column("clip_id").to_pylist(), part.column("content_sha256").to_pylist()))
+        for k, v in clip_counts(part).items():
+            counts[k] = counts.get(k, 0) + v
+        add_partial_stats(stats, part)
+    commit = {
+        "run_id": VIEW_RUN_ID,
+        "view_of": source_root,
+        "note": note,
+        "files": files,
+        "rows": n_rows,
+        "clips": clips,
+        "rejected": {},
+        "counts": counts,
+        "rejects": {},
+        "stats": stats_record(stats),
+        "config_hash": sorted({c.get("config_hash") for c in read_commits(layout.features_dir(source_root))} - {None}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    feature_log(fdir).append(lambda entries: commit)
+    return commit
+
+
+def vacuum(fdir: str, keep: set[str], after_s: float) -> None:
+    """Remove what dead runs left: staging folders whose heartbeat stopped more than ``after_s``
+    ago, and data files no commit names that belong to no live run (a live run's files, moved into
+    place a moment before its commit, are left alone)."""
+    fs, base = storage.filesystem(fdir)
+    if not fs.exists(base):
+        return
+    live = set()
+    stage_root = storage.join(fdir, "_staging")
+    sfs, spath = storage.filesystem(stage_root)
+    if sfs.exists(spath):
+        for run in sfs.ls(spath, detail=False):
+            run_id = run.rstrip("/").rsplit("/", 1)[-1]
+            alive = storage.join(stage_root, run_id, ALIVE)
+            if storage.exists(alive) and storage.age_seconds(alive) < after_s:
+                live.add(run_id)
+            else:
+                log.warning("removing the staging folder of run %s (no heartbeat for %.0f s)", run_id, after_s)
+                storage.remove(storage.join(stage_root, run_id))
+    for path in fs.find(base):
+        rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
+        if not rel.startswith("machine_type=") or not rel.endswith(".parquet") or rel in keep:
+            continue
+        name = posixpath.basename(rel)
+        if any(name.startswith(r + "-") for r in live):
+            continue
+        if storage.age_seconds(storage.join(fdir, rel)) >= after_s:
+            log.warning("removing uncommitted feature file %s (left by an interrupted run)", rel)
+            fs.rm(path)
+
+
+def commit_run(fdir: str, staging: str, files: list[str], problems: list[dict], run_id: str, start_seq: int,
+               config_hash: str, compute_stats: bool = True) -> tuple[dict | None, int]:
+    """Move this run's staged files into the store (named ``<run_id>-...``: invisible until a
+    commit names them) and add one commit to the store's log. When a concurrent run committed
+    some of the same clips first, their rows are dropped from this run's files (rewritten) and
+    its commit names only the rest, so every clip key is in the store once. Returns the commit
+    (with ``seq`` and ``quarantine``; None when nothing was left to add) and how many of this
+    run's clips a concurrent run committed first."""
+    moved = []
+    for rel in files:
+        dst_rel = posixpath.join(posixpath.dirname(rel), f"{run_id}-{posixpath.basename(rel)}")
+        fs, src_path = storage.filesystem(storage.join(staging, rel))
+        dst_path = storage.filesystem(storage.join(fdir, dst_rel))[1]
+        fs.makedirs(posixpath.dirname(dst_path) if storage.is_remote(fdir) else os.path.dirname(dst_path), exist_ok=True)
+        fs.mv(src_path, dst_path)
+        moved.append(dst_rel)
+    keys = files_table(fdir, moved, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
+    state = {"files": moved, "keys": keys, "problems": problems, "stats": None, "lost": set()}
+
+    def make(entries: list[tuple[int, dict]]) -> dict | None:
+        taken_clips, taken_rejects = committed_keys([e for seq, e in entries if seq > start_seq])
+        taken = set(taken_clips) | set(taken_rejects)
+        ids = state["keys"].column("clip_id").to_pylist()
+        lost = taken.intersection(ids)
+        if lost or state["stats"] is None:
+            if lost:  # a concurrent run committed these clips first
+                state["files"] = drop_clips(fdir, state["files"], lost, run_id)
+                state["keys"] = state["keys"].filter(pc.invert(pc.is_in(state["keys"].column("clip_id"),
+                                                                         pa.array(sorted(lost), pa.string()))))
+                state["lost"] |= lost
+            state["stats"] = run_stats(fdir, state["files"]) if compute_stats else {}
+        lost_problems = {p["clip_id"] for p in state["problems"] if p["clip_id"] in taken}
+        state["lost"] |= lost_problems
+        state["problems"] = [p for p in state["problems"] if p["clip_id"] not in taken]
+        if not state["files"] and not state["problems"]:
+            return None
+        keys, problems = state["keys"], state["problems"]
+        quarantine = None
+        if problems:
+            quarantine = storage.join(fdir, "_quarantine", f"{run_id}.parquet")
+            storage.write_table(quarantine, pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
+        return {
+            "run_id": run_id,
+            "files": state["files"],
+            "rows": keys.num_rows,
+            "clips": dict(zip(keys.column("clip_id").to_pylist(), keys.column("content_sha256").to_pylist())),
+            "rejected": {p["clip_id"]: p.get("content_sha256") for p in problems},
+            "counts": clip_counts(keys),
+            "rejects": reason_counts(problems),
+            "stats": state["stats"],
+            "config_hash": config_hash,
+            "quarantine": quarantine,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    got = feature_log(fdir).append(make)
+    if got is None:  # concurrent runs committed every clip of this one
+        for rel in state["files"]:
+            storage.remove(storage.join(fdir, rel))
+        return None, len(state["lost"])
+    seq, commit = got
+    return {**commit, "seq": seq}, len(state["lost"])
+
+
+class Heartbeat:
+    """Rewrites ``uri`` every ``every_s`` seconds while the block runs (a run is alive)."""
+
+    def __init__(self, uri: str, every_s: float = 30.0):
+        import threading
+
+        self.uri, self.every_s = uri, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="featurize-heartbeat")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                storage.atomic_write_text(self.uri, f"{time.time()}\n")
+            except Exception as exc:  # a missed beat only shortens what vacuum waits for
+                log.warning("heartbeat %s: %s", self.uri, exc)
+
+    def __enter__(self):
+        storage.atomic_write_text(self.uri, f"{time.time()}\n")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def staged_files(staging: str) -> list[str]:
+    fs, base = storage.filesystem(staging)
+    if not fs.exists(base):
+        return []
+    rels = []
+    for path in fs.find(base):
+        rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
+        if rel.endswith(".parquet") and not rel.startswith("_"):
+            rels.append(rel)
+    return sorted(rels)
+
+
+def files_table(staging: str, files: list[str], columns: list[str]) -> pa.Table:
+    import pyarrow.dataset as pds
+
+    if not files:
+        return FEATURE_SCHEMA.empty_table().select(columns)
+    afs, base = storage.arrow_filesystem(staging)
+    paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
+    return pds.dataset(paths, filesystem=afs, format="parquet", partitioning=partitioning(),
+                       partition_base_dir=base).to_table(columns=columns)
+
+
+def clip_counts(table: pa.Table) -> dict[str, int]:
+    """Clip counts keyed by ``machine_type/split/domain/label``."""
+    out: dict[str, int] = {}
+    for r in table.select(["machine_type", "split", "domain", "label"]).to_pylist():
+        key = "/".join(str(r[k]) for k in ("machine_type", "split", "domain", "label"))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def reason_counts(problems: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in problems:
+        out[p["reason"]] = out.get(p["reason"], 0) + 1
+    return out
+
+
+def add_partial_stats(acc: dict, table: pa.Table) -> dict:
+    """Add the per machine type partial sums (frames, sum and sum of squares per bin) of
+    ``table``'s rows to ``acc`` (machine type -> [frames, sum, sumsq]), a few numpy sums per
+    machine type (the per-bin lists are read as one flat buffer, not row by row)."""
+    if not table.num_rows:
+        return acc
+    types = np.asarray(table.column("machine_type").to_pylist(), dtype=object)
+    frames = table.column("fbank_frames").to_numpy()
+    per_bin = {}
+    for name in ("fbank_sum", "fbank_sumsq"):
+        col = table.column(name).combine_chunks()
+        per_bin[name] = col.flatten().to_numpy().reshape(len(col), -1)
+    for mt in sorted(set(types.tolist())):
+        rows = types == mt
+        a = acc.setdefault(mt, [0, 0.0, 0.0])
+        a[0] += int(frames[rows].sum())
+        a[1] = a[1] + per_bin["fbank_sum"][rows].sum(axis=0)
+        a[2] = a[2] + per_bin["fbank_sumsq"][rows].sum(axis=0)
+    return acc
+
+
+def stats_record(acc: dict) -> dict:
+    """The partial sums as a commit record's JSON ``stats``."""
+    return {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
+            for k, v in acc.items()}
+
+
+def run_stats(staging: str, files: list[str]) -> dict:
+    """Per machine type partial sums (frames, sum, sum of squares per bin) of this run's train normals."""
+    t = files_table(staging, files, ["machine_type", "split", "label", "fbank_frames", "fbank_sum", "fbank_sumsq"])
+    normal = pc.and_(pc.equal(t.column("split"), "train"),
+                     pc.fill_null(pc.equal(t.column("label"), "normal"), True))  # unlabelled train clips count as normal
+    return stats_record(add_partial_stats({}, t.filter(normal)))

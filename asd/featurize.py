@@ -31,85 +31,40 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from asd import SAMPLE_RATE, layout, storage
+from asd import layout, storage
 from asd.data import audio
 from asd.data.manifest import PROBLEM_SCHEMA, build_manifest
 from asd.features import (
+    ALIVE,
     FEATURE_SCHEMA,
     FEATURE_WRITE_OPTIONS,
     PARTITION_COLS,
+    Heartbeat,
+    commit_run,
     committed_keys,
-    drop_clips,
     feature_log,
-    partitioning,
     read_commits,
-    read_features_table,
+    staged_files,
+    vacuum,
+)
+from asd.frontend import (
+    FbankConfig,
+    ModulationConfig,
+    compute_fbank,
+    compute_modulation,
 )
 
 log = logging.getLogger(__name__)
 
 CONTENT_CHANGED = "content_changed"
-ALIVE = "_alive"  # a running featurize's heartbeat file in its staging folder
 WORKER_DIED = "worker_died"  # quarantine reason: the clip killed its worker process, repeatedly
-
-
-@dataclass
-class FbankConfig:
-    """Kaldi-compatible log-mel filterbank, the input BEATs/EAT-style encoders expect."""
-
-    num_mel_bins: int = 128
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    sample_rate: int = SAMPLE_RATE
-    dither: float = 0.0
-    dtype: str = "float16"  # storage dtype: float16 or float32
-
-
-@dataclass
-class ModulationConfig:
-    """The modulation spectrum of a clip: how fast the energy of each frequency band fluctuates.
-
-    Machine faults often show as periodic fluctuation rather than as a new spectral peak:
-    bearing defect impulses at BPFO/BPFI (tens to hundreds of Hz), a cracked gear tooth once per
-    revolution, valve timing, imbalance at the shaft rate. A 10 ms log-mel frame rate sees
-    fluctuation up to 50 Hz only and averages faster ones away; this front end keeps them.
-
-    Per clip: power STFT (``win`` samples, Hann, ``hop`` samples: 2 ms at 16 kHz, a 500 Hz
-    envelope rate), ``bands`` log-spaced bands from ``fmin_hz`` to ``fmax_hz`` (FFT bins weighted
-    by their overlap with a band, so narrow low bands are never empty), the log energy envelope
-    of each band with its mean removed and a Hann taper, ``|rfft|`` of it, averaged into ``bins``
-    equal bins over (0, ``max_hz``], log. Stored as a ``(bins, bands)`` matrix (columns ``mod``,
-    ``mod_bins``, ``mod_bands``, ``mod_dtype``), 8 KiB a clip at the defaults, whatever the clip
-    length: the input of :mod:`asd.models.modnet`.
-    """
-
-    enabled: bool = True
-    bands: int = 16
-    fmin_hz: float = 100.0
-    fmax_hz: float = 7900.0
-    win: int = 128
-    hop: int = 32
-    bins: int = 256  # modulation bins over (0, max_hz]; a multiple of 16 (training takes it whole)
-    max_hz: float = 250.0  # at most half the envelope rate (sample_rate / hop / 2)
-    dtype: str = "float16"
-
-    def check(self, sample_rate: int) -> None:
-        if self.bands < 1 or self.bins < 16 or self.bins % 16 or self.win < 8 or self.hop < 1:
-            raise ValueError(f"modulation: bands >= 1, bins a multiple of 16, win >= 8, hop >= 1 (got {self})")
-        if not 0 < self.fmin_hz < self.fmax_hz <= sample_rate / 2:
-            raise ValueError(f"modulation: need 0 < fmin_hz < fmax_hz <= {sample_rate / 2} (got {self})")
-        if not 0 < self.max_hz <= sample_rate / self.hop / 2:
-            raise ValueError(f"modulation: max_hz must be in (0, {sample_rate / self.hop / 2}] (half the envelope "
-                             f"rate at hop {self.hop}), got {self.max_hz}")
 
 
 @dataclass
@@ -164,65 +119,6 @@ class FeaturizeResult:
 # --------------------------------------------------------------------------------------
 # per-clip work (runs inside Ray tasks)
 # --------------------------------------------------------------------------------------
-
-
-def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
-    """(frames, num_mel_bins) float32 log-mel filterbank of a mono waveform in [-1, 1]."""
-    import torch
-    import torchaudio.compliance.kaldi as kaldi
-
-    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None] * 32768.0
-    fb = kaldi.fbank(
-        x,
-        num_mel_bins=cfg.num_mel_bins,
-        frame_length=cfg.frame_length_ms,
-        frame_shift=cfg.frame_shift_ms,
-        sample_frequency=cfg.sample_rate,
-        dither=cfg.dither,
-        htk_compat=True,
-        window_type="hanning",
-        use_energy=False,
-    )
-    return fb.numpy()
-
-
-def _overlap_weights(lo: np.ndarray, hi: np.ndarray, centres: np.ndarray, width: float) -> np.ndarray:
-    """(len(lo), len(centres)) share of each interval [lo, hi) covered by the cells
-    [centre - width / 2, centre + width / 2), divided by the interval's width (averaging weights)."""
-    a = np.maximum(lo[:, None], centres[None, :] - width / 2)
-    b = np.minimum(hi[:, None], centres[None, :] + width / 2)
-    return np.clip(b - a, 0.0, None) / (hi - lo)[:, None]
-
-
-def compute_modulation(wave: np.ndarray, sample_rate: int, cfg: ModulationConfig) -> np.ndarray:
-    """(cfg.bins, cfg.bands) float32 log modulation spectrum of a mono waveform (see :class:`ModulationConfig`)."""
-    x = np.asarray(wave, np.float64)
-    if x.shape[0] < cfg.win:
-        x = np.pad(x, (0, cfg.win - x.shape[0]))
-    n_frames = 1 + (x.shape[0] - cfg.win) // cfg.hop
-    frames = np.lib.stride_tricks.sliding_window_view(x, cfg.win)[:: cfg.hop][:n_frames]
-    power = np.abs(np.fft.rfft(frames * np.hanning(cfg.win), axis=1)) ** 2  # (n_frames, win/2 + 1)
-    edges = np.geomspace(cfg.fmin_hz, cfg.fmax_hz, cfg.bands + 1)
-    fft_hz = np.arange(power.shape[1]) * sample_rate / cfg.win
-    band_w = _overlap_weights(edges[:-1], edges[1:], fft_hz, sample_rate / cfg.win)  # (bands, fft bins)
-    env = np.log(power @ band_w.T + 1e-10)  # (n_frames, bands)
-    env = (env - env.mean(axis=0)) * np.hanning(n_frames)[:, None]
-    spec = np.abs(np.fft.rfft(env, axis=0))  # (n_frames // 2 + 1, bands)
-    rate = sample_rate / cfg.hop
-    spec[0] = 0.0  # the envelope's mean (removed above) is no modulation
-    means = _interval_means(spec, rate / n_frames, np.linspace(0.0, cfg.max_hz, cfg.bins + 1))
-    return np.log(means + 1e-6).astype(np.float32)
-
-
-def _interval_means(values: np.ndarray, width: float, edges: np.ndarray) -> np.ndarray:
-    """Means of a piecewise-constant function over [edges[k], edges[k + 1]): ``values[j]`` holds on
-    the cell [(j - 1/2) width, (j + 1/2) width); beyond the last cell it is 0. (len(edges) - 1, B)."""
-    n = values.shape[0]
-    cum = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)]) * width
-    pos = np.clip(edges / width + 0.5, 0.0, float(n))
-    i = np.minimum(np.floor(pos).astype(int), n - 1)
-    at = cum[i] + (pos - i)[:, None] * (cum[i + 1] - cum[i])
-    return (at[1:] - at[:-1]) / np.diff(edges)[:, None]
 
 
 def _quarantine_part(problems: list[dict], folder: str) -> None:
@@ -371,110 +267,11 @@ def _feature_table(rows: pa.Table, computed: dict[str, list], sums: list, sumsqs
 # feature views: a chosen subset of committed rows as a storage root of its own
 # --------------------------------------------------------------------------------------
 
-VIEW_RUN_ID = "view"
-
-
-def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str | None = "train",
-                       note: str = "") -> dict:
-    """Commit the rows of ``clip_ids`` (committed features of ``source_root``) as the features of
-    ``view_root``, in the featurize layout, so every reader of committed features (Ray Train's
-    :func:`asd.train.fit`, :func:`asd.embed.embed`) reads exactly that subset.
-
-    ``split`` (default ``"train"``) overwrites the rows' ``split`` column: a view is usually a
-    training set (e.g. one machine type's training clips, or a training split formed from normal
-    test clips), and training stages select ``split == "train"``; ``None`` keeps the stored split.
-    The view is rebuilt whole (its old features are removed first); its commit record is written
-    last, so readers see no view or the whole view. Normalisation statistics are recomputed over the
-    view's rows. Returns the commit record. Raises ``ValueError`` for an empty selection or clip ids
-    without committed features.
-    """
-    import pyarrow.compute as pc
-
-    ids = sorted({str(c) for c in clip_ids})
-    if not ids:
-        raise ValueError(f"empty feature view {view_root!r}: no clip ids given")
-    wanted = pa.array(ids, pa.string())
-    keys = read_features_table(source_root, columns=["clip_id", "machine_type", "section"],
-                               filter=pc.field("clip_id").isin(wanted))
-    found = set(keys.column("clip_id").to_pylist())
-    missing = [c for c in ids if c not in found]
-    if missing:
-        raise ValueError(f"{len(missing)} clip(s) have no committed features under {layout.features_dir(source_root)!r}, "
-                         f"e.g. {missing[:3]}")
-    fdir = layout.features_dir(view_root)
-    storage.remove(fdir)
-    files: list[str] = []
-    stats: dict = {}  # machine type -> partial sums, over every row of the view
-    clips: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    n_rows = 0
-    # one (machine type, section) partition at a time: the driver never holds more than one
-    for mt, sec in sorted(set(zip(keys.column("machine_type").to_pylist(), keys.column("section").to_pylist()))):
-        part = read_features_table(source_root, filter=(pc.field("machine_type") == mt) & (pc.field("section") == sec)
-                                   & pc.field("clip_id").isin(wanted))
-        if split is not None:
-            part = part.set_column(part.schema.get_field_index("split"), "split",
-                                   pa.array([split] * part.num_rows, pa.string()))
-        rel = f"machine_type={mt}/section={sec}/{VIEW_RUN_ID}.parquet"
-        storage.write_table(storage.join(fdir, rel), part.drop_columns(PARTITION_COLS), **FEATURE_WRITE_OPTIONS)
-        files.append(rel)
-        n_rows += part.num_rows
-        clips.update(zip(part.column("clip_id").to_pylist(), part.column("content_sha256").to_pylist()))
-        for k, v in _counts(part).items():
-            counts[k] = counts.get(k, 0) + v
-        _add_partial_stats(stats, part)
-    commit = {
-        "run_id": VIEW_RUN_ID,
-        "view_of": source_root,
-        "note": note,
-        "files": files,
-        "rows": n_rows,
-        "clips": clips,
-        "rejected": {},
-        "counts": counts,
-        "rejects": {},
-        "stats": _stats_record(stats),
-        "config_hash": sorted({c.get("config_hash") for c in read_commits(layout.features_dir(source_root))} - {None}),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    feature_log(fdir).append(lambda entries: commit)
-    return commit
 
 
 # --------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------
-
-
-def _vacuum(fdir: str, keep: set[str], after_s: float) -> None:
-    """Remove what dead runs left: staging folders whose heartbeat stopped more than ``after_s``
-    ago, and data files no commit names that belong to no live run (a live run's files, moved into
-    place a moment before its commit, are left alone)."""
-    fs, base = storage.filesystem(fdir)
-    if not fs.exists(base):
-        return
-    live = set()
-    stage_root = storage.join(fdir, "_staging")
-    sfs, spath = storage.filesystem(stage_root)
-    if sfs.exists(spath):
-        for run in sfs.ls(spath, detail=False):
-            run_id = run.rstrip("/").rsplit("/", 1)[-1]
-            alive = storage.join(stage_root, run_id, ALIVE)
-            if storage.exists(alive) and storage.age_seconds(alive) < after_s:
-                live.add(run_id)
-            else:
-                log.warning("removing the staging folder of run %s (no heartbeat for %.0f s)", run_id, after_s)
-                storage.remove(storage.join(stage_root, run_id))
-    for path in fs.find(base):
-        rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
-        if not rel.startswith("machine_type=") or not rel.endswith(".parquet") or rel in keep:
-            continue
-        name = posixpath.basename(rel)
-        if any(name.startswith(r + "-") for r in live):
-            continue
-        if storage.age_seconds(storage.join(fdir, rel)) >= after_s:
-            log.warning("removing uncommitted feature file %s (left by an interrupted run)", rel)
-            fs.rm(path)
 
 
 def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig) -> dict:
@@ -521,7 +318,7 @@ def featurize(
     seen = feature_log(fdir).entries()
     start_seq = seen[-1][0] if seen else -1  # commits after this one are concurrent runs'
     commits = read_commits(fdir, log=False) + [entry for _, entry in seen]
-    _vacuum(fdir, {rel for c in commits for rel in c["files"]}, cfg.vacuum_after_s)
+    vacuum(fdir, {rel for c in commits for rel in c["files"]}, cfg.vacuum_after_s)
     known, rejected = committed_keys(commits)
     storage.write_table(storage.join(output_root, "manifest", "manifest.parquet"), manifest.table)
 
@@ -534,7 +331,7 @@ def featurize(
     qdir = storage.join(run_dir, "quarantine")
     attempts = storage.join(run_dir, "attempts")
     files: list[str] = []
-    with _Heartbeat(storage.join(run_dir, ALIVE)):  # other runs' vacuum leaves a live run's files alone
+    with Heartbeat(storage.join(run_dir, ALIVE)):  # other runs' vacuum leaves a live run's files alone
         if todo.num_rows:
             if not ray.is_initialized():
                 ray.init()
@@ -567,9 +364,10 @@ def featurize(
             ds.write_parquet(staging_path, filesystem=afs, partition_cols=PARTITION_COLS,
                              try_create_dir=not storage.is_remote(staging), ray_remote_args={"num_cpus": cfg.num_cpus},
                              row_group_size=cfg.batch_size, **FEATURE_WRITE_OPTIONS)
-            files = _staged_files(staging)
+            files = staged_files(staging)
         problems = [asdict(p) for p in listing_problems] + _read_staged_quarantine(qdir)
-        commit, n_lost = _commit(fdir, staging, files, problems, run_id, cfg, start_seq) if files or problems else (None, 0)
+        commit, n_lost = (commit_run(fdir, staging, files, problems, run_id, start_seq, cfg.config_hash(), cfg.compute_stats)
+                          if files or problems else (None, 0))
     storage.remove(run_dir)
     commits = read_commits(fdir)
     n_rows = commit["rows"] if commit else 0
@@ -598,97 +396,6 @@ def featurize(
         commit_seq=commit["seq"] if commit else None,
         quarantine_uri=commit.get("quarantine") if commit else None,
     )
-
-
-def _commit(fdir: str, staging: str, files: list[str], problems: list[dict], run_id: str,
-            cfg: FeaturizeConfig, start_seq: int) -> tuple[dict | None, int]:
-    """Move this run's staged files into the store (named ``<run_id>-...``: invisible until a
-    commit names them) and add one commit to the store's log. When a concurrent run committed
-    some of the same clips first, their rows are dropped from this run's files (rewritten) and
-    its commit names only the rest, so every clip key is in the store once. Returns the commit
-    (with ``seq`` and ``quarantine``; None when nothing was left to add) and how many of this
-    run's clips a concurrent run committed first."""
-    moved = []
-    for rel in files:
-        dst_rel = posixpath.join(posixpath.dirname(rel), f"{run_id}-{posixpath.basename(rel)}")
-        fs, src_path = storage.filesystem(storage.join(staging, rel))
-        dst_path = storage.filesystem(storage.join(fdir, dst_rel))[1]
-        fs.makedirs(posixpath.dirname(dst_path) if storage.is_remote(fdir) else os.path.dirname(dst_path), exist_ok=True)
-        fs.mv(src_path, dst_path)
-        moved.append(dst_rel)
-    keys = _staged_table(fdir, moved, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
-    state = {"files": moved, "keys": keys, "problems": problems, "stats": None, "lost": set()}
-
-    def make(entries: list[tuple[int, dict]]) -> dict | None:
-        taken_clips, taken_rejects = committed_keys([e for seq, e in entries if seq > start_seq])
-        taken = set(taken_clips) | set(taken_rejects)
-        ids = state["keys"].column("clip_id").to_pylist()
-        lost = taken.intersection(ids)
-        if lost or state["stats"] is None:
-            if lost:  # a concurrent run committed these clips first
-                state["files"] = drop_clips(fdir, state["files"], lost, run_id)
-                state["keys"] = state["keys"].filter(pc.invert(pc.is_in(state["keys"].column("clip_id"),
-                                                                         pa.array(sorted(lost), pa.string()))))
-                state["lost"] |= lost
-            state["stats"] = _run_stats(fdir, state["files"]) if cfg.compute_stats else {}
-        lost_problems = {p["clip_id"] for p in state["problems"] if p["clip_id"] in taken}
-        state["lost"] |= lost_problems
-        state["problems"] = [p for p in state["problems"] if p["clip_id"] not in taken]
-        if not state["files"] and not state["problems"]:
-            return None
-        keys, problems = state["keys"], state["problems"]
-        quarantine = None
-        if problems:
-            quarantine = storage.join(fdir, "_quarantine", f"{run_id}.parquet")
-            storage.write_table(quarantine, pa.Table.from_pylist(problems, schema=PROBLEM_SCHEMA))
-        return {
-            "run_id": run_id,
-            "files": state["files"],
-            "rows": keys.num_rows,
-            "clips": dict(zip(keys.column("clip_id").to_pylist(), keys.column("content_sha256").to_pylist())),
-            "rejected": {p["clip_id"]: p.get("content_sha256") for p in problems},
-            "counts": _counts(keys),
-            "rejects": _reason_counts(problems),
-            "stats": state["stats"],
-            "config_hash": cfg.config_hash(),
-            "quarantine": quarantine,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-
-    got = feature_log(fdir).append(make)
-    if got is None:  # concurrent runs committed every clip of this one
-        for rel in state["files"]:
-            storage.remove(storage.join(fdir, rel))
-        return None, len(state["lost"])
-    seq, commit = got
-    return {**commit, "seq": seq}, len(state["lost"])
-
-
-class _Heartbeat:
-    """Rewrites ``uri`` every ``every_s`` seconds while the block runs (a run is alive)."""
-
-    def __init__(self, uri: str, every_s: float = 30.0):
-        import threading
-
-        self.uri, self.every_s = uri, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="featurize-heartbeat")
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                storage.atomic_write_text(self.uri, f"{time.time()}\n")
-            except Exception as exc:  # a missed beat only shortens what vacuum waits for
-                log.warning("heartbeat %s: %s", self.uri, exc)
-
-    def __enter__(self):
-        storage.atomic_write_text(self.uri, f"{time.time()}\n")
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[int]:
@@ -729,80 +436,6 @@ def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id, attempts_dir=N
     return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected, attempts_dir)
 
 
-def _staged_files(staging: str) -> list[str]:
-    fs, base = storage.filesystem(staging)
-    if not fs.exists(base):
-        return []
-    rels = []
-    for path in fs.find(base):
-        rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
-        if rel.endswith(".parquet") and not rel.startswith("_"):
-            rels.append(rel)
-    return sorted(rels)
-
-
-def _staged_table(staging: str, files: list[str], columns: list[str]) -> pa.Table:
-    import pyarrow.dataset as pds
-
-    if not files:
-        return FEATURE_SCHEMA.empty_table().select(columns)
-    afs, base = storage.arrow_filesystem(staging)
-    paths = [storage.arrow_filesystem(storage.join(staging, f))[1] for f in files]
-    return pds.dataset(paths, filesystem=afs, format="parquet", partitioning=partitioning(),
-                       partition_base_dir=base).to_table(columns=columns)
-
-
-def _counts(table: pa.Table) -> dict[str, int]:
-    """Clip counts keyed by ``machine_type/split/domain/label``."""
-    out: dict[str, int] = {}
-    for r in table.select(["machine_type", "split", "domain", "label"]).to_pylist():
-        key = "/".join(str(r[k]) for k in ("machine_type", "split", "domain", "label"))
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def _reason_counts(problems: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for p in problems:
-        out[p["reason"]] = out.get(p["reason"], 0) + 1
-    return out
-
-
-def _add_partial_stats(acc: dict, table: pa.Table) -> dict:
-    """Add the per machine type partial sums (frames, sum and sum of squares per bin) of
-    ``table``'s rows to ``acc`` (machine type -> [frames, sum, sumsq]), a few numpy sums per
-    machine type (the per-bin lists are read as one flat buffer, not row by row)."""
-    if not table.num_rows:
-        return acc
-    types = np.asarray(table.column("machine_type").to_pylist(), dtype=object)
-    frames = table.column("fbank_frames").to_numpy()
-    per_bin = {}
-    for name in ("fbank_sum", "fbank_sumsq"):
-        col = table.column(name).combine_chunks()
-        per_bin[name] = col.flatten().to_numpy().reshape(len(col), -1)
-    for mt in sorted(set(types.tolist())):
-        rows = types == mt
-        a = acc.setdefault(mt, [0, 0.0, 0.0])
-        a[0] += int(frames[rows].sum())
-        a[1] = a[1] + per_bin["fbank_sum"][rows].sum(axis=0)
-        a[2] = a[2] + per_bin["fbank_sumsq"][rows].sum(axis=0)
-    return acc
-
-
-def _stats_record(acc: dict) -> dict:
-    """The partial sums as a commit record's JSON ``stats``."""
-    return {k: {"count": int(v[0]), "sum": np.asarray(v[1]).tolist(), "sumsq": np.asarray(v[2]).tolist()}
-            for k, v in acc.items()}
-
-
-def _run_stats(staging: str, files: list[str]) -> dict:
-    """Per machine type partial sums (frames, sum, sum of squares per bin) of this run's train normals."""
-    t = _staged_table(staging, files, ["machine_type", "split", "label", "fbank_frames", "fbank_sum", "fbank_sumsq"])
-    normal = pc.and_(pc.equal(t.column("split"), "train"),
-                     pc.fill_null(pc.equal(t.column("label"), "normal"), True))  # unlabelled train clips count as normal
-    return _stats_record(_add_partial_stats({}, t.filter(normal)))
-
-
 def _read_staged_quarantine(qdir: str) -> list[dict]:
     fs, path = storage.filesystem(qdir)
     if not fs.exists(path):
@@ -811,14 +444,4 @@ def _read_staged_quarantine(qdir: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["clip_id"])
 
 
-__all__ = [
-    "FbankConfig",
-    "ModulationConfig",
-    "compute_modulation",
-    "FeaturizeConfig",
-    "FeaturizeResult",
-    "block_sizes",
-    "compute_fbank",
-    "featurize",
-    "write_feature_view",
-]
+__all__ = ["FeaturizeConfig", "FeaturizeResult", "block_sizes", "featurize", "featurize_batch"]

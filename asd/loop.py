@@ -106,7 +106,7 @@ class Objective(Protocol):
 
     name: str
     columns: tuple[str, ...]  # feature columns the objective needs besides its matrix (e.g. attributes)
-    input: str  # the feature matrix it trains on (asd.featurize.MATRICES), batched as batch["fbank"]
+    input: str  # the feature matrix it trains on (asd.features.MATRICES), batched as batch["fbank"]
     find_unused_parameters: bool
 
     def build(self) -> nn.Module:

@@ -122,7 +122,7 @@ def minimal(corpus: str, out: str) -> dict:
     from asd.data.audio import sha256
     from asd.data.manifest import build_manifest
     from asd.features import FEATURE_WRITE_OPTIONS
-    from asd.featurize import FbankConfig, compute_fbank
+    from asd.frontend import FbankConfig, compute_fbank
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

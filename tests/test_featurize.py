@@ -18,13 +18,8 @@ from asd.features import (
     load_stats,
     read_features_table,
 )
-from asd.featurize import (
-    FbankConfig,
-    FeaturizeConfig,
-    block_sizes,
-    compute_fbank,
-    featurize,
-)
+from asd.featurize import FeaturizeConfig, block_sizes, featurize
+from asd.frontend import FbankConfig, compute_fbank
 from tests.test_manifest import EXPECTED_PROBLEMS, make_tiny_corpus
 
 CFG = FeaturizeConfig(progress=False, rows_per_block=16, batch_size=8)

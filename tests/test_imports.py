@@ -43,7 +43,7 @@ def test_training_imports_without_ray_hydra_soundfile_or_s3fs():
 # or those below it (including lazy imports inside functions), never one above.
 LAYERS = [
     ["asd", "asd.storage", "asd.commitlog", "asd.resources"],
-    ["asd.layout", "asd.serving", "asd.data", "asd.data.audio", "asd.data.dcase", "asd.data.manifest",
+    ["asd.layout", "asd.serving", "asd.frontend", "asd.data", "asd.data.audio", "asd.data.dcase", "asd.data.manifest",
      "asd.data.synthetic", "asd.data.realistic", "asd.metrics", "asd.knn", "asd.report", "asd.ward", "asd.models",
      "asd.models.encoder", "asd.models.cnn", "asd.models.modnet", "asd.models.heads"],
     ["asd.features", "asd.embeddings", "asd.models.embedders"],

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from asd.features import matrix_array
-from asd.featurize import FeaturizeConfig, ModulationConfig, compute_modulation
+from asd.featurize import FeaturizeConfig
+from asd.frontend import ModulationConfig, compute_modulation
 from asd.models.encoder import load_checkpoint, save_checkpoint
 from asd.models.modnet import ModConfig, ModEncoder, RunningStandardize
 from tests.test_cnn import write_section_labels

@@ -74,7 +74,7 @@ Where this implementation differs, and why:
 
 Outputs: ``<root>/baselines/ae/features`` (the front end), ``<root>/baselines/ae/train_view``
 (the training clips' rows as a feature view, what Ray Train reads; see
-:func:`asd.featurize.write_feature_view`), ``<root>/checkpoints/<tag>`` (Ray Train checkpoints)
+:func:`asd.features.write_feature_view`), ``<root>/checkpoints/<tag>`` (Ray Train checkpoints)
 and, published atomically (staging folder, then ``_SUCCESS``), ``<root>/models/<tag>/``:
 ``config.json`` (front end, architecture, per-type offset, thresholds, training summary),
 ``<type>/autoencoder.pt`` (weights) and ``<type>/mahalanobis.npz`` (source and target
@@ -110,14 +110,14 @@ from asd.features import (
     read_commits,
     read_features_ray,
     read_features_table,
+    write_feature_view,
 )
 from asd.featurize import (
-    FbankConfig,
     FeaturizeConfig,
     FeaturizeResult,
     featurize,
-    write_feature_view,
 )
+from asd.frontend import FbankConfig
 from asd.knn import fit_threshold
 from asd.loop import ObjectiveBase, TrainConfig
 from asd.score import SCORE_SCHEMA

@@ -85,7 +85,7 @@ class ResBlock(nn.Module):
 class CNNEncoder(nn.Module):
     """Log-mel crops ``(B, T, F)`` -> embeddings ``(B, embed_dim)`` (see the module docstring)."""
 
-    input = "fbank"  # the feature matrix it reads (asd.featurize.MATRICES)
+    input = "fbank"  # the feature matrix it reads (asd.features.MATRICES)
 
     def __init__(self, cfg: CNNConfig | None = None):
         super().__init__()

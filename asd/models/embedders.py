@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 class Embedder(Protocol):
     name: str
-    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.featurize.MATRICES)
+    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.features.MATRICES)
 
     def __call__(self, *features: list[np.ndarray]) -> np.ndarray: ...
 

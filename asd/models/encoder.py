@@ -485,7 +485,7 @@ def _masked_moments(x: Tensor, valid: Tensor | None, var: bool = False) -> tuple
 class AudioEncoder(nn.Module):
     """ViT over 16x16 log-mel patches; module names and shapes follow BEATs (see module docstring)."""
 
-    input = "fbank"  # the feature matrix it reads (asd.featurize.MATRICES)
+    input = "fbank"  # the feature matrix it reads (asd.features.MATRICES)
 
     def __init__(self, cfg: EncoderConfig | str = "base"):
         super().__init__()

@@ -3,7 +3,7 @@
 Many machine faults change how the energy of a frequency band *fluctuates* rather than which
 frequencies sound: bearing defect impulses at BPFO/BPFI, a cracked gear tooth once per turn,
 imbalance at the shaft rate, valve timing. The featurize stage stores, per clip, the modulation
-spectrum of 16 band-energy envelopes up to 250 Hz (:class:`asd.featurize.ModulationConfig`,
+spectrum of 16 band-energy envelopes up to 250 Hz (:class:`asd.frontend.ModulationConfig`,
 feature matrix ``mod``: ``(bins, bands)``); :class:`ModEncoder` classifies the same (machine
 type, section, attribute) classes as :class:`asd.models.cnn.CNNEncoder` from it, and its
 embedding is concatenated with the log-mel CNN's at scoring time (the ``concat`` embedder of
@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 ARCH = "mod"
-INPUT = "mod"  # the feature matrix this encoder reads (asd.featurize.MATRICES)
+INPUT = "mod"  # the feature matrix this encoder reads (asd.features.MATRICES)
 
 
 @dataclass
