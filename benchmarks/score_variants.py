@@ -3,7 +3,7 @@
     python -m benchmarks.score_variants <evaluate root> [--tags eval-cnn-pseudo eval-mod-pseudo ...]
 
 Reads the embeddings that a ``jobs.evaluate`` run stored (``<root>/embeddings/<tag>``) and the
-run's split (the same :func:`asd.evaluate.plan_split` of its featurized clips), then scores the
+run's split (the same :func:`asd.split.plan_split` of its featurized clips), then scores the
 test clips under several kNN rules without training anything again:
 
 * ``raw``: the minimum over the source and target banks of the cosine kNN distance (k=1), as
@@ -124,7 +124,8 @@ def _official(test: pa.Table, score: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from asd.evaluate import LOGMEL, _clip_keys, plan_split
+    from asd.evaluate import LOGMEL, _clip_keys
+    from asd.split import plan_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("root")

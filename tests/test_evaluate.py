@@ -11,17 +11,8 @@ import pyarrow as pa
 import pytest
 
 from asd import storage
-from asd.evaluate import (
-    EXCLUDED,
-    TEST,
-    TRAIN,
-    EvaluateConfig,
-    MethodUnavailable,
-    data_sha256,
-    evaluate,
-    get_method,
-    plan_split,
-)
+from asd.evaluate import EvaluateConfig, MethodUnavailable, evaluate, get_method
+from asd.split import EXCLUDED, TEST, TRAIN, data_sha256, plan_split
 
 
 def _keys(rows):
@@ -323,7 +314,8 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     import pyarrow.parquet as pq
 
     from asd import knn
-    from asd.evaluate import LOGMEL, _clip_keys, plan_split
+    from asd.evaluate import LOGMEL, _clip_keys
+    from asd.split import plan_split
 
     plan = plan_split(_clip_keys(root, {LOGMEL}))
     ids = e.column("clip_id").to_pylist()

@@ -46,7 +46,7 @@ LAYERS = [
     ["asd.layout", "asd.serving", "asd.frontend", "asd.data", "asd.data.audio", "asd.data.dcase", "asd.data.manifest",
      "asd.data.synthetic", "asd.data.realistic", "asd.metrics", "asd.knn", "asd.report", "asd.ward", "asd.models",
      "asd.models.encoder", "asd.models.cnn", "asd.models.modnet", "asd.models.heads"],
-    ["asd.features", "asd.embeddings", "asd.models.embedders"],
+    ["asd.features", "asd.embeddings", "asd.models.embedders", "asd.split"],
     ["asd.featurize", "asd.loop", "asd.batches", "asd.checkpoints", "asd.faults", "asd.train"],
     ["asd.embed", "asd.pretrain", "asd.finetune", "asd.cluster"],
     ["asd.score"],
