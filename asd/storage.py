@@ -156,19 +156,29 @@ def read_json(uri: str) -> Any:
 
 def atomic_write_bytes(uri: str, data: bytes) -> str:
     """Write ``data`` so that a reader sees the old content or the whole new one."""
-    fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
+    fs, path = _with_parent(uri)
     if is_remote(uri):
         fs.pipe_file(path, data)  # one PUT: atomic per object
         return uri
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    os.replace(_finished_temp(path, data), path)
+    return uri
+
+
+def _with_parent(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``filesystem(uri)``, with the folder that will hold ``uri`` made."""
+    fs, path = filesystem(uri)
+    fs.makedirs(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), exist_ok=True)
+    return fs, path
+
+
+def _finished_temp(path: str, data: bytes) -> str:
+    """``data`` written and synced to a hidden temporary file beside the local ``path``."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return uri
+    return tmp
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -177,20 +187,14 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     temporary file (atomic, refuses an existing name). S3: one ``PutObject`` with
     ``If-None-Match: *`` (S3 answers 412 when the key exists; conditional writes need an S3
     or S3-compatible store that supports them: AWS S3 has since 2024, MinIO and moto do)."""
-    fs, path = filesystem(uri)
-    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
+    fs, path = _with_parent(uri)
     if is_remote(uri):
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
         return True
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _finished_temp(path, data)
     try:
         os.link(tmp, path)
     except FileExistsError:
