@@ -208,7 +208,10 @@ def _inbox(corpus, inbox: Path, n: int) -> list[Path]:
 
 def _overlapping_rescores(inbox: str, root: str, date: str, n_runs: int) -> list:
     """``n_runs`` rescoring runs of one night, each in its own process with its own Ray, started
-    together (separate drivers, as overlapping scheduled and manual runs are)."""
+    together (separate drivers, as overlapping scheduled and manual runs are). As threads of one
+    driver on the 2-CPU test cluster they deadlock inside Ray Data instead (each dataset's
+    embedding actors and read tasks hold part of the CPUs and wait for the rest), which says
+    nothing about the stores."""
     import json
     import os
     import subprocess
