@@ -1,5 +1,1 @@
-"""Thin Hydra entry points over ``asd``; importing the package registers the stage schemas."""
-
-from jobs import schema as _schema
-
-_schema.register()
+"""Thin Hydra entry points over ``asd`` (``jobs.schema`` holds the stage configs' schemas)."""

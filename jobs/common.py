@@ -49,6 +49,10 @@ def compose_config(job: str, overrides: list[str] | tuple[str, ...] = ()) -> Dic
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from jobs import schema
+
+    schema.register()
+
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -6,7 +6,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from asd.embed import EmbedConfig, embed
+from jobs import schema
 from jobs.common import run_job, to_dataclass
+
+schema.register("embed")
 
 
 def run(cfg: DictConfig) -> dict:

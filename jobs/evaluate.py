@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from asd import storage
 from asd.evaluate import EvaluateConfig, evaluate
 from jobs import make_corpus as make_corpus_job
+from jobs import schema
 from jobs.common import refuse_path_as_data, run_job, to_dataclass
+
+schema.register()  # every stage's schema
 
 
 def evaluate_config(cfg: DictConfig) -> EvaluateConfig:

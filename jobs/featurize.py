@@ -6,7 +6,10 @@ import hydra
 from omegaconf import DictConfig
 
 from asd.featurize import FeaturizeConfig, featurize
+from jobs import schema
 from jobs.common import refuse_path_as_data, run_job, to_dataclass
+
+schema.register("featurize")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -12,7 +12,10 @@ import hydra
 from omegaconf import DictConfig
 
 from asd.finetune import FinetuneConfig, finetune
+from jobs import schema
 from jobs.common import run_job, stage_configs, training_summary
+
+schema.register("finetune")
 
 
 def run(cfg: DictConfig, node: DictConfig | None = None) -> dict:

@@ -35,6 +35,7 @@ from jobs import finetune as finetune_job
 from jobs import make_corpus as make_corpus_job
 from jobs import pretrain as pretrain_job
 from jobs import pseudo_label as pseudo_label_job
+from jobs import schema
 from jobs import score as score_job
 from jobs.common import (
     apply_device,
@@ -46,6 +47,8 @@ from jobs.common import (
     refuse_path_as_data,
     setup_logging,
 )
+
+schema.register()  # every stage's schema
 
 STAGES = ["make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune", "score"]
 

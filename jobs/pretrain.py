@@ -11,7 +11,10 @@ import hydra
 from omegaconf import DictConfig
 
 from asd.pretrain import PretrainConfig, pretrain
+from jobs import schema
 from jobs.common import run_job, stage_configs, training_summary
+
+schema.register("pretrain")
 
 
 def run(cfg: DictConfig) -> dict:

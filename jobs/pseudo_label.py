@@ -10,7 +10,10 @@ from asd import storage
 from asd.cluster import pseudo_label
 from asd.layout import embeddings_dir
 from asd.ward import ClusterConfig
+from jobs import schema
 from jobs.common import run_job
+
+schema.register("embed", "cluster")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -8,7 +8,10 @@ from omegaconf import DictConfig
 from asd.featurize import FeaturizeConfig
 from asd.rescore import RescoreConfig, rescore
 from asd.score import ScoreConfig
+from jobs import schema
 from jobs.common import run_job, to_dataclass
+
+schema.register("featurize", "score")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -19,25 +19,19 @@ default.
 | ``ae`` | the DCASE autoencoder baseline | ``asd.baselines.autoencoder.AEConfig`` + ``train`` (its published settings) |
 | ``method_embed`` | an embedding inside an evaluation method | ``asd.embed.EmbedConfig`` |
 
-Registration happens on import of ``jobs`` (``jobs/__init__.py``), before any job composes.
+Each job module registers the groups its config uses when it is imported (before Hydra composes);
+``jobs.common.compose_config`` registers them all. A schema is built, and its stage module
+imported, only when registered.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-
-from asd.baselines.autoencoder import AEConfig, default_train_config
-from asd.embed import EmbedConfig
-from asd.featurize import FeaturizeConfig
-from asd.finetune import FinetuneConfig
-from asd.loop import TrainConfig
-from asd.pretrain import PretrainConfig
-from asd.score import ScoreConfig
-from asd.ward import ClusterConfig
 
 SCHEMA = "schema"  # the option name of each group's schema
 
@@ -62,41 +56,93 @@ def with_fields(cls: type, name: str, extra: list[tuple[str, Any, dataclasses.Fi
     return dataclasses.make_dataclass(name, [*spec, *extra])
 
 
-TrainNode = with_fields(TrainConfig, "TrainNode")
-
-
-def _train(factory=TrainConfig) -> tuple[str, Any, dataclasses.Field]:
+def _train(factory) -> tuple[str, Any, dataclasses.Field]:
     """A stage's ``train:`` node (``factory``'s values); its Ray Train run (and checkpoint folder) is
     named after the stage's tag."""
-    def node():
-        values = {k: v for k, v in dataclasses.asdict(factory()).items() if k not in TEST_ONLY}
-        return TrainNode(**{**values, "name": "${..tag}"})
-    return ("train", TrainNode, dataclasses.field(default_factory=node))
+    from asd.loop import TrainConfig
+
+    node_cls = node("train")
+
+    def make():
+        values = {k: v for k, v in dataclasses.asdict((factory or TrainConfig)()).items() if k not in TEST_ONLY}
+        return node_cls(**{**values, "name": "${..tag}"})
+    return ("train", node_cls, dataclasses.field(default_factory=make))
 
 
-PretrainNode = with_fields(PretrainConfig, "PretrainNode", [_train()])
-FinetuneNode = with_fields(FinetuneConfig, "FinetuneNode", [_train()])
-AENode = with_fields(AEConfig, "AENode", [_train(default_train_config)])
-FeaturizeNode = with_fields(FeaturizeConfig, "FeaturizeNode")
-EmbedNode = with_fields(EmbedConfig, "EmbedNode", [
-    ("tag", str, dataclasses.field(default="???")),  # <root>/embeddings/<tag>: each option names it
-    ("after", Optional[str], dataclasses.field(default=None)),  # pipeline: embed once this stage has run
-])
+def _pretrain():
+    from asd.pretrain import PretrainConfig
+    return with_fields(PretrainConfig, "PretrainNode", [_train(None)])
 
-GROUPS: dict[str, type] = {
-    "pretrain": PretrainNode,
-    "finetune": FinetuneNode,
-    "embed": EmbedNode,
-    "score": ScoreConfig,
-    "cluster": ClusterConfig,
-    "featurize": FeaturizeNode,
-    "ae": AENode,
-    "method_embed": EmbedConfig,
+
+def _finetune():
+    from asd.finetune import FinetuneConfig
+    return with_fields(FinetuneConfig, "FinetuneNode", [_train(None)])
+
+
+def _ae():
+    from asd.baselines.autoencoder import AEConfig, default_train_config
+    return with_fields(AEConfig, "AENode", [_train(default_train_config)])
+
+
+def _embed():
+    from asd.embed import EmbedConfig
+    return with_fields(EmbedConfig, "EmbedNode", [
+        ("tag", str, dataclasses.field(default="???")),  # <root>/embeddings/<tag>: each option names it
+        ("after", Optional[str], dataclasses.field(default=None)),  # pipeline: embed once this stage has run
+    ])
+
+
+def _method_embed():
+    from asd.embed import EmbedConfig
+    return EmbedConfig
+
+
+def _score():
+    from asd.score import ScoreConfig
+    return ScoreConfig
+
+
+def _cluster():
+    from asd.ward import ClusterConfig
+    return ClusterConfig
+
+
+def _featurize():
+    from asd.featurize import FeaturizeConfig
+    return with_fields(FeaturizeConfig, "FeaturizeNode")
+
+
+def _train_node():
+    from asd.loop import TrainConfig
+    return with_fields(TrainConfig, "TrainNode")
+
+
+# group -> how to build its schema; built (and the stage module imported) only when a job needs it,
+# so a featurize or rescoring job's driver does not import torch for the training stages' configs
+_BUILDERS: dict[str, Callable[[], type]] = {
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "embed": _embed,
+    "score": _score,
+    "cluster": _cluster,
+    "featurize": _featurize,
+    "ae": _ae,
+    "method_embed": _method_embed,
 }
+GROUPS = tuple(_BUILDERS)
+_BUILT: dict[str, type] = {}
 
 
-def register() -> None:
-    """Store every group's schema in Hydra's ConfigStore (idempotent)."""
+def node(group: str) -> type:
+    """The schema dataclass of ``group`` (``"train"``: a training stage's ``train:`` node)."""
+    if group not in _BUILT:
+        _BUILT[group] = _train_node() if group == "train" else _BUILDERS[group]()
+    return _BUILT[group]
+
+
+def register(*groups: str) -> None:
+    """Store the schemas of ``groups`` (default: every group) in Hydra's ConfigStore; each job
+    module registers the groups its config uses before Hydra composes it (idempotent)."""
     cs = ConfigStore.instance()
-    for group, node in GROUPS.items():
-        cs.store(group=group, name=SCHEMA, node=node)
+    for group in groups or GROUPS:
+        cs.store(group=group, name=SCHEMA, node=node(group))

@@ -8,7 +8,10 @@ from omegaconf import DictConfig
 from asd import layout, storage
 from asd.layout import embeddings_dir
 from asd.score import ScoreConfig, score
+from jobs import schema
 from jobs.common import run_job, to_dataclass
+
+schema.register("embed", "score")
 
 
 def run(cfg: DictConfig) -> dict:

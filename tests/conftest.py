@@ -34,6 +34,10 @@ from jobs.common import ray_data_defaults  # noqa: E402  (after the environment 
 
 ray_data_defaults(cpus=2)  # the test session's Ray has 2 logical CPUs (ray_session)
 
+from jobs import schema  # noqa: E402
+
+schema.register()  # tests compose every job's config directly (as each job module does for its own)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

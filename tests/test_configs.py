@@ -24,7 +24,7 @@ def _defaults(raw: dict) -> list[str]:
 def _effective(group: str, name: str):
     """What an option composes to within its group: its defaults list, then its own keys."""
     if name == schema.SCHEMA:
-        return OmegaConf.structured(schema.GROUPS[group])
+        return OmegaConf.structured(schema.node(group))
     raw = _raw(group, name)
     base = OmegaConf.merge(*(_effective(group, d) for d in _defaults(raw)))
     return OmegaConf.merge(base, {k: v for k, v in raw.items() if k != "defaults"})
@@ -67,7 +67,7 @@ def test_an_option_starts_from_its_dataclass_and_states_only_what_differs(group,
 
 def test_evaluate_method_embeddings_state_only_what_differs():
     raw = yaml.safe_load((CONF / "evaluate.yaml").read_text())
-    base = OmegaConf.to_container(OmegaConf.structured(schema.GROUPS["method_embed"]))
+    base = OmegaConf.to_container(OmegaConf.structured(schema.node("method_embed")))
     for method in ("logmel", "pretrained", "finetuned", "cnn", "mod"):
         assert not _restated(raw[method].get("embed", {}), base), method
 
