@@ -158,7 +158,7 @@ def test_overlapping_featurize_runs_commit_every_clip_once(ray_session, small_co
 
 
 def test_a_run_killed_after_moving_its_files_leaves_nothing_visible(ray_session, small_corpus, tmp_path, monkeypatch):
-    from asd import featurize as featurize_mod
+    from asd import features as features_mod
 
     root = str(tmp_path / "run")
 
@@ -168,13 +168,13 @@ def test_a_run_killed_after_moving_its_files_leaves_nothing_visible(ray_session,
     def killed(entries):
         raise Killed
 
-    real_log = featurize_mod.feature_log
+    real_log = features_mod.feature_log
 
     class DyingLog(commitlog.CommitLog):
         def append(self, make, **kw):
             return killed([])
 
-    monkeypatch.setattr(featurize_mod, "feature_log", lambda fdir: DyingLog(real_log(fdir).uri))
+    monkeypatch.setattr(features_mod, "feature_log", lambda fdir: DyingLog(real_log(fdir).uri))
     with pytest.raises(Killed):
         featurize(small_corpus, root, FCFG)
     monkeypatch.undo()
