@@ -11,7 +11,7 @@ import pytest
 from asd import commitlog, storage
 from asd.embed import EmbedConfig, embed
 from asd.embeddings import read_embeddings
-from asd.features import feature_log, read_commits, read_features_table
+from asd.features import feature_log, files_table, read_commits, read_features_table
 from asd.featurize import FeaturizeConfig, featurize
 from asd.layout import features_dir
 from asd.rescore import RescoreConfig, rescore
@@ -46,8 +46,9 @@ def _run_together(fns: list) -> list:
 
 
 class _Reader:
-    """Reads the feature store over and over while writers run; each look must be whole commits:
-    the rows a reader sees are exactly those its commits name, each clip once."""
+    """Reads the feature store over and over while writers run, as a reader does (the commits,
+    then the files they name); each look must be whole commits: the rows are exactly the clips
+    those commits name, each once, and every named file exists."""
 
     def __init__(self, root: str):
         self.root, self.looks, self.problems = root, 0, []
@@ -58,8 +59,9 @@ class _Reader:
         fdir = features_dir(self.root)
         while not self._stop.is_set():
             try:
-                commits = read_commits(fdir)
-                ids = read_features_table(self.root, columns=["clip_id"]).column("clip_id").to_pylist()
+                commits = read_commits(fdir)  # one look: these commits, then exactly their files
+                files = [rel for commit in commits for rel in commit["files"]]
+                ids = files_table(fdir, files, ["clip_id"]).column("clip_id").to_pylist()
             except FileNotFoundError as exc:  # a file a commit names must exist
                 self.problems.append(f"a committed file was missing: {exc}")
                 continue
