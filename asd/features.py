@@ -335,11 +335,12 @@ def vacuum(fdir: str, keep: set[str], after_s: float) -> None:
     if sfs.exists(spath):
         for run in sfs.ls(spath, detail=False):
             run_id = run.rstrip("/").rsplit("/", 1)[-1]
-            alive = storage.join(stage_root, run_id, ALIVE)
-            if storage.exists(alive) and storage.age_seconds(alive) < after_s:
+            # the heartbeat, or anything else the run wrote (a run that is starting has a folder
+            # before its first heartbeat lands)
+            if _quiet_for(storage.join(stage_root, run_id)) < after_s:
                 live.add(run_id)
             else:
-                log.warning("removing the staging folder of run %s (no heartbeat for %.0f s)", run_id, after_s)
+                log.warning("removing the staging folder of run %s (nothing written for %.0f s)", run_id, after_s)
                 storage.remove(storage.join(stage_root, run_id))
     for path in fs.find(base):
         rel = posixpath.relpath(path.replace("\\", "/"), base.replace("\\", "/"))
@@ -351,6 +352,17 @@ def vacuum(fdir: str, keep: set[str], after_s: float) -> None:
         if storage.age_seconds(storage.join(fdir, rel)) >= after_s:
             log.warning("removing uncommitted feature file %s (left by an interrupted run)", rel)
             fs.rm(path)
+
+
+def _quiet_for(folder: str) -> float:
+    """Seconds since anything under ``folder`` was last written (its heartbeat ``ALIVE`` is
+    rewritten every 30 s while its run lives); an empty local folder counts from its own time."""
+    fs, path = storage.filesystem(folder)
+    try:
+        ages = [storage.age_seconds(storage.to_uri(fs, p)) for p in fs.find(path)]
+        return min(ages) if ages else storage.age_seconds(folder)
+    except FileNotFoundError:  # its run finished and removed it meanwhile
+        return 0.0
 
 
 def commit_run(fdir: str, staging: str, files: list[str], problems: list[dict], run_id: str, start_seq: int,
