@@ -273,8 +273,10 @@ def test_three_overlapping_nightly_runs_on_s3(served_root, small_corpus, s3_buck
     n = len(_inbox(small_corpus, local_inbox, 12))
     inbox = f"{s3_bucket}/inbox/2026-12-02"
     fs.put(str(local_inbox) + "/", inbox + "/", recursive=True)
-    results = _overlapping_rescores(inbox, root, "2026-12-02", 3)
+    with _Reader(f"{root}/rescore/_work/date=2026-12-02") as reader:
+        results = _overlapping_rescores(inbox, root, "2026-12-02", 3)
     _check_night(root, "2026-12-02", results, n)
+    assert reader.looks > 0 and not reader.problems, reader.problems
     # rerun: nothing new, nothing duplicated
     again = rescore(inbox, root, date="2026-12-02", cfg=RCFG)
     assert again.n_new == 0 and not again.changed
