@@ -55,6 +55,11 @@ class CommitLog:
     def read(self, seq: int) -> dict:
         return storage.read_json(storage.join(self.uri, _name(seq)))
 
+    def create(self, seq: int, entry: dict) -> bool:
+        """Write ``entry`` as number ``seq`` unless that number exists (then False)."""
+        data = (json.dumps(entry, indent=1, sort_keys=True, default=str) + "\n").encode()
+        return storage.create_exclusive(storage.join(self.uri, _name(seq)), data)
+
     def entries(self, after: int = -1) -> list[tuple[int, dict]]:
         """``(seq, entry)`` of every entry after ``after``, in order."""
         out = []
@@ -67,18 +72,17 @@ class CommitLog:
         return out
 
     def append(self, make: Callable[[list[tuple[int, dict]]], dict | None],
-               seen: list[tuple[int, dict]] | None = None, attempts: int = 1000) -> tuple[int, dict] | None:
+               attempts: int = 1000) -> tuple[int, dict] | None:
         """Add one entry. ``make(entries)`` builds it from every entry so far (called again with
         the longer log whenever another writer got the number first) or returns None to add
         nothing. Returns ``(seq, entry)``, or None when ``make`` declined."""
-        entries = list(seen) if seen is not None else self.entries()
+        entries = self.entries()
         for _ in range(attempts):
             entry = make(entries)
             if entry is None:
                 return None
             seq = entries[-1][0] + 1 if entries else 0
-            data = (json.dumps(entry, indent=1, sort_keys=True, default=str) + "\n").encode()
-            if storage.create_exclusive(storage.join(self.uri, _name(seq)), data):
+            if self.create(seq, entry):
                 return seq, entry
             entries = entries + self.entries(after=entries[-1][0] if entries else -1)
         raise RuntimeError(f"{self.uri}: no free entry after {attempts} attempts")
@@ -126,8 +130,7 @@ class Lease:
                     log.warning("%s: taking over the expired hold of %s", self.log.uri, entries[-1][1].get("owner"))
                 seq = entries[-1][0] + 1 if entries else 0
                 hold = {"op": "hold", "owner": self.owner, "time": time.time(), "expires": time.time() + self.ttl_s}
-                if storage.create_exclusive(storage.join(self.log.uri, _name(seq)),
-                                            (json.dumps(hold, sort_keys=True) + "\n").encode()):
+                if self.log.create(seq, hold):
                     self.seq = seq
                     return self
                 continue  # another taker created that entry first: look again at once
@@ -141,9 +144,7 @@ class Lease:
         if self.seq is None:
             return
         seq, self.seq = self.seq, None
-        entry = {"op": "release", "owner": self.owner, "time": time.time()}
-        data = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        if not storage.create_exclusive(storage.join(self.log.uri, _name(seq + 1)), data):
+        if not self.log.create(seq + 1, {"op": "release", "owner": self.owner, "time": time.time()}):
             log.warning("%s: our hold (entry %d) expired and was taken over before we released it",
                         self.log.uri, seq)
             return

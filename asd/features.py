@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import time
 
@@ -269,8 +268,6 @@ def write_feature_view(source_root: str, view_root: str, clip_ids, *, split: str
     view's rows. Returns the commit record. Raises ``ValueError`` for an empty selection or clip ids
     without committed features.
     """
-    import pyarrow.compute as pc
-
     ids = sorted({str(c) for c in clip_ids})
     if not ids:
         raise ValueError(f"empty feature view {view_root!r}: no clip ids given")
@@ -377,9 +374,7 @@ def commit_run(fdir: str, staging: str, files: list[str], problems: list[dict], 
     for rel in files:
         dst_rel = posixpath.join(posixpath.dirname(rel), f"{run_id}-{posixpath.basename(rel)}")
         fs, src_path = storage.filesystem(storage.join(staging, rel))
-        dst_path = storage.filesystem(storage.join(fdir, dst_rel))[1]
-        fs.makedirs(posixpath.dirname(dst_path) if storage.is_remote(fdir) else os.path.dirname(dst_path), exist_ok=True)
-        fs.mv(src_path, dst_path)
+        fs.mv(src_path, storage.ensure_parent(storage.join(fdir, dst_rel))[1])
         moved.append(dst_rel)
     keys = files_table(fdir, moved, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
     state = {"files": moved, "keys": keys, "problems": problems, "stats": None, "lost": set()}

@@ -156,7 +156,7 @@ def read_json(uri: str) -> Any:
 
 def atomic_write_bytes(uri: str, data: bytes) -> str:
     """Write ``data`` so that a reader sees the old content or the whole new one."""
-    fs, path = _with_parent(uri)
+    fs, path = ensure_parent(uri)
     if is_remote(uri):
         fs.pipe_file(path, data)  # one PUT: atomic per object
         return uri
@@ -164,8 +164,8 @@ def atomic_write_bytes(uri: str, data: bytes) -> str:
     return uri
 
 
-def _with_parent(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``filesystem(uri)``, with the folder that will hold ``uri`` made."""
+def ensure_parent(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``filesystem(uri)``, with the folder that will hold ``uri`` made (a no-op on object stores' virtual folders)."""
     fs, path = filesystem(uri)
     fs.makedirs(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), exist_ok=True)
     return fs, path
@@ -187,7 +187,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     temporary file (atomic, refuses an existing name). S3: one ``PutObject`` with
     ``If-None-Match: *`` (S3 answers 412 when the key exists; conditional writes need an S3
     or S3-compatible store that supports them: AWS S3 has since 2024, MinIO and moto do)."""
-    fs, path = _with_parent(uri)
+    fs, path = ensure_parent(uri)
     if is_remote(uri):
         try:
             fs.pipe_file(path, data, mode="create")
