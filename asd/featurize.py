@@ -369,7 +369,7 @@ def featurize(
         commit, n_lost = (commit_run(fdir, staging, files, problems, run_id, start_seq, cfg.config_hash(), cfg.compute_stats)
                           if files or problems else (None, 0))
     storage.remove(run_dir)
-    commits = read_commits(fdir)
+    commits += [entry for _, entry in feature_log(fdir).entries(after=start_seq)]  # ours and concurrent runs'
     n_rows = commit["rows"] if commit else 0
     committed_problems = [p for p in problems if commit and p["clip_id"] in commit["rejected"]]
     n_quar = len(committed_problems)

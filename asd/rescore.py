@@ -128,16 +128,14 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
                                                 progress=cfg.featurize.progress))
     night = read_embeddings(emb.embeddings)
     out = rescore_partition_dir(root, date)
-    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score,
-                                    embedding_blocks(model["embeddings"]))
     # What was scored and what this run adds are decided and published under one lease over the
     # nightly store, so overlapping runs (a slow night and the next, a manual rerun) score every
     # clip once: the second finds the first's rows and adds only what is left.
     with commitlog.Lease(storage.join(rescore_dir(root), "_lease")):
-        return _score_and_publish(root, night, out, model, banks, thresholds, feat, date, inbox, cfg, t0)
+        return _score_and_publish(root, night, out, model, feat, date, inbox, cfg, t0)
 
 
-def _score_and_publish(root, night, out, model, banks, thresholds, feat, date, inbox, cfg, t0) -> RescoreResult:
+def _score_and_publish(root, night, out, model, feat, date, inbox, cfg, t0) -> RescoreResult:
     """The critical section of :func:`rescore` (under the nightly store's lease)."""
     seen = scored_hashes(root)
     new = night.filter(pc.invert(pc.is_in(night.column("content_sha256"), pa.array(sorted(seen), pa.string()))))
@@ -146,6 +144,8 @@ def _score_and_publish(root, night, out, model, banks, thresholds, feat, date, i
     if new.num_rows == 0:
         log.info("rescore %s: nothing new in %s (%d clips already scored)", date, inbox, night.num_rows)
         return _result(date, out, model, night, new, feat, old, changed=False, t0=t0)
+    banks, thresholds = build_banks(training_embeddings(model["embeddings"]), cfg.score,
+                                    embedding_blocks(model["embeddings"]))
     scored = score_table(new, banks, thresholds, cfg.score.k)
     rows = pa.table({
         "clip_id": scored.column("clip_id"),
