@@ -86,3 +86,13 @@ def test_gpu_check_knows_the_peaks_of_the_devices_it_names():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA L40S") == 362e12
     assert peak_flops("NVIDIA L40") is None and peak_flops("NVIDIA A10G") is None  # unknown: no MFU, not a guess
+
+
+def test_real_line_counts_won_types_where_a_corpus_has_one_clip_of_each_kind():
+    # two test clips per type: every AUC is 0 or 1 and one lost type makes the official score 0
+    metrics = {"per_type": {"fan": 1.0, "gearbox": 0.0, "slider": None, "valve": 1.0}}
+    assert accuracy._types_won(metrics) == [2, 3]
+    tiny = {"official_scores": {"m": 0.0}, "test_clips": {"fan": 2, "gearbox": 2}, "types_won": {"m": [2, 3]}}
+    assert accuracy._real_line(tiny) == "anomaly ranked above the normal clip on m 2/3 types (1 normal + 1 anomaly per type)"
+    real = {"official_scores": {"m": 0.5432}, "test_clips": {"fan": 57}, "types_won": {"m": [1, 1]}}
+    assert accuracy._real_line(real) == "m 54.32"
