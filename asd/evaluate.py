@@ -673,6 +673,7 @@ def _write_report(input_uri, root, cfg, name, config_snapshot, report_to, keys, 
               _type_scores_markdown(results),
               "## Per machine type and metric (percent; AUC-s, AUC-t, pAUC are harmonic means over sections)", "",
               table_md]
+    lines += _pseudo_label_markdown(per_method)
     notes = _notes(per_method)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -713,6 +714,59 @@ def _type_scores_markdown(results: dict[str, metrics.MetricsResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_CLUSTERED = {"logmel": "log-mel statistics of the training clips",
+              "pretrained": "the pre-trained encoder's embeddings of the training clips"}
+
+
+def pseudo_label_sets(per_method: dict) -> list[dict]:
+    """The pseudo labellings the methods trained on, each once: ``{"labels", "clustered",
+    "quality", "methods"}`` (``quality``: per machine type ARI/NMI against the real attributes,
+    :func:`asd.cluster.pseudo_label`). The CNNs' labels cluster ``cnn.cluster_embed``; the
+    fine-tuned encoder's cluster the pre-trained encoder's embeddings, as the pipeline does."""
+    sets: dict[str, dict] = {}
+
+    def add(method: str, info: dict | None, clustered: str | None) -> None:
+        if not info or not info.get("pseudo_label_quality"):
+            return
+        entry = sets.setdefault(info["labels"], {"labels": info["labels"], "clustered": clustered,
+                                                 "quality": info["pseudo_label_quality"], "methods": []})
+        if method not in entry["methods"]:
+            entry["methods"].append(method)
+
+    for m, d in per_method.items():
+        info = d.get("info") or {}
+        add(m, info.get("finetune"), "pretrained")
+        tr = info.get("training") or {}
+        if "steps" in tr:
+            add(m, tr, tr.get("clustered"))
+        else:
+            for v in tr.values():
+                if isinstance(v, dict):
+                    add(m, v, v.get("clustered"))
+    return list(sets.values())
+
+
+def _pseudo_label_markdown(per_method: dict) -> list[str]:
+    """Per labelling, per machine type: how the Ward pseudo labels agree with the real attributes."""
+    sets = pseudo_label_sets(per_method)
+    if not sets:
+        return []
+    lines = ["## Pseudo labels against the real attributes (training split)", ""]
+    for s in sets:
+        what = _CLUSTERED.get(s["clustered"], str(s["clustered"]))
+        lines += [f"Ward clusters of {what} (`{s['labels']}`), used by {', '.join(s['methods'])}:", "",
+                  "| machine type | clips | pseudo classes | real classes | ARI | NMI |", "|---|---:|---:|---:|---:|---:|"]
+        for mt, q in sorted(s["quality"].items()):
+            ari, nmi = q.get("ari"), q.get("nmi")
+            lines.append(f"| {mt} | {q.get('n_clips')} | {q.get('n_pseudo_classes')} | {q.get('n_real_classes')} | "
+                         + (f"{ari:.3f}" if ari is not None else "n/a") + " | "
+                         + (f"{nmi:.3f}" if nmi is not None else "n/a") + " |")
+        lines.append("")
+    lines += ["Machine types without real attribute labels (`noAttribute`) have no row: there is nothing to "
+              "compare their clusters with.", ""]
+    return lines
+
+
 def _notes(per_method: dict) -> list[str]:
     notes = []
     for m in ("ae_mse", "ae_mahalanobis"):
@@ -745,9 +799,16 @@ def _notes(per_method: dict) -> list[str]:
         if m in ("ae_mse", "ae_mahalanobis"):  # described above
             continue
         pre = d["info"].get("pretrain")
+        ft = d["info"].get("finetune")
         tr = d["info"].get("training") or {}
         members = {k: v for k, v in tr.items() if isinstance(v, dict)} if "steps" not in tr else {}
-        if pre:
+        if ft:
+            acc = ft.get("final_accuracy")
+            notes.append(f"{m}: encoder fine-tuned in this run for {ft.get('steps')} steps from the encoder "
+                         f"pre-trained in this run, on Ward pseudo labels of that encoder's embeddings of the "
+                         f"training split ({ft.get('num_classes')} classes"
+                         + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "") + ").")
+        elif pre:
             notes.append(f"{m}: encoder pre-trained in this run for {pre['steps']} steps on the training split "
                          f"(final loss {pre['final_loss']:.4g}).")
         elif "steps" in tr:

@@ -225,6 +225,10 @@ def test_finetuned_knn_fine_tunes_in_the_run_on_pseudo_labels_of_the_training_sp
     train_ids = set(read_train_ids(root))
     assert set(labels.column("clip_id").to_pylist()) == train_ids  # pseudo labels of the training split only
     assert ft["num_classes"] >= 3 and 0.0 <= out["official_scores"]["finetuned_knn"] <= 1.0
+    md = open(out["report_md"]).read()
+    assert "finetuned_knn: encoder fine-tuned in this run for 3 steps" in md and "trained outside" not in md
+    assert (f"Ward clusters of the pre-trained encoder's embeddings of the training clips (`{root}/labels/eval-finetune`), "
+            "used by finetuned_knn") in md
 
 
 def read_train_ids(root):
@@ -334,3 +338,27 @@ def test_mod_and_fused_methods_share_the_pseudo_labels_and_the_trained_encoders(
     md = open(out["report_md"]).read()
     assert "mod_pseudo: encoder trained from scratch in this run for 4 steps" in md and "trained outside" not in md
     assert "2 models side by side in one run" in md
+    assert (f"Ward clusters of log-mel statistics of the training clips (`{cnn_info['labels']}`), used by "
+            "cnn_pseudo, mod_pseudo, fused_pseudo:") in md
+    assert md.count("## Pseudo labels against the real attributes") == 1
+
+
+def test_pseudo_label_sets_lists_each_labelling_once_with_the_methods_that_trained_on_it():
+    from asd.evaluate import _pseudo_label_markdown, pseudo_label_sets
+
+    q = {"fan": {"ari": 0.5, "nmi": 0.25, "n_clips": 10, "n_pseudo_classes": 2, "n_real_classes": 3}}
+    cnn = {"labels": "r/labels/eval-cnn-pseudo", "clustered": "logmel", "pseudo_label_quality": q, "steps": 5}
+    per_method = {
+        "logmel_knn": {"info": {}},
+        "finetuned_knn": {"info": {"finetune": {"labels": "r/labels/eval-finetune", "pseudo_label_quality": q}}},
+        "cnn_pseudo": {"info": {"training": cnn}},
+        "cnn_section": {"info": {"training": {"labels": "r/labels/eval-cnn-section", "steps": 5}}},  # not clustered
+        "fused_pseudo": {"info": {"training": {"cnn": cnn, "mod": dict(cnn)}}},
+    }
+    sets = pseudo_label_sets(per_method)
+    assert [(s["labels"], s["clustered"], s["methods"]) for s in sets] == [
+        ("r/labels/eval-finetune", "pretrained", ["finetuned_knn"]),
+        ("r/labels/eval-cnn-pseudo", "logmel", ["cnn_pseudo", "fused_pseudo"])]
+    md = "\n".join(_pseudo_label_markdown(per_method))
+    assert md.count("| fan | 10 | 2 | 3 | 0.500 | 0.250 |") == 2
+    assert _pseudo_label_markdown({"logmel_knn": {"info": {}}}) == []
