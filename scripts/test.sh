@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install asd with its test extra (pinned by constraints.txt), start a moto S3 server on 127.0.0.1,
 # run the test suite. Run it inside a virtualenv (.ci/run makes a new one).
-#   bash scripts/test.sh                # everything, slow tests included (30-33 min on 2 cores)
+#   bash scripts/test.sh                # everything, slow tests included (23-33 min on 2 cores)
 #   bash scripts/test.sh -m "not slow"  # the quick target (a few minutes); extra arguments go to pytest
 # The install is skipped when this interpreter already has this checkout installed with the same
 # pyproject.toml and constraints.txt (ASD_REINSTALL=1 forces it).
