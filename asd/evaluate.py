@@ -718,6 +718,15 @@ _CLUSTERED = {"logmel": "log-mel statistics of the training clips",
               "pretrained": "the pre-trained encoder's embeddings of the training clips"}
 
 
+def _training_records(info: dict) -> dict[str, dict]:
+    """A method's training records by architecture: ``info["training"]`` is one record (it has
+    ``steps``) or, for the fused method, one per architecture (``{"cnn": ..., "mod": ...}``)."""
+    tr = info.get("training") or {}
+    if "steps" in tr:
+        return {"": tr}
+    return {k: v for k, v in tr.items() if isinstance(v, dict)}
+
+
 def pseudo_label_sets(per_method: dict) -> list[dict]:
     """The pseudo labellings the methods trained on, each once: ``{"labels", "clustered",
     "quality", "methods"}`` (``quality``: per machine type ARI/NMI against the real attributes,
@@ -736,13 +745,8 @@ def pseudo_label_sets(per_method: dict) -> list[dict]:
     for m, d in per_method.items():
         info = d.get("info") or {}
         add(m, info.get("finetune"), "pretrained")
-        tr = info.get("training") or {}
-        if "steps" in tr:
-            add(m, tr, tr.get("clustered"))
-        else:
-            for v in tr.values():
-                if isinstance(v, dict):
-                    add(m, v, v.get("clustered"))
+        for record in _training_records(info).values():
+            add(m, record, record.get("clustered"))
     return list(sets.values())
 
 
@@ -787,12 +791,15 @@ def _notes(per_method: dict) -> list[str]:
                              "covariance is the source one (the official rule), so AE-Mahalanobis there is a "
                              "source-only score.")
             break
-    def trained(tr: dict) -> str:
+    def classes(tr: dict) -> str:
         acc = tr.get("final_accuracy")
+        return f"{tr.get('num_classes')} classes" + (f", final training accuracy {100 * acc:.1f} %" if acc is not None
+                                                     else "")
+
+    def trained(tr: dict) -> str:
         n = len(tr.get("encoders") or [])
         return (f"trained from scratch in this run for {tr.get('steps')} steps on the training split's "
-                f"{tr.get('label_mode')} labels ({tr.get('num_classes')} classes"
-                + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "")
+                f"{tr.get('label_mode')} labels ({classes(tr)}"
                 + (f"; {n} models side by side in one run" if n > 1 else "") + ")")
 
     for m, d in per_method.items():
@@ -800,21 +807,18 @@ def _notes(per_method: dict) -> list[str]:
             continue
         pre = d["info"].get("pretrain")
         ft = d["info"].get("finetune")
-        tr = d["info"].get("training") or {}
-        members = {k: v for k, v in tr.items() if isinstance(v, dict)} if "steps" not in tr else {}
+        records = _training_records(d["info"])
         if ft:
-            acc = ft.get("final_accuracy")
             notes.append(f"{m}: encoder fine-tuned in this run for {ft.get('steps')} steps from the encoder "
                          f"pre-trained in this run, on Ward pseudo labels of that encoder's embeddings of the "
-                         f"training split ({ft.get('num_classes')} classes"
-                         + (f", final training accuracy {100 * acc:.1f} %" if acc is not None else "") + ").")
+                         f"training split ({classes(ft)}).")
         elif pre:
             notes.append(f"{m}: encoder pre-trained in this run for {pre['steps']} steps on the training split "
                          f"(final loss {pre['final_loss']:.4g}).")
-        elif "steps" in tr:
-            notes.append(f"{m}: encoder {trained(tr)}.")
-        elif members:
-            notes.append(f"{m}: " + "; ".join(f"{k} encoder {trained(v)}" for k, v in members.items()) + ".")
+        elif "" in records:
+            notes.append(f"{m}: encoder {trained(records[''])}.")
+        elif records:
+            notes.append(f"{m}: " + "; ".join(f"{k} encoder {trained(v)}" for k, v in records.items()) + ".")
         elif d["info"].get("checkpoint"):
             notes.append(f"{m}: encoder `{d['info']['checkpoint']}`, trained outside this run (which clips it "
                          "saw in training is not checked here).")
