@@ -55,7 +55,7 @@ from torch import Tensor
 
 from asd import storage
 from asd.checkpoints import export_encoders
-from asd.loop import ObjectiveBase, TrainConfig, unwrap
+from asd.loop import ObjectiveBase, TrainConfig, ema_update, unwrap
 from asd.models import cnn, modnet
 from asd.models.encoder import (
     FBANK_MEAN,
@@ -113,6 +113,7 @@ class FinetuneConfig:
     balance: str = "class"  # class | domain (type/section/domain) | none
     balance_power: float = 1.0  # weight = count ** -power (1: fully balanced, 0.5: square root)
     members: int = 1  # > 1: that many independent models trained side by side in one run (an ensemble)
+    ema_decay: float = 0.0  # > 0: export the moving average of the weights (and BatchNorm statistics), not the last
     set_current: bool = False  # name the exported encoder the serving model (models/CURRENT)
     embed_tag: str = "finetuned"  # embeddings/<embed_tag>: the serving bank when set_current
 
@@ -128,6 +129,8 @@ class FinetuneConfig:
             raise ValueError(f"balance must be one of {BALANCE}, got {self.balance!r}")
         if self.subclusters < 1 or self.members < 1 or self.lora_rank < 0 or self.freeze_layers < 0:
             raise ValueError("subclusters and members must be >= 1, lora_rank and freeze_layers >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         if not 0.0 <= self.mixup_prob <= 1.0:
             raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob}")
         if self.model not in SCRATCH_MODELS and self.model is not None:
@@ -303,6 +306,10 @@ class AttributeObjective(ObjectiveBase):
         self.input = modnet.INPUT if isinstance(encoder_cfg, modnet.ModConfig) else "fbank"
         # layer drop skips other blocks on every rank and step: DDP must look for unused parameters
         self.find_unused_parameters = getattr(encoder_cfg, "encoder_layerdrop", 0.0) > 0
+        self.average: nn.Module | None = None  # ema_decay > 0: the weight average (setup), exported
+
+    def __getstate__(self):  # ship the configuration only, never a weight average
+        return {**self.__dict__, "average": None}
 
     def build(self) -> nn.Module:
         def one() -> AttributeModel:
@@ -316,6 +323,30 @@ class AttributeObjective(ObjectiveBase):
 
     def clip_groups(self, module: nn.Module) -> list[list[nn.Parameter]]:
         return [list(m.parameters()) for m in self._members(module)]
+
+    def setup(self, module: nn.Module, device: torch.device) -> None:
+        if self.fcfg.ema_decay > 0:  # after initialize(): the average starts from the initial weights
+            self.average = copy.deepcopy(unwrap(module)).to(device).eval()
+            for p in self.average.parameters():
+                p.requires_grad_(False)
+
+    def after_optimizer_step(self, module: nn.Module, step: int, total_steps: int) -> dict | None:
+        if self.average is not None:
+            ema_update(self.average, unwrap(module), self.fcfg.ema_decay, buffers=True)
+        return None
+
+    def state_dict(self) -> dict:
+        if self.average is None:
+            return {}
+        return {"average": {k: v.detach().cpu() for k, v in self.average.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("average")
+        if (saved is None) != (self.average is None):  # never export a fresh average or drop a saved one
+            raise RuntimeError(f"the checkpoint {'holds no' if saved is None else 'holds a'} weight average but "
+                               f"ema_decay is {self.fcfg.ema_decay}: resume or export with the run's own setting")
+        if saved is not None:
+            self.average.load_state_dict(saved)
 
     def initialize(self, module: nn.Module) -> None:
         if not self.init_checkpoint:
@@ -372,7 +403,7 @@ class AttributeObjective(ObjectiveBase):
         return loss, logs
 
     def encoder(self, module: nn.Module, member: int = 0) -> nn.Module:
-        module = self._members(module)[member]
+        module = self._members(self.average if self.average is not None else module)[member]
         enc = merge_lora(module.encoder) if self.fcfg.lora_rank > 0 else module.encoder
         for p in enc.parameters():
             p.requires_grad_(True)

@@ -226,6 +226,22 @@ def param_checksum(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@torch.no_grad()
+def ema_update(average: nn.Module, live: nn.Module, decay: float, buffers: bool = False) -> None:
+    """``average = decay * average + (1 - decay) * live``, parameter by parameter (two modules of
+    the same structure); with ``buffers`` the floating-point buffers (BatchNorm running statistics)
+    are averaged the same way and the others (BatchNorm's batch counter) copied."""
+    avg = [p for p in average.parameters()]
+    torch._foreach_mul_(avg, decay)
+    torch._foreach_add_(avg, [p.detach().to(a.dtype) for p, a in zip(live.parameters(), avg)], alpha=1.0 - decay)
+    if buffers:
+        for a, b in zip(average.buffers(), live.buffers()):
+            if a.is_floating_point():
+                a.mul_(decay).add_(b.detach().to(a.dtype), alpha=1.0 - decay)
+            else:
+                a.copy_(b)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP wrappers (``nn.Module.compile`` compiles in place: nothing to unwrap)."""
     while isinstance(getattr(model, "module", None), nn.Module):

@@ -44,7 +44,7 @@ from torch import Tensor
 from asd import storage
 from asd.batches import fbank_norm
 from asd.checkpoints import export_encoder
-from asd.loop import ObjectiveBase, TrainConfig
+from asd.loop import ObjectiveBase, TrainConfig, ema_update
 from asd.models.encoder import AudioEncoder, EncoderConfig, get_config, load_checkpoint
 from asd.serving import set_current_model
 from asd.train import StageResult, TrainResult, fit, stage_train_config
@@ -256,10 +256,7 @@ class Data2VecObjective(ObjectiveBase):
     @torch.no_grad()
     def after_optimizer_step(self, module: nn.Module, step: int, total_steps: int) -> dict:
         d = self.ema_decay(step, total_steps)
-        student = [p.detach() for p in module.encoder.parameters()]
-        teacher = [p for p in self.teacher.parameters()]
-        torch._foreach_mul_(teacher, d)
-        torch._foreach_add_(teacher, [s.to(t.dtype) for s, t in zip(student, teacher)], alpha=1.0 - d)
+        ema_update(self.teacher, module.encoder, d)
         return {"ema_decay": d}
 
     def state_dict(self) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -316,3 +318,48 @@ def test_paths_for_workers_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert storage.absolute("outputs/run/models/pretrain/encoder.pt") == str(tmp_path / "outputs/run/models/pretrain/encoder.pt")
     assert storage.absolute("s3://bucket/models/encoder.pt") == "s3://bucket/models/encoder.pt"
+
+
+def test_ema_update_averages_parameters_and_batchnorm_statistics():
+    from asd.loop import ema_update
+
+    torch.manual_seed(0)
+    live, avg = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        live.weight.fill_(2.0)
+        avg.weight.fill_(1.0)
+    live(torch.randn(8, 3) * 3 + 5)  # running statistics and the batch counter move on the live module only
+    ema_update(avg, live, 0.9)  # parameters only (the pre-training teacher)
+    torch.testing.assert_close(avg.weight, torch.full((3,), 1.1))
+    assert torch.equal(avg.running_mean, torch.zeros(3)) and int(avg.num_batches_tracked) == 0
+    ema_update(avg, live, 0.9, buffers=True)
+    torch.testing.assert_close(avg.weight, torch.full((3,), 0.9 * 1.1 + 0.2))
+    torch.testing.assert_close(avg.running_mean, 0.1 * live.running_mean)
+    torch.testing.assert_close(avg.running_var, 0.9 + 0.1 * live.running_var)
+    assert int(avg.num_batches_tracked) == 1  # counters are copied, not averaged
+
+
+def test_a_weight_average_run_exports_the_average_of_every_member(ft_root):
+    """ema_decay > 0: the exported encoders are the weight averages kept in the checkpoint, not the
+    last weights; a checkpoint and a setting that disagree about the average fail instead of exporting."""
+    from asd.checkpoints import export_encoders, load_state_with_fallback
+
+    fcfg = FinetuneConfig(tag="ema", model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=2,
+                          ema_decay=0.5, labels=storage.join(ft_root, "labels", "pretrained"))
+    tcfg = TrainConfig(steps=4, batch_size=8, crop_frames=64, warmup_steps=1, lr=1e-2, num_workers=1,
+                       cpus_per_worker=0.5, checkpoint_every=4)
+    res = finetune(ft_root, ft_root, fcfg, tcfg)
+    state, _, _ = load_state_with_fallback(res.checkpoint)
+    average, last = state["objective"]["average"], state["module"]
+    for i, uri in enumerate(res.encoders):
+        exported = load_checkpoint(uri).state_dict()
+        for k, v in exported.items():
+            torch.testing.assert_close(v, average[f"members.{i}.encoder.{k}"], msg=f"member {i}: {k}")
+        assert any(not torch.equal(v, last[f"members.{i}.encoder.{k}"]) for k, v in exported.items()
+                   if v.is_floating_point())
+    objective = AttributeObjective(replace(fcfg, ema_decay=0.0), _scratch_cnn(ft_root, 2).encoder_cfg,
+                                   *load_labels(fcfg.labels)[:3])
+    with pytest.raises(RuntimeError, match="weight average"):
+        export_encoders(objective, res.checkpoint, ft_root, ["x", "x-m1"], [{}, {}])
+    with pytest.raises(ValueError, match="ema_decay"):
+        FinetuneConfig(ema_decay=1.0)
