@@ -25,6 +25,10 @@ members too alike), one run with a batch each 59.76 %; on seed 11 the last gives
 ``models/<tag>-m<i>`` (:func:`member_tag`). One run instead of one per member saves a training
 run's start-up each (about 25 s on 2 cores).
 
+Weight averaging (``ema_decay > 0``): after every optimizer step ``average = d * average + (1 - d) *
+weights`` (:func:`asd.loop.ema_update`, BatchNorm statistics included, every member); the average
+is kept in the checkpoint's objective state and is what export writes. Off by default.
+
 Encoder adaptation: all weights (default), the first ``freeze_layers`` blocks and the patch
 embedding frozen, or low-rank adapters (``lora_rank > 0``: ``W + (alpha / r) B A`` on the
 ``lora_targets`` projections of every attention block, everything else in the encoder frozen).
