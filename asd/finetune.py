@@ -10,6 +10,11 @@ it, so the exported encoder gives exactly the space the classes were separated i
 Per micro-batch (:class:`AttributeObjective`): SpecAugment-style time and frequency masks on
 the normalised crops, mixup (``mixup_prob`` of the batches, ``lam ~ Beta(a, a)``, the loss
 mixed with the same ``lam``), then the head's loss; accuracy of the unmixed targets is logged.
+Statistics exchange (``statex_prob > 0``, StatEx from Wilkinghoff's self-supervised ASD systems):
+that share of a batch's clips is replaced by the clip's frames standardised over frequency and
+given another clip's per-frame mean and standard deviation, and classified with half its own
+class and half its partner's, in two extra blocks of classes (the head has 3 x the classes); the
+encoder must tell a clip's detail from its loudness envelope. Off by default.
 Class-balanced sampling (``balance``): every clip gets a weight ``count(group) ** -power``
 (``group`` = its class, or its type/section/domain), normalised to mean 1, and
 :class:`asd.batches.FeatureBatches` samples by these weights, so the ~10 target-domain clips of a
@@ -114,6 +119,10 @@ class FinetuneConfig:
     freq_mask_width: int = 12
     mixup_alpha: float = 0.2
     mixup_prob: float = 0.5
+    # > 0: that share of each batch's clips takes every frame's mean and std over frequency from another
+    # clip of the batch (statistics exchange, Wilkinghoff's StatEx) and is classified into new classes
+    # (clip's class, partner's class): the head has 3 x the classes. 0: off
+    statex_prob: float = 0.0
     balance: str = "class"  # class | domain (type/section/domain) | none
     balance_power: float = 1.0  # weight = count ** -power (1: fully balanced, 0.5: square root)
     members: int = 1  # > 1: that many independent models trained side by side in one run (an ensemble)
@@ -135,6 +144,8 @@ class FinetuneConfig:
             raise ValueError("subclusters and members must be >= 1, lora_rank and freeze_layers >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if not 0.0 <= self.statex_prob < 1.0:
+            raise ValueError(f"statex_prob must be in [0, 1) (0: off), got {self.statex_prob}")
         if not 0.0 <= self.mixup_prob <= 1.0:
             raise ValueError(f"mixup_prob must be in [0, 1], got {self.mixup_prob}")
         if self.model not in SCRATCH_MODELS and self.model is not None:
@@ -229,7 +240,9 @@ class AttributeModel(nn.Module):
         else:
             self.encoder = AudioEncoder(encoder_cfg)
             dim = pooled_dim(encoder_cfg, fcfg.pool)
-        self.head: MarginHead = make_head(fcfg.head, dim, num_classes, fcfg.subclusters, fcfg.scale, fcfg.margin)
+        # statistics exchange: classes [original | as a clip's own content | as a partner's statistics]
+        head_classes = num_classes * (3 if fcfg.statex_prob > 0 else 1)
+        self.head: MarginHead = make_head(fcfg.head, dim, head_classes, fcfg.subclusters, fcfg.scale, fcfg.margin)
         self.pool, self.layer = fcfg.pool, fcfg.layer
         if fcfg.lora_rank > 0:
             for p in self.encoder.parameters():
@@ -289,6 +302,14 @@ def spec_augment(x: Tensor, cfg: FinetuneConfig, generator: torch.Generator | No
         band = band.to(x.device)
         x = x.masked_fill(band[:, :, None] if axis == 1 else band[:, None, :], 0.0)
     return x
+
+
+def statistics_exchange(x: Tensor, partner: Tensor, eps: float = 1e-5) -> Tensor:
+    """Every frame of ``x`` (B, T, F) standardised over its F bins, then given the mean and standard
+    deviation over F of the same frame of ``partner`` (B, T, F): one clip's spectral detail under
+    another clip's frame-level statistics (StatEx, Wilkinghoff, ICASSP 2024)."""
+    mu, sd = x.mean(dim=2, keepdim=True), x.std(dim=2, keepdim=True)
+    return (x - mu) / (sd + eps) * partner.std(dim=2, keepdim=True) + partner.mean(dim=2, keepdim=True)
 
 
 class AttributeObjective(ObjectiveBase):
@@ -387,20 +408,40 @@ class AttributeObjective(ObjectiveBase):
         if min(len(c[1]) for c in chunks) < 2:  # a short last batch: every member takes all of it
             chunks = [(x, y)] * n
         inputs, targets = [], []
+        n_classes = len(self.classes)
         for xi, yi in chunks:  # each member its own mixup draw
+            exchanged = None  # statistics exchange: (inputs, own classes, partner classes), after the others
+            if self.fcfg.statex_prob > 0 and xi.shape[0] > 2:
+                pick = torch.rand(xi.shape[0]) < self.fcfg.statex_prob
+                n_ex = int(pick.sum())
+                if 0 < n_ex < xi.shape[0]:
+                    idx = pick.nonzero().squeeze(1)
+                    partner = torch.randint(0, xi.shape[0] - 1, (n_ex,))
+                    partner = (partner + (partner >= idx).long()).to(xi.device)  # never the clip itself
+                    idx, keep = idx.to(xi.device), (~pick).nonzero().squeeze(1).to(xi.device)
+                    exchanged = (statistics_exchange(xi[idx], xi[partner]), n_classes + yi[idx],
+                                 2 * n_classes + yi[partner])
+                    xi, yi = xi[keep], yi[keep]
             y_b, lam = None, 1.0
             if self.fcfg.mixup_alpha > 0 and xi.shape[0] > 1 and float(torch.rand(())) < self.fcfg.mixup_prob:
                 lam = float(rng.beta(self.fcfg.mixup_alpha, self.fcfg.mixup_alpha))
                 perm = torch.randperm(xi.shape[0], device=xi.device)
                 xi, y_b = lam * xi + (1.0 - lam) * xi[perm], yi[perm]
-            inputs.append(xi)
-            targets.append((yi, y_b, lam))
+            inputs.append(xi if exchanged is None else torch.cat([xi, exchanged[0]]))
+            targets.append((yi, y_b, lam, exchanged))
         outs = [model(inputs[0])] if n == 1 else model(inputs)
         heads = [m.head for m in self._members(model)]
-        loss = sum(head.loss(cos.float(), yi, y_b, lam) for head, (_, cos), (yi, y_b, lam) in zip(heads, outs, targets))
+        loss = 0.0
+        for head, (_, cos), (yi, y_b, lam, exchanged) in zip(heads, outs, targets):
+            k = len(yi)
+            term = head.loss(cos[:k].float(), yi, y_b, lam)
+            if exchanged is not None:  # half the own content's class, half the partner's statistics' class
+                m = len(exchanged[1])
+                term = (k * term + m * head.loss(cos[k:].float(), exchanged[1], exchanged[2], 0.5)) / (k + m)
+            loss = loss + term
         with torch.no_grad():
-            acc = torch.stack([(head.class_cosine(cos).argmax(dim=1) == yi).float().mean()
-                               for head, (_, cos), (yi, _, _) in zip(heads, outs, targets)]).mean()
+            acc = torch.stack([(head.class_cosine(cos[:len(yi)]).argmax(dim=1) == yi).float().mean()
+                               for head, (_, cos), (yi, *_) in zip(heads, outs, targets)]).mean()
         logs = {"acc": acc, "mixup_lam": targets[0][2]}  # device scalars: read at log steps only
         if hasattr(heads[0], "scale") and isinstance(heads[0].scale, Tensor):
             logs["scale"] = heads[0].scale.detach()
@@ -536,4 +577,5 @@ __all__ = [
     "member_tag",
     "merge_lora",
     "spec_augment",
+    "statistics_exchange",
 ]

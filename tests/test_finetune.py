@@ -363,3 +363,41 @@ def test_a_weight_average_run_exports_the_average_of_every_member(ft_root):
         export_encoders(objective, res.checkpoint, ft_root, ["x", "x-m1"], [{}, {}])
     with pytest.raises(ValueError, match="ema_decay"):
         FinetuneConfig(ema_decay=1.0)
+
+
+def test_statistics_exchange_keeps_the_detail_and_takes_the_partners_frame_statistics():
+    from asd.finetune import statistics_exchange
+
+    torch.manual_seed(0)
+    x, partner = torch.randn(3, 5, 16) * 2 + 1, torch.randn(3, 5, 16) * 0.5 - 3
+    out = statistics_exchange(x, partner)
+    torch.testing.assert_close(out.mean(dim=2), partner.mean(dim=2))
+    torch.testing.assert_close(out.std(dim=2), partner.std(dim=2), rtol=1e-4, atol=1e-4)
+    z = lambda t: (t - t.mean(dim=2, keepdim=True)) / t.std(dim=2, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(z(out), z(x), rtol=1e-4, atol=1e-4)
+
+
+def test_statex_classifies_exchanged_clips_into_the_extra_class_blocks(ft_root):
+    """statex_prob > 0: the head has 3 x the classes; the exchanged clips are scored half as their own
+    class in the second block and half as their partner's in the third; the others as before."""
+    obj = _scratch_cnn(ft_root, 1)
+    obj.fcfg.statex_prob, obj.fcfg.mixup_prob = 0.5, 0.0
+    c = len(obj.classes)
+    torch.manual_seed(0)
+    model = obj.build()
+    assert model.head.num_classes == 3 * c
+    calls = []
+    real_loss = model.head.loss
+    model.head.loss = lambda cos, y_a, y_b=None, lam=1.0: calls.append((y_a, y_b, lam, cos.shape[0])) or real_loss(
+        cos, y_a, y_b, lam)
+    ids = sorted(obj.clip_class)[:16]
+    loss, logs = obj.step(model, {"fbank": torch.randn(16, 64, 128), "clip_id": ids}, step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and 0.0 <= float(logs["acc"]) <= 1.0
+    (own, _, _, k), (ex_a, ex_b, lam, m) = calls
+    assert k + m == 16 and 0 < m < 16 and lam == 0.5
+    assert bool((own < c).all()) and bool(((ex_a >= c) & (ex_a < 2 * c)).all()) and bool((ex_b >= 2 * c).all())
+    y = {obj.clip_class[i] for i in ids}
+    assert {int(v) - c for v in ex_a} <= y and {int(v) - 2 * c for v in ex_b} <= y
+    with pytest.raises(ValueError, match="statex_prob"):
+        FinetuneConfig(statex_prob=1.0)
