@@ -408,20 +408,8 @@ class AttributeObjective(ObjectiveBase):
         if min(len(c[1]) for c in chunks) < 2:  # a short last batch: every member takes all of it
             chunks = [(x, y)] * n
         inputs, targets = [], []
-        n_classes = len(self.classes)
-        for xi, yi in chunks:  # each member its own mixup draw
-            exchanged = None  # statistics exchange: (inputs, own classes, partner classes), after the others
-            if self.fcfg.statex_prob > 0 and xi.shape[0] > 2:
-                pick = torch.rand(xi.shape[0]) < self.fcfg.statex_prob
-                n_ex = int(pick.sum())
-                if 0 < n_ex < xi.shape[0]:
-                    idx = pick.nonzero().squeeze(1)
-                    partner = torch.randint(0, xi.shape[0] - 1, (n_ex,))
-                    partner = (partner + (partner >= idx).long()).to(xi.device)  # never the clip itself
-                    idx, keep = idx.to(xi.device), (~pick).nonzero().squeeze(1).to(xi.device)
-                    exchanged = (statistics_exchange(xi[idx], xi[partner]), n_classes + yi[idx],
-                                 2 * n_classes + yi[partner])
-                    xi, yi = xi[keep], yi[keep]
+        for xi, yi in chunks:  # each member its own statistics exchange and mixup draws
+            xi, yi, exchanged = self._exchange_statistics(xi, yi)
             y_b, lam = None, 1.0
             if self.fcfg.mixup_alpha > 0 and xi.shape[0] > 1 and float(torch.rand(())) < self.fcfg.mixup_prob:
                 lam = float(rng.beta(self.fcfg.mixup_alpha, self.fcfg.mixup_alpha))
@@ -446,6 +434,24 @@ class AttributeObjective(ObjectiveBase):
         if hasattr(heads[0], "scale") and isinstance(heads[0].scale, Tensor):
             logs["scale"] = heads[0].scale.detach()
         return loss, logs
+
+    def _exchange_statistics(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, tuple | None]:
+        """Statistics exchange on one member's batch: the clips it leaves as they are, their classes,
+        and ``(exchanged inputs, own classes, partner classes)`` for the rest (None when off or
+        when the draw picks none or all of the batch)."""
+        if self.fcfg.statex_prob <= 0 or x.shape[0] <= 2:
+            return x, y, None
+        pick = torch.rand(x.shape[0]) < self.fcfg.statex_prob
+        n_ex = int(pick.sum())
+        if not 0 < n_ex < x.shape[0]:
+            return x, y, None
+        idx = pick.nonzero().squeeze(1)
+        partner = torch.randint(0, x.shape[0] - 1, (n_ex,))
+        partner = (partner + (partner >= idx).long()).to(x.device)  # never the clip itself
+        idx, keep = idx.to(x.device), (~pick).nonzero().squeeze(1).to(x.device)
+        c = len(self.classes)  # classes [original | as a clip's own content | as a partner's statistics]
+        exchanged = (statistics_exchange(x[idx], x[partner]), c + y[idx], 2 * c + y[partner])
+        return x[keep], y[keep], exchanged
 
     def encoder(self, module: nn.Module, member: int = 0) -> nn.Module:
         module = self._members(self.average if self.average is not None else module)[member]

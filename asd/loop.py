@@ -231,7 +231,7 @@ def ema_update(average: nn.Module, live: nn.Module, decay: float, buffers: bool 
     """``average = decay * average + (1 - decay) * live``, parameter by parameter (two modules of
     the same structure); with ``buffers`` the floating-point buffers (BatchNorm running statistics)
     are averaged the same way and the others (BatchNorm's batch counter) copied."""
-    avg = [p for p in average.parameters()]
+    avg = list(average.parameters())
     torch._foreach_mul_(avg, decay)
     torch._foreach_add_(avg, [p.detach().to(a.dtype) for p, a in zip(live.parameters(), avg)], alpha=1.0 - decay)
     if buffers:
