@@ -147,7 +147,7 @@ def test_the_mod_encoder_trains_through_the_finetune_stage_and_embeds_side_by_si
     assert set(t.column("mod_bins").to_pylist()) == {256} and set(t.column("mod_bands").to_pylist()) == {16}
     labels = write_section_labels(root)
     fcfg = FinetuneConfig(tag="mod", model="mod", model_cfg={"channels": [8, 16, 16], "pooled": 8, "embed_dim": 16},
-                          labels=labels, mixup_prob=0.0, time_masks=0, freq_masks=0)
+                          labels=labels, mixup_prob=0.0, time_masks=0, freq_masks=0, statex_prob=0.5)  # as served
     tcfg = TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup_steps=4, crop_frames=256, log_every=5,
                        num_workers=1, cpus_per_worker=1.0, checkpoint_every=20, bf16=False)
     with pytest.raises(ValueError, match="crop_frames must be 256"):
