@@ -11,10 +11,12 @@ Per micro-batch (:class:`AttributeObjective`): SpecAugment-style time and freque
 the normalised crops, mixup (``mixup_prob`` of the batches, ``lam ~ Beta(a, a)``, the loss
 mixed with the same ``lam``), then the head's loss; accuracy of the unmixed targets is logged.
 Statistics exchange (``statex_prob > 0``, StatEx from Wilkinghoff's self-supervised ASD systems):
-that share of a batch's clips is replaced by the clip's frames standardised over frequency and
-given another clip's per-frame mean and standard deviation, and classified with half its own
-class and half its partner's, in two extra blocks of classes (the head has 3 x the classes); the
-encoder must tell a clip's detail from its loudness envelope. Off by default.
+that share of a batch's clips is replaced by the clip's rows (log-mel frames, or modulation bins)
+standardised over their feature axis (mel bins, or the bands) and given another clip's per-row
+mean and standard deviation, and classified with half its own class and half its partner's, in two
+extra blocks of classes (the head has 3 x the classes); the encoder must tell a clip's detail from
+its level envelope. Off in the schema; the served CNNs (``jobs/conf/finetune/cnn.yaml``,
+``mod.yaml``) set 0.5.
 Class-balanced sampling (``balance``): every clip gets a weight ``count(group) ** -power``
 (``group`` = its class, or its type/section/domain), normalised to mean 1, and
 :class:`asd.batches.FeatureBatches` samples by these weights, so the ~10 target-domain clips of a
@@ -119,8 +121,8 @@ class FinetuneConfig:
     freq_mask_width: int = 12
     mixup_alpha: float = 0.2
     mixup_prob: float = 0.5
-    # > 0: that share of each batch's clips takes every frame's mean and std over frequency from another
-    # clip of the batch (statistics exchange, Wilkinghoff's StatEx) and is classified into new classes
+    # > 0: that share of each batch's clips takes every row's mean and std over the feature axis (frames
+    # over mel bins; modulation bins over bands) from another clip of the batch (statistics exchange, Wilkinghoff's StatEx) and is classified into new classes
     # (clip's class, partner's class): the head has 3 x the classes. 0: off
     statex_prob: float = 0.0
     balance: str = "class"  # class | domain (type/section/domain) | none
