@@ -1,4 +1,12 @@
-"""Fail fast when a stage asks the Ray cluster for resources that none of its nodes has.
+"""Where stages run (:class:`DeviceConfig`), and failing fast when a stage asks the Ray cluster for
+resources that none of its nodes has.
+
+A :class:`DeviceConfig` is the one statement of where a job's stages run (the jobs' ``device``
+config group: ``cpu`` or ``gpu``): the fields it sets on every training stage's
+:class:`asd.training.loop.TrainConfig` (workers, GPUs per worker, precision), on every embedding
+that runs a model (actors' GPUs) and on kNN scoring (the products on a GPU). Each stage's config is
+built first, then the device's fields replace its own, in the few places that build them
+(:class:`asd.recipes.run.RecipeRun`, the AE baseline, nightly rescoring).
 
 Ray itself waits without end for a request it cannot place (GPUs on a CPU-only cluster, 4 CPUs per
 worker on a 2-core machine) and says little about it. Before a training run or an actor pool
@@ -16,11 +24,31 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 5.0
 WAIT_ENV = "ASD_RESOURCE_WAIT_S"
+
+
+@dataclass
+class DeviceConfig:
+    """Fields of the stages' configs that say where they run (see the module docstring); empty:
+    every stage keeps its own (CPU) settings."""
+
+    train: dict = field(default_factory=dict)  # asd.training.loop.TrainConfig fields
+    embed: dict = field(default_factory=dict)  # asd.stages.embed.EmbedConfig fields, for embedders that run a model
+    score: dict = field(default_factory=dict)  # asd.stages.score.ScoreConfig fields
+
+    def for_training(self, cfg):
+        return replace(cfg, **self.train) if self.train else cfg
+
+    def for_embedding(self, cfg, runs_a_model: bool):
+        return replace(cfg, **self.embed) if self.embed and runs_a_model else cfg
+
+    def for_scoring(self, cfg):
+        return replace(cfg, **self.score) if self.score else cfg
 
 
 class MissingResources(RuntimeError):

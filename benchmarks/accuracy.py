@@ -9,8 +9,8 @@ Parts (each runs the jobs in fresh processes, corpora and run roots under ``--wo
 * ``calibration``: ``benchmarks.calibrate_realistic`` (the two baselines only, both presets);
 * ``ablation``: the paper's ablation on the full ``realistic`` preset, seed 0, one
   ``jobs.evaluate`` run -> ``results/ablation_realistic.{md,json,png}``;
-* ``seeds``: AE-MSE, log-mel kNN, the served recipe (``fused_pseudo``) and the other learned
-  recipes (``cnn_pseudo``, ``mod_pseudo``) on the full preset,
+* ``seeds``: AE-MSE, log-mel kNN, the served recipe (``fused``) and the other learned
+  recipes (``cnn``, ``mod``) on the full preset,
   seeds 0/1/2 -> ``results/seeds_realistic.{json,txt,png}``;
 * ``small``: both baselines and the served recipe on ``realistic_small`` (the main command's
   corpus), seeds 0/1/2 -> ``results/served_realistic_small.{json,txt,png}``;
@@ -20,8 +20,7 @@ Parts (each runs the jobs in fresh processes, corpora and run roots under ``--wo
 
 Every part writes JSON plus a line of text; the summary goes to ``results/accuracy.{json,txt}``
 (parts not rerun keep their last record there, dated).
-The served recipe is fixed by ``jobs/conf`` (``served_method`` of ``jobs/conf/evaluate.yaml``);
-nothing here picks a setting from test labels.
+The served recipe is fixed by ``jobs/conf/served.yaml``; nothing here picks a setting from test labels.
 """
 
 from __future__ import annotations
@@ -39,24 +38,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from asd.reports import tables  # noqa: E402
 from benchmarks._common import RESULTS, run_child, write_result  # noqa: E402
 
 
-def served_method() -> str:
-    """The pipeline's default recipe as ``jobs.evaluate`` names it (``served_method`` of its config)."""
+def served_recipe() -> str:
+    """The served recipe's name (``jobs/conf/served.yaml``)."""
     from omegaconf import OmegaConf
 
-    return str(OmegaConf.load(REPO / "jobs" / "conf" / "evaluate.yaml").served_method)
+    choice = OmegaConf.load(REPO / "jobs" / "conf" / "served.yaml").defaults[0]["recipe"]
+    return str(OmegaConf.load(REPO / "jobs" / "conf" / "recipe" / f"{choice}.yaml").name)
 
 
-SERVED = served_method()
-BASELINES = ("ae_mse", "ae_mahalanobis", "logmel_knn")
-ABLATION = ["ae_mse", "ae_mahalanobis", "logmel_knn", "pretrained_knn", "finetuned_knn", "cnn_section", "cnn_pseudo",
-            "cnn_real", "mod_pseudo", "fused_pseudo"]  # the paper's ablation, and the served recipe (SERVED)
+SERVED = served_recipe()
+AE = ("ae_mse", "ae_mahalanobis")  # jobs.evaluate's baselines
+BASELINES = (*AE, "logmel")  # a margin is measured against the best of these
+ABLATION = [*AE, "logmel", "pretrained", "finetuned_ssl", "cnn_section", "cnn", "cnn_real", "mod",
+            "fused"]  # the paper's ablation, and the served recipe (SERVED)
 SEEDS = (0, 1, 2)
 # the learned recipes measured beside the served one on the full-preset seeds (each CNN alone; the served
-# fused_pseudo is one log-mel CNN and five modulation CNNs, score-level fusion)
-CANDIDATES = [m for m in ("cnn_pseudo", "mod_pseudo", "fused_pseudo") if m != SERVED]
+# fused is one log-mel CNN and five modulation CNNs, score-level fusion)
+CANDIDATES = [m for m in ("cnn", "mod", "fused") if m != SERVED]
 PARTS = ("calibration", "ablation", "seeds", "small", "real", "pipeline")
 
 
@@ -79,7 +81,7 @@ def corpus(preset: str, seed: int, work: Path) -> str:
 def evaluate(input_uri: str, methods: list[str], root: Path, work: Path, name: str,
              report_to: str | None = None) -> dict:
     """One ``jobs.evaluate`` run; returns its report.json."""
-    cmd = ["-m", "jobs.evaluate", f"input={input_uri}", f"root={root}", "methods=[" + ",".join(methods) + "]",
+    cmd = ["-m", "jobs.evaluate", f"input={input_uri}", f"root={root}", *evaluate_methods(methods),
            f"name={name}", "ray.progress=false"]
     if report_to:
         cmd.append(f"report_to={report_to}")
@@ -87,8 +89,14 @@ def evaluate(input_uri: str, methods: list[str], root: Path, work: Path, name: s
     return json.loads(Path(final["report_json"]).read_text())
 
 
+def evaluate_methods(methods: list[str]) -> list[str]:
+    """``jobs.evaluate`` overrides that run ``methods``: the autoencoder's scores and recipes."""
+    return ["baselines=[" + ",".join(m for m in methods if m in AE) + "]",
+            "recipes=[" + ",".join(m for m in methods if m not in AE) + "]"]
+
+
 def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}"
+    return tables.pct(v)
 
 
 def _seed_table(rows: list[dict], methods: list[str]) -> dict:
@@ -182,7 +190,7 @@ def plot_seed_table(record: Path) -> Path:
 
 
 def part_seeds(work: Path) -> dict:
-    return _seeds("realistic", ["ae_mse", "logmel_knn", SERVED, *CANDIDATES], work, "seeds_realistic",
+    return _seeds("realistic", ["ae_mse", "logmel", SERVED, *CANDIDATES], work, "seeds_realistic",
                   "realistic (full)")
 
 

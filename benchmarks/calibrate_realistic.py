@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from asd.data import machines as M
 from asd.data import realistic as R
+from asd.data.dcase import DOMAINS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-METHODS = ["ae_mse", "ae_mahalanobis", "logmel_knn"]
+METHODS = ["ae_mse", "ae_mahalanobis", "logmel"]  # the two baselines: the autoencoder's scores and the logmel recipe
 
 
 # ----------------------------------------------------------------------------- quick proxy
@@ -54,7 +56,7 @@ def quick(spec: R.RealisticSpec, root: str, workers: int = 2) -> dict:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from asd.metrics import evaluate
+    from asd.reports.metrics import evaluate
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -78,8 +80,8 @@ def quick(spec: R.RealisticSpec, root: str, workers: int = 2) -> dict:
                    [r[3] for r in rows], [r[4] for r in rows])
     kinds = {}
     for m in spec.machine_types:
-        for kind in R.ANOMALY_KINDS[m.kind]:
-            for dom in R.DOMAINS:
+        for kind in M.ANOMALY_KINDS[m.kind]:
+            for dom in DOMAINS:
                 sel = [r for r in rows if r[0] == m.name and r[2] == dom and (r[3] == "normal" or r[5] == kind)]
                 y = [r[3] == "anomaly" for r in sel]
                 if 0 < sum(y) < len(y):
@@ -87,7 +89,7 @@ def quick(spec: R.RealisticSpec, root: str, workers: int = 2) -> dict:
     per_type = {s.machine_type: {"auc_s": round(s.auc_source, 3), "auc_t": round(s.auc_target, 3),
                                  "pauc": round(s.pauc, 3)} for s in res.sections}
     means = {f"{d}/{lab}": round(float(np.mean([r[4] for r in rows if r[2] == d and r[3] == lab])), 4)
-             for d in R.DOMAINS for lab in ("normal", "anomaly")}
+             for d in DOMAINS for lab in ("normal", "anomaly")}
     return {"official": round(res.official_score, 4), "means": means, "per_type": per_type, "per_kind": kinds,
             "generate_s": round(gen_s, 1)}
 
@@ -105,7 +107,8 @@ def _generate(preset: str, seed: int, out: str) -> float:
 
 def _evaluate(corpus: str, root: str, methods: list[str]) -> dict:
     cmd = [sys.executable, "-m", "jobs.evaluate", f"input={corpus}", f"root={root}",
-           f"methods=[{','.join(methods)}]", "plots=false", "ray.num_cpus=2", "ray.progress=false",
+           "baselines=[" + ",".join(m for m in methods if m.startswith("ae_")) + "]",
+           "recipes=[" + ",".join(m for m in methods if not m.startswith("ae_")) + "]", "plots=false", "ray.num_cpus=2", "ray.progress=false",
            "log_level=WARNING"]
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)

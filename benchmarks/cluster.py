@@ -14,9 +14,9 @@ high-water mark; it includes the pages of the memory-mapped file it touched).
 
 * ``exact_sklearn``: ``sklearn.cluster.AgglomerativeClustering(linkage="ward")`` on
   the L2-normalised points (the baseline; scipy pdist + nn-chain, O(n^2) memory).
-* ``exact_asd``: ``asd.ward.ward_exact`` (the stage's exact path: same Ward tree,
+* ``exact_asd``: ``asd.algorithms.ward.ward_exact`` (the stage's exact path: same Ward tree,
   distances with BLAS), for reference.
-* ``chunked``: ``asd.ward.ward_chunked`` (n_micro=4096, chunk_size=65536) + cut
+* ``chunked``: ``asd.algorithms.ward.ward_chunked`` (n_micro=4096, chunk_size=65536) + cut
   at K, plus the automatic cluster count (gap) on the same tree.
 
 Targets: chunked >= 10x faster than exact Ward at 20k with ARI >= 0.9 against
@@ -114,7 +114,7 @@ def child_exact_asd(n: int, out: str) -> dict:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from asd.ward import ClusterConfig, choose_n_clusters, cut, ward_exact
+    from asd.algorithms.ward import WardConfig, choose_n_clusters, cut, ward_exact
 
     x, y = gen_all(n)
     t0 = time.perf_counter()
@@ -123,16 +123,16 @@ def child_exact_asd(n: int, out: str) -> dict:
     dt = time.perf_counter() - t0
     np.save(out, labels)
     return {"seconds": dt, "peak_rss_mb": peak_rss_mb(), "ari_planted": adjusted_rand_score(y, labels),
-            "auto_n_clusters": choose_n_clusters(Z, ClusterConfig()), "labels": out}
+            "auto_n_clusters": choose_n_clusters(Z, WardConfig()), "labels": out}
 
 
 def child_chunked(n: int, out: str, data_path: str | None) -> dict:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
-    from asd.ward import ClusterConfig, choose_n_clusters, cut, ward_chunked
+    from asd.algorithms.ward import WardConfig, choose_n_clusters, cut, ward_chunked
 
-    cfg = ClusterConfig(n_micro=N_MICRO, chunk_size=CHUNK, seed=SEED)
+    cfg = WardConfig(n_micro=N_MICRO, chunk_size=CHUNK, seed=SEED)
     if data_path:  # a memory-mapped .npy written beforehand: streamed from disk / page cache
         data = np.load(data_path, mmap_mode="r")
         y = np.load(data_path.replace(".npy", "_y.npy"))

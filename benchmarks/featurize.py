@@ -8,7 +8,7 @@ One run generates the corpus (cached), then, each in a fresh process:
     function (read, sha256, checked soundfile decode, Kaldi fbank, per-bin sums) over batches of
     64 clips, and the same Parquet files (columns, partition folders) written with pyarrow;
   * for reference, a leaner loop (decode + fbank only, fewer columns), not judged;
-  * the Ray Data job (``asd.featurize.featurize``) for a few batch/resource settings, twice in
+  * the Ray Data job (``asd.stages.featurize.featurize``) for a few batch/resource settings, twice in
     one Ray session: cold (workers start and import torch) and warm (steady state). Its
     committed rows must hash the same as the baseline's, or the benchmark fails.
 The job's default setting (``FeaturizeConfig``, the first of the sweep, chosen from these runs)
@@ -79,15 +79,15 @@ def _digest(root: str) -> dict:
 def baseline(corpus: str, out: str) -> dict:
     """The same work in one process and one thread, without Ray: list the corpus, then for every
     batch of 64 clips the job's own per-clip work (read, hash, checked decode, Kaldi fbank, per-bin
-    sums; ``asd.featurize.featurize_batch``), written with pyarrow as the same Parquet files
+    sums; ``asd.stages.featurize.featurize_batch``), written with pyarrow as the same Parquet files
     (the same columns, one folder per machine type and section)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import torch
 
     from asd.data.manifest import build_manifest
-    from asd.features import FEATURE_WRITE_OPTIONS, PARTITION_COLS
-    from asd.featurize import FeaturizeConfig, featurize_batch
+    from asd.stages.featurize import FeaturizeConfig, featurize_batch
+    from asd.stores.features import FEATURE_WRITE_OPTIONS, PARTITION_COLS
 
     torch.set_num_threads(1)
     cfg = FeaturizeConfig()
@@ -120,9 +120,9 @@ def minimal(corpus: str, out: str) -> dict:
     import torch
 
     from asd.data.audio import sha256
+    from asd.data.frontend import FbankConfig, compute_fbank
     from asd.data.manifest import build_manifest
-    from asd.features import FEATURE_WRITE_OPTIONS
-    from asd.frontend import FbankConfig, compute_fbank
+    from asd.stores.features import FEATURE_WRITE_OPTIONS
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -157,8 +157,8 @@ def minimal(corpus: str, out: str) -> dict:
 def ray_job(corpus: str, out: str, batch_size: int, rows_per_block: int, num_cpus: float) -> dict:
     import ray
 
-    from asd.features import committed_files
-    from asd.featurize import FeaturizeConfig, featurize
+    from asd.stages.featurize import FeaturizeConfig, featurize
+    from asd.stores.features import committed_files
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cfg = FeaturizeConfig(batch_size=batch_size, rows_per_block=rows_per_block, num_cpus=num_cpus,
@@ -184,7 +184,7 @@ def ray_job(corpus: str, out: str, batch_size: int, rows_per_block: int, num_cpu
 
 
 def main() -> None:
-    from asd.featurize import FeaturizeConfig
+    from asd.stages.featurize import FeaturizeConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=2000)

@@ -1,10 +1,10 @@
 """Why does (or doesn't) fine-tuning on pseudo labels beat the pre-trained encoder? A sweep.
 
-    python benchmarks/finetune_sweep.py --root outputs/ablation      # after: python -m jobs.pipeline +experiment=ablation run=ablation
+    python benchmarks/finetune_sweep.py --root outputs/default      # after: python -m jobs.pipeline
 
-Reuses a finished pipeline root (features, ``models/pretrain``, ``labels/pretrained``, the
-``pretrained`` scores) and fine-tunes the same pre-trained encoder under several settings, one
-factor at a time from the pipeline's default (``jobs/conf/finetune/pseudo.yaml``); each variant is
+Reuses a finished pipeline root (features, ``models/pretrain``, the ``finetuned`` recipe's labels,
+the ``pretrained`` scores) and fine-tunes the same pre-trained encoder under several settings, one
+factor at a time from the ``finetuned`` recipe's (``jobs/conf/finetune/transformer.yaml``); each variant is
 embedded and scored exactly like the pipeline does (kNN, k=1). Writes
 ``results/finetune_sweep.json`` with the official score (and AUC-s/AUC-t/pAUC) of every variant
 next to the pre-trained encoder's, and the final training accuracy.
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from asd import layout
+from asd.io import layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,12 +58,12 @@ def main() -> None:
     import ray
     from ray.data import DataContext
 
-    from asd import storage
-    from asd.embed import EmbedConfig, embed
-    from asd.finetune import FinetuneConfig, finetune
-    from asd.layout import embeddings_dir
-    from asd.loop import TrainConfig
-    from asd.score import ScoreConfig, score
+    from asd.io import storage
+    from asd.io.layout import embeddings_dir
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stages.finetune import FinetuneConfig, finetune
+    from asd.stages.score import ScoreConfig, score
+    from asd.training.loop import TrainConfig
 
     root = os.path.abspath(a.root)
     base = json.loads((Path(root) / "scores" / "pretrained" / "metrics.json").read_text())
@@ -72,20 +72,22 @@ def main() -> None:
     # the pipeline's default fine-tuning settings
     from dataclasses import asdict
 
-    from jobs.common import compose_config, stage_configs
+    from jobs.common import compose_config, recipe_from_config
 
-    fcfg0, tcfg0 = stage_configs(compose_config("finetune", [f"root={root}"]).finetune, FinetuneConfig)
-    conf = asdict(fcfg0)
+    recipe = recipe_from_config(compose_config("finetune", [f"root={root}", "recipe=finetuned"]).recipe)
+    fcfg0, tcfg0 = recipe.models["finetune"].finetune, recipe.models["finetune"].train
+    conf = {**asdict(fcfg0), "labels": layout.labels_dir(root, recipe.labels.tag_name()),
+            "init_checkpoint": layout.encoder_uri(root, recipe.pretrain.pretrain.tag)}
     train0 = {k: v for k, v in asdict(tcfg0).items() if k not in ("name", "storage_path")}
     rows = {}
     if not a.only or "untrained" in a.only:
         # the pre-trained encoder's own starting point (pretrain's seed), for the #6 comparison
         import torch
 
-        from asd.models.encoder import save_checkpoint
-        from asd.pretrain import Data2VecObjective, PretrainConfig
+        from asd.models.registry import save_checkpoint
+        from asd.stages.pretrain import Data2VecObjective
 
-        pcfg, ptrain = stage_configs(compose_config("pretrain", [f"root={root}"]).pretrain, PretrainConfig)
+        pcfg, ptrain = recipe.pretrain.pretrain, recipe.pretrain.train
         torch.manual_seed(ptrain.seed)
         enc = Data2VecObjective(pcfg).build().encoder
         uri = save_checkpoint(enc, storage.join(root, "models", "sweep_untrained", "encoder.pt"))
@@ -103,7 +105,7 @@ def main() -> None:
             continue
         change = dict(change)
         train = {**train0, **change.pop("train", {}), "name": f"sweep_{name}", "resume": False}
-        fcfg = FinetuneConfig(**{**conf, **change, "tag": f"sweep_{name}", "embed_tag": f"sweep_{name}"})
+        fcfg = FinetuneConfig(**{**conf, **change, "tag": f"sweep_{name}"})
         t0 = time.perf_counter()
         res = finetune(root, root, fcfg, TrainConfig(**{**train, "splits": tuple(train["splits"])}))
         embed(root, f"sweep_{name}", EmbedConfig(embedder="encoder", params={"checkpoint": res.encoder},

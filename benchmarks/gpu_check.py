@@ -7,7 +7,7 @@ Runs where only torch and pyarrow are installed (a bare GPU image: no Ray, Hydra
 s3fs; ``benchmarks/gpu_check.sh`` adds the ``gpu`` tests when pytest and Ray are there). Every
 part goes through the project's own code, on random log-mel features held in memory:
 
-1. ``pretrain``: the ``base`` encoder (``tiny`` on CPU) pre-trained through :func:`asd.loop.train_loop`
+1. ``pretrain``: the ``base`` encoder (``tiny`` on CPU) pre-trained through :func:`asd.training.loop.train_loop`
    (the loop Ray Train runs on each worker) at the EAT settings of ``jobs/conf/pretrain/base.yaml``
    (12 clips x 16 masked clones of 1024 frames per step), bf16 autocast and TF32 on CUDA; reports
    clips/s over the second half of the steps, peak memory and MFU (model FLOPs per step, counted
@@ -59,7 +59,7 @@ def peak_flops(name: str) -> float | None:
 
 
 def feature_table(n_clips: int, frames: int, bins: int = 128, n_classes: int = 8, seed: int = 0) -> pa.Table:
-    """Random log-mel feature rows in the feature store's columns (``asd.features.MATRICES``)."""
+    """Random log-mel feature rows in the feature store's columns (``asd.stores.features.MATRICES``)."""
     rng = np.random.default_rng(seed)
     fb = [(rng.standard_normal((frames, bins)) * 4 - 5).astype(np.float16).tobytes() for _ in range(n_clips)]
     return pa.table({
@@ -74,8 +74,8 @@ def feature_table(n_clips: int, frames: int, bins: int = 128, n_classes: int = 8
 
 
 def _loop(objective, table: pa.Table, cfg, device: torch.device):
-    from asd.batches import FeatureBatches, table_batches
-    from asd.loop import cuda_precision, train_loop
+    from asd.training.batches import FeatureBatches, table_batches
+    from asd.training.loop import cuda_precision, train_loop
 
     if device.type == "cuda":
         cuda_precision(cfg)
@@ -94,7 +94,7 @@ def step_flops(objective, clips: int, frames: int, device: torch.device) -> int:
     """Model FLOPs of one pre-training step: teacher forward + 3 x student forward (counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from asd.pretrain import make_mask
+    from asd.stages.pretrain import make_mask
 
     pcfg, enc = objective.pcfg, objective.encoder_cfg
     with torch.no_grad():
@@ -115,9 +115,9 @@ def step_flops(objective, clips: int, frames: int, device: torch.device) -> int:
 def part_pretrain(args, device: torch.device, out_dir: str | None, steps: int | None = None, **options) -> dict:
     """Pre-training through the loop; ``options``: TrainConfig switches (``compile``,
     ``activation_checkpointing``). Writes the encoder to ``out_dir`` when given."""
-    from asd.loop import TrainConfig
-    from asd.models.encoder import save_checkpoint
-    from asd.pretrain import Data2VecObjective, PretrainConfig
+    from asd.models.registry import save_checkpoint
+    from asd.stages.pretrain import Data2VecObjective, PretrainConfig
+    from asd.training.loop import TrainConfig
 
     if args.device == "cpu":
         pcfg = PretrainConfig(model="tiny", clone_batch=4, top_k_layers=2, decoder_dim=64, decoder_layers=1)
@@ -191,8 +191,8 @@ def part_attention(args, device: torch.device) -> dict:
 
 
 def part_knn(args, device: torch.device) -> dict:
-    """kNN scoring products on the device (``asd.knn`` torch path) against numpy on the host."""
-    from asd import knn
+    """kNN scoring products on the device (``asd.algorithms.knn`` torch path) against numpy on the host."""
+    from asd.algorithms import knn
 
     cpu = device.type == "cpu"
     rng = np.random.default_rng(2)
@@ -212,9 +212,9 @@ def part_knn(args, device: torch.device) -> dict:
 
 
 def part_finetune_lora(args, device: torch.device, encoder: str) -> dict:
-    from asd.finetune import AttributeObjective, FinetuneConfig
-    from asd.loop import TrainConfig
-    from asd.models.encoder import load_checkpoint
+    from asd.models.registry import load_checkpoint
+    from asd.stages.finetune import AttributeObjective, FinetuneConfig
+    from asd.training.loop import TrainConfig
 
     enc_cfg = load_checkpoint(encoder).cfg
     cpu = args.device == "cpu"

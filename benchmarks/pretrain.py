@@ -7,13 +7,13 @@
 On a generated default corpus (``jobs.make_corpus`` defaults: 4 types x 44 training clips of 2 s),
 featurized once into a temporary root, each measurement in a fresh process:
 
-* **CPU scaling**: ``asd.train.fit`` with the data2vec 2.0 objective, tiny and base encoders,
+* **CPU scaling**: ``asd.training.fit.fit`` with the data2vec 2.0 objective, tiny and base encoders,
   1 worker (1 CPU) and 2 workers (0.5 CPU each), one torch thread per worker, DDP over gloo.
   Throughput is the steady state (second half of the steps, clips/s; each clip is seen by the
   student ``clone_batch`` times), summed over workers; ``scaling`` = 2 workers / 1 worker
   (ideal 2.0 on 2 cores; Ray Data and the controller share the same cores).
 * **CUDA** (when a GPU is present; ``--gpu-only`` runs only this): base, bf16 autocast, one GPU,
-  EAT-like batch (12 clips of 1024 frames x 16 masked clones) through ``asd.train.fit`` (Ray
+  EAT-like batch (12 clips of 1024 frames x 16 masked clones) through ``asd.training.fit.fit`` (Ray
   Train, one worker, the path a cluster runs): clips/s, the worker's peak GPU memory, model FLOPs
   per step (the teacher's forward plus 3 x the student's, front end once per clip, counted with
   ``torch.utils.flop_counter``) and MFU against the card's dense bf16 peak
@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from asd import layout
+from asd.io import layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -84,8 +84,8 @@ COMPARE_CORPORA = {
 def prepare(root: str, corpus: str = "default") -> dict:
     """Generate a corpus (:data:`COMPARE_CORPORA`) and featurize it (once per root)."""
     from asd.data.synthetic import default_spec, make_corpus
-    from asd.features import committed_files
-    from asd.featurize import FeaturizeConfig, featurize
+    from asd.stages.featurize import FeaturizeConfig, featurize
+    from asd.stores.features import committed_files
 
     if committed_files(root):
         return {"root": root, "skipped": True}
@@ -97,9 +97,9 @@ def prepare(root: str, corpus: str = "default") -> dict:
 
 
 def cpu_run(root: str, model: str, workers: int) -> dict:
-    from asd.loop import TrainConfig
-    from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import fit
+    from asd.stages.pretrain import Data2VecObjective, PretrainConfig
+    from asd.training.fit import fit
+    from asd.training.loop import TrainConfig
 
     steps, batch, clone, ddim, dlayers, topk = CPU_CASES[model]
     _ray()
@@ -118,15 +118,15 @@ def cpu_run(root: str, model: str, workers: int) -> dict:
 
 
 def gpu_run(root: str, dry_run: bool = False) -> dict:
-    """Base with bf16 on one GPU through ``asd.train.fit`` (Ray Train, one worker, NCCL); a dry run
+    """Base with bf16 on one GPU through ``asd.training.fit.fit`` (Ray Train, one worker, NCCL); a dry run
     is tiny on the CPU through the same call. Model FLOPs per step: the teacher's forward plus 3 x
     the student's forward (front end once per clip), counted with ``FlopCounterMode`` on full
     batches (``benchmarks.gpu_check.step_flops``); MFU against the card's dense bf16 peak."""
     import torch
 
-    from asd.loop import TrainConfig
-    from asd.pretrain import Data2VecObjective, PretrainConfig
-    from asd.train import fit
+    from asd.stages.pretrain import Data2VecObjective, PretrainConfig
+    from asd.training.fit import fit
+    from asd.training.loop import TrainConfig
     from benchmarks.gpu_check import peak_flops, step_flops
 
     _ray()
@@ -150,7 +150,7 @@ def gpu_run(root: str, dry_run: bool = False) -> dict:
     peak = peak_flops(name) if device.type == "cuda" else None
     return {
         "device": name, "worker_device": worker.get("device"), "model": pcfg.model, "bf16": device.type == "cuda",
-        "through": "asd.train.fit (Ray Train, 1 worker)", "steps": res.step, "batch": tcfg.batch_size,
+        "through": "asd.training.fit.fit (Ray Train, 1 worker)", "steps": res.step, "batch": tcfg.batch_size,
         "clone_batch": pcfg.clone_batch, "crop_frames": tcfg.crop_frames,
         "clips_per_s": res.steady_samples_per_s, "steps_per_s": steps_per_s,
         "model_flops_per_step": flops_per_step, "achieved_tflops": flops_per_step * steps_per_s / 1e12,
@@ -176,15 +176,17 @@ def compare(root: str, steps: int | None = None) -> dict:
     import torch
 
     import asd.models.embedders  # noqa: F401  (registers "encoder")
-    from asd.embed import EmbedConfig, embed
-    from asd.models.encoder import save_checkpoint
-    from asd.pretrain import Data2VecObjective, PretrainConfig, pretrain
-    from asd.score import ScoreConfig, score
-    from jobs.common import compose_config, stage_configs
+    from asd.models.registry import save_checkpoint
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stages.pretrain import Data2VecObjective, pretrain
+    from asd.stages.score import ScoreConfig, score
+    from jobs.common import compose_config, recipe_from_config
 
     _ray()
-    overrides = [f"root={root}", "pretrain.train.resume=false"] + ([f"pretrain.train.steps={steps}"] if steps else [])
-    pcfg, tcfg = stage_configs(compose_config("pretrain", overrides).pretrain, PretrainConfig)
+    overrides = [f"root={root}", "recipe=pretrained", "recipe.pretrain.train.resume=false"] + (
+        [f"recipe.pretrain.train.steps={steps}"] if steps else [])
+    pre = recipe_from_config(compose_config("pretrain", overrides).recipe).pretrain
+    pcfg, tcfg = pre.pretrain, pre.train
     t0 = time.perf_counter()
     res = pretrain(root, root, pcfg, tcfg)
     pretrain_s = time.perf_counter() - t0

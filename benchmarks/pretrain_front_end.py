@@ -34,7 +34,7 @@ SETTINGS = {  # name -> (PretrainConfig changes, crop frames), as the shipped co
 
 
 def _setup(name: str, clips: int):
-    from asd.pretrain import Data2VecObjective, PretrainConfig, make_mask
+    from asd.stages.pretrain import Data2VecObjective, PretrainConfig, make_mask
 
     changes, frames = SETTINGS[name]
     pcfg = PretrainConfig(**changes)

@@ -6,7 +6,7 @@ For each bank size, in fresh processes: the same cosine kNN (k=1) of every query
 against a source bank of N and a target bank of 10, min over banks, computed by
   * baseline: a numpy loop in one process with one BLAS thread;
   * also numpy with every BLAS thread (for reference: one process, all cores);
-  * ``asd.score.score_dataset`` in Ray tasks over all cores, twice in one Ray session
+  * ``asd.stages.score.score_dataset`` in Ray tasks over all cores, twice in one Ray session
     (cold: the session's first scoring; warm: the second).
 The numpy loop and Ray run in ``--rounds`` pairs back to back; the judged figure is the median
 of the pairs' ratios. Writes queries/s, the ratios ray/baseline (target >= 1.6 on 2 cores) and
@@ -63,8 +63,8 @@ def ray_run(n_bank: int, n_query: int) -> dict:
     import pyarrow as pa
     import ray
 
-    from asd.knn import MemoryBank
-    from asd.score import ScoreConfig, score_dataset
+    from asd.algorithms.knn import MemoryBank
+    from asd.stages.score import ScoreConfig, score_dataset
 
     src, tgt, q = data(n_bank, n_query)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

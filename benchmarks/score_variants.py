@@ -1,20 +1,20 @@
 """Scoring rules compared on the embeddings of one ``jobs.evaluate`` root (development seeds only).
 
-    python -m benchmarks.score_variants <evaluate root> [--tags eval-cnn-pseudo eval-mod-pseudo ...]
+    python -m benchmarks.score_variants <evaluate root> [--tags cnn mod ...]
 
 Reads the embeddings that a ``jobs.evaluate`` run stored (``<root>/embeddings/<tag>``) and the
-run's split (the same :func:`asd.split.plan_split` of its featurized clips), then scores the
+run's split (the same :func:`asd.recipes.split.plan_split` of its featurized clips), then scores the
 test clips under several kNN rules without training anything again:
 
 * ``raw``: the minimum over the source and target banks of the cosine kNN distance (k=1), as
-  ``asd.score`` scores today;
+  ``asd.stages.score`` scores today;
 * ``bank_norm``: each bank's distance divided by the mean leave-one-out distance of that bank's own
-  clips (``asd.knn.MemoryBank`` with ``normalize="loo_mean"``), then the minimum;
-* ``tag@a:b`` takes blocks ``a`` to ``b - 1`` of a tag that records blocks (e.g. ``eval-fused@1:6``,
+  clips (``asd.algorithms.knn.MemoryBank`` with ``normalize="loo_mean"``), then the minimum;
+* ``tag@a:b`` takes blocks ``a`` to ``b - 1`` of a tag that records blocks (e.g. ``fused@1:6``,
   the served recipe's five modulation CNNs without its log-mel CNN), with their recorded weights;
 * for two or more tags, the same two rules on the members' summed scores (score-level fusion),
   and one kNN on the members' concatenation (embedding-level fusion). A tag whose embeddings
-  record ``blocks`` (``concat`` with ``fusion: score``) is scored as :class:`asd.knn.FusedBank`.
+  record ``blocks`` (``concat`` with ``fusion: score``) is scored as :class:`asd.algorithms.knn.FusedBank`.
 
 Used to choose the served recipe's scoring rule on development corpus seeds (10 and 11), never on
 the seeds the accuracy record reports. Writes ``<out>.json`` and one line of text.
@@ -30,9 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asd import knn, metrics
-from asd.embeddings import embedding_blocks, read_embeddings, vectors
-from asd.layout import embeddings_dir
+from asd.algorithms import knn
+from asd.io.layout import embeddings_dir
+from asd.reports import metrics
+from asd.stores.embeddings import embedding_blocks, read_embeddings, vectors
 
 
 def _tables(root: str, tag: str, train_ids: set[str], test_ids: set[str]) -> tuple[pa.Table, pa.Table]:
@@ -124,12 +125,12 @@ def _official(test: pa.Table, score: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from asd.evaluate import LOGMEL, _clip_keys
-    from asd.split import plan_split
+    from asd.recipes.evaluate import LOGMEL, clip_keys
+    from asd.recipes.split import plan_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("root")
-    p.add_argument("--tags", nargs="+", default=["eval-cnn-pseudo", "eval-mod-pseudo"],
+    p.add_argument("--tags", nargs="+", default=["cnn", "mod"],
                    help="groups of embedding tags; a group 'a,b' scores the mean of its members")
     p.add_argument("--k", type=int, nargs="+", default=[1])
     p.add_argument("--condense", type=int, nargs="*", default=[],
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
     args = p.parse_args(argv)
 
-    plan = plan_split(_clip_keys(args.root, {LOGMEL}))
+    plan = plan_split(clip_keys(args.root, {LOGMEL}))
     rows: dict[str, float] = {}
     fused: dict[tuple[str, int], np.ndarray] = {}
     per_group: list[dict[tuple[str, int], np.ndarray]] = []

@@ -60,8 +60,8 @@ def compose_config(job: str, overrides: list[str] | tuple[str, ...] = ()) -> Dic
 
 
 def stage_configs(node: DictConfig | dict, cls: type[T]) -> tuple[T, Any]:
-    """A training stage's config node -> (its dataclass, the ``train:`` part as asd.loop.TrainConfig)."""
-    from asd.loop import TrainConfig
+    """A training stage's config node -> (its dataclass, the ``train:`` part as asd.training.loop.TrainConfig)."""
+    from asd.training.loop import TrainConfig
 
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     train = data.pop("train", None) or {}
@@ -133,20 +133,9 @@ def ray_data_defaults(cpus: float | None = None) -> None:
 
 def final_line(payload: dict) -> None:
     """Print the job's one final JSON line (output locations, headline figures) on stdout."""
-    print(json.dumps(payload, default=_jsonable, sort_keys=True), flush=True)
+    from asd.io.storage import json_safe
 
-
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-    except ImportError:
-        pass
-    return str(obj)
+    print(json.dumps(json_safe(payload), sort_keys=True), flush=True)
 
 
 # config keys that name storage locations (anywhere in a job's config)
@@ -158,7 +147,7 @@ WRITE_KEYS = {"output", "storage_path"}
 def check_paths(cfg: DictConfig | dict) -> None:
     """Refuse a job whose paths are malformed (``..``, other schemes) or that would write
     outside its storage root (``root``), before anything starts."""
-    from asd import storage
+    from asd.io import storage
 
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     # a job's storage root: ``output`` where the job names one (featurize), else ``root``
@@ -216,49 +205,110 @@ def refuse_path_as_data(argv: list[str] | None = None) -> None:
                 f"(the same as data=dir data.input={value}).")
 
 
-# embedders that run a model (the ones a GPU helps); log-mel statistics stay on CPUs
-MODEL_EMBEDDERS = {"encoder", "concat"}
+def device_config(cfg: DictConfig):
+    """The job's ``device`` group as :class:`asd.resources.DeviceConfig`: the one statement of where
+    its stages run, which every stage config the job builds is given."""
+    from asd.resources import DeviceConfig
+
+    return to_dataclass(DeviceConfig, cfg.get("device") or {})
 
 
-def apply_device(cfg: DictConfig) -> DictConfig:
-    """Merge the ``device`` group (``jobs/conf/device``) into every stage of a job's config: its
-    ``train`` into each training stage's ``train:`` node (pre-training, fine-tuning, the AE baseline),
-    its ``embed`` into each model-backed embedding config, its ``score`` into each kNN scoring
-    config. The one place where a job says GPUs or CPUs (a key the stage's dataclass lacks fails
-    when the stage builds it)."""
-    device = cfg.get("device")
-    if not device:
-        return cfg
-    parts = {name: OmegaConf.to_container(device[name], resolve=True) if device.get(name) else {}
-             for name in ("train", "embed", "score")}
+def recipe_from_config(node: DictConfig | dict):
+    """A ``recipe`` config node (``jobs/conf/recipe``) as :class:`asd.recipes.recipe.Recipe`."""
+    from asd.recipes.recipe import EmbedEntry, Labels, Model, Pretrain, Recipe
+    from asd.stages.finetune import FinetuneConfig
+    from asd.stages.pretrain import PretrainConfig
+    from asd.stages.pseudo_label import PseudoLabelConfig
 
-    def merge(node: DictConfig, values: dict) -> None:
-        for k, v in values.items():
-            node[k] = v
+    d = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    pretrain = Pretrain(*stage_configs(d["pretrain"], PretrainConfig)) if d.get("pretrain") else None
+    labels = None
+    if d.get("labels"):
+        lab = dict(d["labels"])
+        labels = Labels(**{**lab, "cluster": to_dataclass(PseudoLabelConfig, lab.get("cluster") or {})})
+    models = {}
+    for name, m in (d.get("models") or {}).items():
+        m = dict(m)
+        checkpoint = m.pop("checkpoint", None)
+        models[name] = Model(*stage_configs(m, FinetuneConfig), checkpoint=checkpoint)
+    return Recipe(name=d["name"], title=d.get("title", ""), pretrain=pretrain, encoder=d.get("encoder"),
+                  labels=labels, models=models, embed=[to_dataclass(EmbedEntry, e) for e in d.get("embed") or []],
+                  fusion=d.get("fusion", "score"))
 
-    def walk(node, key: str | None) -> None:
-        if not isinstance(node, DictConfig):
-            return
-        if key == "train" and "steps" in node and "use_gpu" in node:
-            merge(node, parts["train"])
-        elif "num_actors" in node and "num_gpus" in node and (key == "embed" or "embedder" in node):
-            if node.get("embedder", "encoder") in MODEL_EMBEDDERS:  # rescore's embed: the served model's
-                merge(node, parts["embed"])
-        elif "threshold_method" in node and "k" in node:
-            merge(node, parts["score"])
-        for k in list(node.keys()):
-            if k not in ("device", "hydra"):
-                walk(node._get_node(k), str(k))
 
-    with open_dict(cfg):
-        walk(cfg, None)
-    return cfg
+def compose_recipes(cfg: DictConfig, names, overrides=None) -> dict:
+    """``{name: Recipe}`` of the named recipes (``jobs/conf/recipe/<name>.yaml``), each composed as
+    ``recipe=<name>`` would compose it. The job's own ``recipe`` (the served one, with the command
+    line's ``recipe.*`` overrides) stands for its name. ``overrides`` (default: the job's
+    ``recipe_overrides``, e.g. ``[models.cnn.train.steps=100]``) apply to every recipe that has the key."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    from jobs import schema
+
+    schema.register()
+    overrides = list(cfg.get("recipe_overrides") or []) if overrides is None else list(overrides)
+
+    def node_of(name: str) -> DictConfig:
+        if "recipe" in cfg and name == cfg.recipe.name:
+            return cfg.recipe
+        try:
+            return _compose_served([f"recipe={name}"])
+        except MissingConfigException:
+            known = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+            raise ValueError(f"unknown recipe {name!r}: no recipe/{name}.yaml (jobs/conf/recipe has {known}; "
+                             "--config-dir adds a folder of your own)") from None
+
+    def _compose_served(args: list[str]) -> DictConfig:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra job
+            return compose(config_name="served", overrides=args).recipe
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose(config_name="served", overrides=args).recipe
+
+    out = {}
+    for name in names:
+        if name in out:
+            raise ValueError(f"recipe {name!r} listed twice")
+        node = node_of(name)
+        if node.name != name:
+            raise ValueError(f"jobs/conf/recipe/{name}.yaml names itself {node.name!r}")
+        apply = [o.split("=", 1) for o in overrides
+                 if OmegaConf.select(node, o.split("=", 1)[0], default=_ABSENT) is not _ABSENT]
+        if apply:
+            node = node.copy()
+            for key, value in apply:
+                OmegaConf.update(node, key, _yaml_value(value), merge=False)
+        out[name] = recipe_from_config(node)
+    return out
+
+
+_ABSENT = object()
+
+
+def _yaml_value(text: str):
+    """A command-line value as Hydra reads it (numbers, booleans, null, lists)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def recipe_run(cfg: DictConfig, stages, split=None, fresh: bool = False):
+    """The job's :class:`asd.recipes.run.RecipeRun` on ``cfg.root``: its embedding, scoring and
+    device settings; ``split`` (default: the corpus's own train and test folders)."""
+    from asd.recipes.run import RecipeRun, Split
+    from asd.stages.embed import EmbedConfig
+    from asd.stages.score import ScoreConfig
+
+    embed = to_dataclass(EmbedConfig, cfg.embed) if "embed" in cfg else None
+    score = to_dataclass(ScoreConfig, cfg.score) if "score" in cfg else None
+    return RecipeRun(cfg.root, split or Split(cfg.root), embed=embed, score=score, device=device_config(cfg),
+                     stages=stages, fresh=fresh)
 
 
 def run_job(cfg: DictConfig, run) -> None:
     """The body of every job's Hydra ``main``: logging, path checks, Ray, the stage, its final JSON line."""
     setup_logging(cfg.log_level)
-    apply_device(cfg)
     apply_input(cfg)
     check_paths(cfg)
     init_ray(cfg.ray)

@@ -1,23 +1,23 @@
-"""Embed every featurized clip: ``python -m jobs.embed embed=logmel root=<dir|s3://...>``."""
+"""Embed every featurized clip with a recipe: ``python -m jobs.embed [recipe=<name>] [root=...]``
+(its models must be trained). Writes ``<root>/embeddings/<recipe name>/``."""
 
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from asd.embed import EmbedConfig, embed
 from jobs import schema
-from jobs.common import run_job, to_dataclass
+from jobs.common import recipe_from_config, recipe_run, run_job
 
-schema.register("embed")
+schema.register()
 
 
 def run(cfg: DictConfig) -> dict:
-    node = OmegaConf.to_container(cfg.embed, resolve=True)
-    tag = node.pop("tag")
-    node.pop("after", None)  # the pipeline's ordering hint
-    res = embed(cfg.root, tag, to_dataclass(EmbedConfig, node))
-    return {"stage": "embed", "tag": tag, **res.to_dict()}
+    recipe = recipe_from_config(cfg.recipe)
+    runner = recipe_run(cfg, stages=["embed"])
+    uri = runner.embedding(recipe)
+    res = runner.results[recipe.name]
+    return {"stage": "embed", "recipe": recipe.name, "embeddings": uri, "embedder": res.embedder}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="embed")

@@ -1,12 +1,13 @@
-"""Accuracy of several methods, the official DCASE autoencoder baseline among them, on the same
-data and split: ``python -m jobs.evaluate data=<dir|roboticarm|synthetic>``.
+"""Accuracy of several recipes and the DCASE autoencoder baseline on the same data and split:
+``python -m jobs.evaluate [data=<...> | input=<dir|s3://...>] [recipes=[...]] [baselines=[...]]``.
 
-``data=dir data.input=<DCASE-layout dir or s3://...>`` evaluates any corpus; ``data=synthetic``
-generates one first. ``methods=[ae_mse,ae_mahalanobis,logmel_knn,pretrained_knn,finetuned_knn]``
-picks the methods (``finetuned_knn`` fine-tunes in the run on pseudo labels, or takes
-``finetuned.checkpoint=<encoder.pt>``);
-``report_to=benchmarks/results/evaluate_<name>`` also writes the report there. See
-:mod:`asd.evaluate` for the split rule and :mod:`asd.baselines.autoencoder` for the baseline.
+``data=dir data.input=<DCASE-layout dir or s3://...>`` (or ``input=...``) evaluates any corpus;
+a generating data config (``data=realistic``) generates it first. ``recipes=[logmel,cnn,fused]``
+picks recipes of ``jobs/conf/recipe`` (the served one, ``recipe=``, takes the command line's
+``recipe.*`` overrides), ``baselines=[]`` leaves the autoencoder out, ``+experiment=ablation`` runs
+the paper's ablation, ``report_to=benchmarks/results/evaluate_<name>`` also writes the report
+there. See :mod:`asd.recipes.evaluate` for the split rule and :mod:`asd.baselines.autoencoder` for
+the baseline.
 """
 
 from __future__ import annotations
@@ -14,47 +15,34 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from asd import storage
-from asd.evaluate import EvaluateConfig, evaluate
+from asd.baselines.autoencoder import AEConfig
+from asd.io import storage
+from asd.recipes.evaluate import EvaluateConfig, evaluate
+from asd.stages.embed import EmbedConfig
+from asd.stages.featurize import FeaturizeConfig
+from asd.stages.score import ScoreConfig
 from jobs import make_corpus as make_corpus_job
 from jobs import schema
-from jobs.common import refuse_path_as_data, run_job, to_dataclass
+from jobs.common import (
+    compose_recipes,
+    device_config,
+    refuse_path_as_data,
+    run_job,
+    stage_configs,
+    to_dataclass,
+)
 
-schema.register()  # every stage's schema
+schema.register()
 
 
 def evaluate_config(cfg: DictConfig) -> EvaluateConfig:
-    """The job's config as :class:`asd.evaluate.EvaluateConfig` (unknown keys are errors)."""
-    node = OmegaConf.to_container(cfg, resolve=True)
-    ae = dict(node["ae"])
-    ae_train = ae.pop("train", None) or {}
-    pretrained = dict(node["pretrained"])
-    pretrain = dict(pretrained.pop("pretrain", None) or {})
-    pretrain_train = pretrain.pop("train", None) or {}
-    return to_dataclass(EvaluateConfig, {
-        "methods": list(node["methods"]),
-        "derive_fraction": node["derive_fraction"],
-        "plots": node["plots"],
-        "featurize": node["featurize"],
-        "score": node["score"],
-        "ae": ae,
-        "ae_train": ae_train,
-        "logmel": node["logmel"],
-        "pretrained": {**pretrained, "pretrain": pretrain, "pretrain_train": pretrain_train},
-        "finetuned": _finetuned(dict(node["finetuned"])),
-        "cnn": _finetuned(dict(node["cnn"])),
-        "mod": _finetuned(dict(node["mod"])),
-        "served_method": node.get("served_method"),
-    })
-
-
-def _finetuned(node: dict) -> dict:
-    finetune = dict(node.pop("finetune", None) or {})
-    cluster = dict(node.pop("cluster", None) or {})
-    if "auto_range" in cluster:
-        cluster["auto_range"] = tuple(cluster["auto_range"])
-    out = {**node, "finetune": finetune, "finetune_train": finetune.pop("train", None) or {}}
-    return {**out, "cluster": cluster} if cluster else out  # the mod method clusters nothing (cnn's labels)
+    """The job's config as :class:`asd.recipes.evaluate.EvaluateConfig` (unknown keys are errors)."""
+    ae, ae_train = stage_configs(cfg.ae, AEConfig)  # its train: the published settings (jobs/schema.py)
+    return EvaluateConfig(
+        recipes=list(compose_recipes(cfg, list(cfg.recipes)).values()), baselines=tuple(cfg.baselines),
+        served=cfg.recipe.name, derive_fraction=cfg.derive_fraction, plots=cfg.plots,
+        featurize=to_dataclass(FeaturizeConfig, cfg.featurize), embed=to_dataclass(EmbedConfig, cfg.embed),
+        score=to_dataclass(ScoreConfig, cfg.score), device=device_config(cfg), ae=ae, ae_train=ae_train)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from asd.featurize import FeaturizeConfig, featurize
+from asd.stages.featurize import FeaturizeConfig, featurize
 from jobs import schema
 from jobs.common import refuse_path_as_data, run_job, to_dataclass
 
-schema.register("featurize")
+schema.register("featurize", "device")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -1,9 +1,9 @@
-"""Attribute fine-tuning of the pre-trained encoder: ``python -m jobs.finetune finetune=pseudo root=<dir|s3://...>``.
+"""Train a recipe's models on its labels: ``python -m jobs.finetune [recipe=<name>] [model=<name>]``.
 
-Reads ``<root>/features`` and the labels of ``<root>/labels/<embed tag>`` (run pseudo_label
-first), starts from ``<root>/models/pretrain/encoder.pt``, checkpoints to
-``<root>/checkpoints/<tag>`` (a rerun continues from the latest checkpoint) and exports
-``<root>/models/<tag>/encoder.pt``, which the ``finetuned`` embedding scores.
+Reads ``<root>/features`` and the recipe's labels (run pseudo_label first; a transformer also needs
+the recipe's pre-trained encoder), checkpoints to ``<root>/checkpoints/<tag>`` (a rerun continues
+from the latest checkpoint) and exports ``<root>/models/<tag>/encoder.pt`` (``<tag>-m<i>`` for
+the other members of an ensemble).
 """
 
 from __future__ import annotations
@@ -11,18 +11,22 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from asd.finetune import FinetuneConfig, finetune
 from jobs import schema
-from jobs.common import run_job, stage_configs, training_summary
+from jobs.common import recipe_from_config, recipe_run, run_job
 
-schema.register("finetune")
+schema.register()
 
 
-def run(cfg: DictConfig, node: DictConfig | None = None) -> dict:
-    fcfg, tcfg = stage_configs(node if node is not None else cfg.finetune, FinetuneConfig)
-    out, info = training_summary("finetune", fcfg.tag, finetune(cfg.root, cfg.root, fcfg, tcfg))
-    out["accuracy"] = [(h["step"], round(h["acc"], 4)) for h in info.get("history", []) if "acc" in h]
-    return out
+def run(cfg: DictConfig) -> dict:
+    recipe = recipe_from_config(cfg.recipe)
+    names = [cfg.model] if cfg.get("model") else list(recipe.models)
+    unknown = [n for n in names if n not in recipe.models]
+    if unknown or not names:
+        raise ValueError(f"recipe {recipe.name!r} has the models {sorted(recipe.models)}; asked for {names}")
+    runner = recipe_run(cfg, stages=["finetune"])
+    for name in names:
+        runner.model(recipe, name)
+    return {"stage": "finetune", "recipe": recipe.name, "models": runner.results[recipe.name].models}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")

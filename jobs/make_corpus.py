@@ -11,9 +11,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from asd import storage
 from asd.data.synthetic import default_spec, make_corpus
+from asd.io import storage
+from jobs import schema
 from jobs.common import final_line, log, refuse_path_as_data, setup_logging
+
+schema.register("device")
 
 MARKER = "_CORPUS.json"
 GENERATORS = ("synthetic", "realistic")

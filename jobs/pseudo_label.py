@@ -1,29 +1,27 @@
-"""Pseudo-attribute labels by Ward clustering of training-clip embeddings, one Ray task per machine type:
-``python -m jobs.pseudo_label embed=pretrained cluster.n_clusters=8``. Writes ``<root>/labels/<tag>/``."""
+"""Label a recipe's training clips: ``python -m jobs.pseudo_label [recipe=<name>] [recipe.labels.cluster.n_clusters=8]``.
+
+Ward pseudo labels of the representation the recipe clusters (one Ray task per machine type), or
+its section / real labels; writes ``<root>/labels/<tag>/`` (with a dendrogram PNG per type)."""
 
 from __future__ import annotations
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from asd import storage
-from asd.cluster import pseudo_label
-from asd.layout import embeddings_dir
-from asd.ward import ClusterConfig
 from jobs import schema
-from jobs.common import run_job
+from jobs.common import recipe_from_config, recipe_run, run_job
 
-schema.register("embed", "cluster")
+schema.register()
 
 
 def run(cfg: DictConfig) -> dict:
-    node = OmegaConf.to_container(cfg.cluster, resolve=True)
-    node["auto_range"] = tuple(node.get("auto_range", (2, 16)))
-    tag = cfg.embed.tag
-    res = pseudo_label(embeddings_dir(cfg.root, tag), storage.join(cfg.root, "labels", tag), ClusterConfig(**node),
-                       manifest_uri=storage.join(cfg.root, "manifest", "manifest.parquet"))
-    return {"stage": "pseudo_label", "tag": tag, "labels": storage.join(cfg.root, "labels", tag),
-            "n_clips": res.n_clips, "n_types": res.n_types, "quality": res.quality, "seconds": res.seconds}
+    recipe = recipe_from_config(cfg.recipe)
+    if recipe.labels is None:
+        raise ValueError(f"recipe {recipe.name!r} trains nothing, so it has no labels")
+    runner = recipe_run(cfg, stages=["pretrain", "pseudo_label"] if recipe.labels.clustered == "pretrained"
+                        else ["pseudo_label"])
+    runner.labels(recipe)
+    return {"stage": "pseudo_label", "recipe": recipe.name, **runner.results[recipe.name].labels}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pseudo_label")

@@ -5,18 +5,20 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from asd.featurize import FeaturizeConfig
-from asd.rescore import RescoreConfig, rescore
-from asd.score import ScoreConfig
+from asd.stages.embed import EmbedConfig
+from asd.stages.featurize import FeaturizeConfig
+from asd.stages.rescore import RescoreConfig, rescore
+from asd.stages.score import ScoreConfig
 from jobs import schema
-from jobs.common import run_job, to_dataclass
+from jobs.common import device_config, run_job, to_dataclass
 
-schema.register("featurize", "score")
+schema.register("featurize", "embed", "score", "device")
 
 
 def run(cfg: DictConfig) -> dict:
-    rcfg = to_dataclass(RescoreConfig, cfg.embed, featurize=to_dataclass(FeaturizeConfig, cfg.featurize),
-                        score=to_dataclass(ScoreConfig, cfg.score))
+    rcfg = RescoreConfig(featurize=to_dataclass(FeaturizeConfig, cfg.featurize),
+                         embed=to_dataclass(EmbedConfig, cfg.embed), score=to_dataclass(ScoreConfig, cfg.score),
+                         device=device_config(cfg))
     res = rescore(cfg.inbox, cfg.root, date=cfg.date, cfg=rcfg)
     return {"stage": "rescore", **res.to_dict()}
 

@@ -10,14 +10,15 @@ default.
 
 | group | node | from |
 |---|---|---|
-| ``pretrain`` | the pre-training stage | ``asd.pretrain.PretrainConfig`` + ``train: asd.loop.TrainConfig`` |
-| ``finetune`` | one fine-tuning run | ``asd.finetune.FinetuneConfig`` + ``train`` |
-| ``embed`` | one embedding | ``asd.embed.EmbedConfig`` + ``tag`` and the pipeline's ``after`` |
-| ``score`` | kNN scoring | ``asd.score.ScoreConfig`` |
-| ``cluster`` | pseudo labelling | ``asd.ward.ClusterConfig`` |
-| ``featurize`` | the front ends | ``asd.featurize.FeaturizeConfig`` |
+| ``recipe`` | one detector | ``asd.recipes.recipe.Recipe``, its pre-training, labels and models as the nodes below |
+| ``pretrain`` | the pre-training stage | ``asd.stages.pretrain.PretrainConfig`` + ``train: asd.training.loop.TrainConfig`` |
+| ``finetune`` | one fine-tuned or trained model | ``asd.stages.finetune.FinetuneConfig`` + ``train`` (+ a recipe's ``checkpoint``) |
+| ``cluster`` | pseudo labelling | ``asd.stages.pseudo_label.PseudoLabelConfig`` |
+| ``embed`` | the embedding actors of a job | ``asd.stages.embed.EmbedConfig`` but what is embedded |
+| ``score`` | kNN scoring | ``asd.stages.score.ScoreConfig`` |
+| ``featurize`` | the front ends | ``asd.stages.featurize.FeaturizeConfig`` |
+| ``device`` | where stages run | ``asd.resources.DeviceConfig`` |
 | ``ae`` | the DCASE autoencoder baseline | ``asd.baselines.autoencoder.AEConfig`` + ``train`` (its published settings) |
-| ``method_embed`` | an embedding inside an evaluation method | ``asd.embed.EmbedConfig`` |
 
 Each job module registers the groups its config uses when it is imported (before Hydra composes);
 ``jobs.common.compose_config`` registers them all. A schema is built, and its stage module
@@ -42,24 +43,26 @@ def _field_like(f: dataclasses.Field) -> dataclasses.Field:
     return dataclasses.field(default=f.default)
 
 
-# fault injection for tests (asd.faults, asd.featurize): settable on the dataclasses, never in a shipped
+# fault injection for tests (asd.training.faults, asd.stages.featurize): settable on the dataclasses, never in a shipped
 # config; a test that drives a job with them adds them with '+' (the dataclass still checks them)
 TEST_ONLY = frozenset({"fail_at_step", "fail_rank", "fail_mode", "fail_wait_s", "kill_worker_once_marker",
                        "kill_worker_on_clip"})
 
 
-def with_fields(cls: type, name: str, extra: list[tuple[str, Any, dataclasses.Field]] = ()) -> type:
-    """A dataclass named ``name`` with the fields of ``cls`` but the test-only ones (resolved types,
-    same defaults), and ``extra``."""
+def with_fields(cls: type, name: str, extra: list[tuple[str, Any, dataclasses.Field]] = (),
+                exclude: tuple[str, ...] = ()) -> type:
+    """A dataclass named ``name`` with the fields of ``cls`` but the test-only ones and ``exclude``
+    (resolved types, same defaults), and ``extra``."""
     hints = typing.get_type_hints(cls)
-    spec = [(f.name, hints[f.name], _field_like(f)) for f in dataclasses.fields(cls) if f.name not in TEST_ONLY]
+    spec = [(f.name, hints[f.name], _field_like(f)) for f in dataclasses.fields(cls)
+            if f.name not in TEST_ONLY and f.name not in exclude]
     return dataclasses.make_dataclass(name, [*spec, *extra])
 
 
 def _train(factory) -> tuple[str, Any, dataclasses.Field]:
     """A stage's ``train:`` node (``factory``'s values); its Ray Train run (and checkpoint folder) is
     named after the stage's tag."""
-    from asd.loop import TrainConfig
+    from asd.training.loop import TrainConfig
 
     node_cls = node("train")
 
@@ -70,13 +73,16 @@ def _train(factory) -> tuple[str, Any, dataclasses.Field]:
 
 
 def _pretrain():
-    from asd.pretrain import PretrainConfig
+    from asd.stages.pretrain import PretrainConfig
     return with_fields(PretrainConfig, "PretrainNode", [_train(None)])
 
 
 def _finetune():
-    from asd.finetune import FinetuneConfig
-    return with_fields(FinetuneConfig, "FinetuneNode", [_train(None)])
+    from asd.stages.finetune import FinetuneConfig
+    return with_fields(FinetuneConfig, "FinetuneNode", [
+        _train(None),
+        ("checkpoint", Optional[str], dataclasses.field(default=None)),  # a recipe's model: an existing encoder.pt
+    ])
 
 
 def _ae():
@@ -85,49 +91,61 @@ def _ae():
 
 
 def _embed():
-    from asd.embed import EmbedConfig
-    return with_fields(EmbedConfig, "EmbedNode", [
-        ("tag", str, dataclasses.field(default="???")),  # <root>/embeddings/<tag>: each option names it
-        ("after", Optional[str], dataclasses.field(default=None)),  # pipeline: embed once this stage has run
-    ])
-
-
-def _method_embed():
-    from asd.embed import EmbedConfig
-    return EmbedConfig
+    from asd.stages.embed import EmbedConfig
+    return with_fields(EmbedConfig, "EmbedNode", exclude=("embedder", "params"))
 
 
 def _score():
-    from asd.score import ScoreConfig
+    from asd.stages.score import ScoreConfig
     return ScoreConfig
 
 
 def _cluster():
-    from asd.ward import ClusterConfig
-    return ClusterConfig
+    from asd.stages.pseudo_label import PseudoLabelConfig
+    return PseudoLabelConfig
 
 
 def _featurize():
-    from asd.featurize import FeaturizeConfig
+    from asd.stages.featurize import FeaturizeConfig
     return with_fields(FeaturizeConfig, "FeaturizeNode")
 
 
+def _device():
+    from asd.resources import DeviceConfig
+    return DeviceConfig
+
+
+def _recipe():
+    from asd.recipes.recipe import EmbedEntry, Labels, Recipe
+
+    labels = with_fields(Labels, "LabelsNode", exclude=("cluster",),
+                         extra=[("cluster", node("cluster"), dataclasses.field(default_factory=node("cluster")))])
+    return with_fields(Recipe, "RecipeNode", exclude=("name", "pretrain", "labels", "models", "embed"), extra=[
+        ("name", str, dataclasses.field(default="???")),  # each recipe names itself (its file's name)
+        ("pretrain", Optional[node("pretrain")], dataclasses.field(default=None)),
+        ("labels", Optional[labels], dataclasses.field(default=None)),
+        ("models", dict[str, node("finetune")], dataclasses.field(default_factory=dict)),
+        ("embed", list[EmbedEntry], dataclasses.field(default_factory=lambda: [EmbedEntry()])),
+    ])
+
+
 def _train_node():
-    from asd.loop import TrainConfig
+    from asd.training.loop import TrainConfig
     return with_fields(TrainConfig, "TrainNode")
 
 
 # group -> how to build its schema; built (and the stage module imported) only when a job needs it,
 # so a featurize or rescoring job's driver does not import torch for the training stages' configs
 _BUILDERS: dict[str, Callable[[], type]] = {
+    "recipe": _recipe,
     "pretrain": _pretrain,
     "finetune": _finetune,
+    "cluster": _cluster,
     "embed": _embed,
     "score": _score,
-    "cluster": _cluster,
     "featurize": _featurize,
+    "device": _device,
     "ae": _ae,
-    "method_embed": _method_embed,
 }
 GROUPS = tuple(_BUILDERS)
 _BUILT: dict[str, type] = {}

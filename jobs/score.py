@@ -1,28 +1,22 @@
-"""Score test clips against normal training clips: ``python -m jobs.score embed=logmel score.k=3``."""
+"""Score the test clips against the normal training clips with a recipe's embedding:
+``python -m jobs.score [recipe=<name>] [score.k=3]``. Writes ``<root>/scores/<recipe name>/``."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from asd import layout, storage
-from asd.layout import embeddings_dir
-from asd.score import ScoreConfig, score
+from asd.io import storage
 from jobs import schema
-from jobs.common import run_job, to_dataclass
+from jobs.common import recipe_from_config, recipe_run, run_job
 
-schema.register("embed", "score")
+schema.register()
 
 
 def run(cfg: DictConfig) -> dict:
-    tag = cfg.embed.tag
-    res = score(
-        embeddings_dir(cfg.root, tag),
-        layout.scores_dir(cfg.root, tag),
-        to_dataclass(ScoreConfig, cfg.score),
-        title=f"{tag} kNN (k={cfg.score.k})",
-    )
-    out = {"stage": "score", "tag": tag, **res.to_dict()}
+    recipe = recipe_from_config(cfg.recipe)
+    res = recipe_run(cfg, stages=["score"]).score(recipe)
+    out = {"stage": "score", "recipe": recipe.name, **res.to_dict()}
     out.pop("metrics", None)
     out["metrics_json"] = storage.join(res.scores, "metrics.json") if res.metrics else None
     return out

@@ -15,9 +15,9 @@ def main() -> None:
     inbox, root, date, start_at = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     import ray
 
-    from asd.featurize import FeaturizeConfig
-    from asd.rescore import RescoreConfig, rescore
-    from asd.score import ScoreConfig
+    from asd.stages.featurize import FeaturizeConfig
+    from asd.stages.rescore import RescoreConfig, rescore
+    from asd.stages.score import ScoreConfig
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     time.sleep(max(0.0, start_at - time.time()))

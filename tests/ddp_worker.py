@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from asd.finetune import AttributeObjective, FinetuneConfig
-from asd.loop import ObjectiveBase
 from asd.models.encoder import CONFIGS as ENCODERS
+from asd.stages.finetune import AttributeObjective, FinetuneConfig
+from asd.training.loop import ObjectiveBase
 
 N_CLASSES, STEPS, BATCH, FRAMES = 4, 3, 4, 64
 TINY = replace(ENCODERS["tiny"], encoder_layers=3, relative_position_embedding=True, gru_rel_pos=True,
@@ -39,7 +39,7 @@ FINETUNE = {  # name -> (FinetuneConfig changes, encoder changes)
 
 def _objective(name: str) -> tuple[ObjectiveBase, dict]:
     if name.startswith("pretrain"):
-        from asd.pretrain import Data2VecObjective, PretrainConfig
+        from asd.stages.pretrain import Data2VecObjective, PretrainConfig
 
         enc = replace(TINY, encoder_layerdrop=0.5 if name == "pretrain_layerdrop" else 0.0)
         pcfg = PretrainConfig(clone_batch=2, decoder_dim=32, decoder_layers=1, decoder_groups=8, mask_ratio=0.5)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from asd import layout, storage
-from asd.baselines.autoencoder import (
+from asd.baselines.autoencoder import featurize_frontend, load_autoencoders, run_baseline
+from asd.baselines.autoencoder.model import (
     AEBank,
     AEConfig,
     AENet,
@@ -21,15 +21,13 @@ from asd.baselines.autoencoder import (
     clip_vectors,
     context_vectors,
     default_train_config,
-    featurize_frontend,
     inverse_covariance,
-    load_autoencoders,
     mahalanobis_term,
-    run_baseline,
 )
-from asd.features import read_features_table
-from asd.featurize import FeaturizeConfig
-from asd.score import SCORE_SCHEMA
+from asd.io import layout, storage
+from asd.stages.featurize import FeaturizeConfig
+from asd.stages.score import SCORE_SCHEMA
+from asd.stores.features import read_features_table
 
 # ----------------------------------------------------------------------------- parts, no Ray
 

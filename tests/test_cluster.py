@@ -16,10 +16,8 @@ import pytest
 from scipy.cluster.hierarchy import linkage
 from sklearn.metrics import adjusted_rand_score
 
-from asd import storage
-from asd.cluster import pseudo_label
-from asd.ward import (
-    ClusterConfig,
+from asd.algorithms.ward import (
+    WardConfig,
     choose_n_clusters,
     cluster_type,
     cut,
@@ -27,6 +25,8 @@ from asd.ward import (
     ward_exact,
     ward_weighted,
 )
+from asd.io import storage
+from asd.stages.pseudo_label import PseudoLabelConfig, pseudo_label
 from tests.pngs import assert_drawn_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +69,8 @@ def test_weighted_ward_equals_ward_of_repeated_points():
 
 def test_planted_clusters_exact_and_chunked_agree():
     x, y = planted(3000, 6, 64, noise=1.0, seed=3)
-    exact = cluster_type(x, ClusterConfig(n_clusters=6))
-    cfg = ClusterConfig(n_clusters=6, exact_max_points=500, n_micro=300, chunk_size=700, seed=0)
+    exact = cluster_type(x, WardConfig(n_clusters=6))
+    cfg = WardConfig(n_clusters=6, exact_max_points=500, n_micro=300, chunk_size=700, seed=0)
     chunked = cluster_type(x, cfg)
     assert (exact.method, chunked.method) == ("exact", "chunked")
     assert exact.n_clusters == chunked.n_clusters == 6
@@ -83,7 +83,7 @@ def test_planted_clusters_exact_and_chunked_agree():
 
 def test_chunked_streams_arrays_callables_and_one_shot_iterators():
     x, y = planted(2000, 4, 32, noise=1.0, seed=4)
-    cfg = ClusterConfig(n_micro=200, chunk_size=150)  # the first partial_fit buffers two chunks
+    cfg = WardConfig(n_micro=200, chunk_size=150)  # the first partial_fit buffers two chunks
     chunks = [x[i:i + 150] for i in range(0, len(x), 150)]
     for data in (x, lambda: iter(chunks), (c for c in chunks)):
         micro, centroids, sizes, Z = ward_chunked(data, cfg)
@@ -94,7 +94,7 @@ def test_chunked_streams_arrays_callables_and_one_shot_iterators():
         assert adjusted_rand_score(y, cut(Z, 4)[micro]) >= 0.9
     # sorted input (e.g. source clips, then target): the fit samples rows at random, all blobs get centres
     order = np.argsort(y, kind="stable")
-    micro, _, _, Z = ward_chunked(x[order], ClusterConfig(n_micro=100, chunk_size=150, kmeans_fit_rows=300))
+    micro, _, _, Z = ward_chunked(x[order], WardConfig(n_micro=100, chunk_size=150, kmeans_fit_rows=300))
     assert adjusted_rand_score(y[order], cut(Z, 4)[micro]) >= 0.9
     # fewer points than micro-clusters: every point is a leaf, i.e. exact Ward
     micro, _, sizes, Z = ward_chunked(x[:100], cfg)
@@ -107,7 +107,7 @@ def test_chunked_streams_arrays_callables_and_one_shot_iterators():
 def test_automatic_cluster_count_recovers_planted_count(method, exact_max_points):
     for k, seed in ((6, 5), (3, 6)):
         x, y = planted(1500, k, 64, noise=1.0, seed=seed)
-        cfg = ClusterConfig(auto_method=method, exact_max_points=exact_max_points, n_micro=250, chunk_size=800)
+        cfg = WardConfig(auto_method=method, exact_max_points=exact_max_points, n_micro=250, chunk_size=800)
         res = cluster_type(x, cfg)
         assert res.n_clusters == k, (method, k, res.n_clusters)
         assert res.chosen_by == method
@@ -116,33 +116,33 @@ def test_automatic_cluster_count_recovers_planted_count(method, exact_max_points
 
 def test_choose_and_cut_edges():
     Z = ward_exact(planted(40, 2, 8, seed=7)[0])
-    assert choose_n_clusters(Z, ClusterConfig(auto_range=(2, 100))) <= 40
+    assert choose_n_clusters(Z, WardConfig(auto_range=(2, 100))) <= 40
     assert choose_n_clusters(np.zeros((0, 4))) == 1
     assert cut(Z, 1).tolist() == [0] * 40
     assert len(np.unique(cut(Z, 500))) == 40  # capped at the number of leaves
-    assert cluster_type(planted(40, 2, 8, seed=7)[0], ClusterConfig(n_clusters=999)).n_clusters == 40
+    assert cluster_type(planted(40, 2, 8, seed=7)[0], WardConfig(n_clusters=999)).n_clusters == 40
     with pytest.raises(ValueError):
-        ClusterConfig(auto_method="elbow")
+        WardConfig(auto_method="elbow")
     with pytest.raises(ValueError):
-        ClusterConfig(label_source="both")
-    assert ClusterConfig(auto_range=[3, 5]).auto_range == (3, 5)
+        PseudoLabelConfig(label_source="both")
+    assert WardConfig(auto_range=[3, 5]).auto_range == (3, 5)
 
 
 def test_degenerate_types_get_one_cluster_with_a_warning(caplog):
     rng = np.random.default_rng(8)
-    with caplog.at_level(logging.WARNING, logger="asd.cluster"):
-        res = cluster_type(rng.normal(size=(3, 16)), ClusterConfig(), name="tiny")
+    with caplog.at_level(logging.WARNING, logger="asd.stages.pseudo_label"):
+        res = cluster_type(rng.normal(size=(3, 16)), WardConfig(), name="tiny")
     assert res.n_clusters == 1 and res.labels.tolist() == [0, 0, 0] and res.method == "trivial"
     assert "tiny" in caplog.text and "3 clip" in caplog.text
     caplog.clear()
     same = np.tile(rng.normal(size=(1, 16)), (50, 1))
-    with caplog.at_level(logging.WARNING, logger="asd.cluster"):
-        res = cluster_type(same, ClusterConfig(n_clusters=4))
+    with caplog.at_level(logging.WARNING, logger="asd.stages.pseudo_label"):
+        res = cluster_type(same, WardConfig(n_clusters=4))
     assert res.n_clusters == 1 and set(res.labels.tolist()) == {0} and res.sizes == [50]
     assert "identical" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="asd.cluster"):
-        res = cluster_type(np.zeros((0, 16)), ClusterConfig())
+    with caplog.at_level(logging.WARNING, logger="asd.stages.pseudo_label"):
+        res = cluster_type(np.zeros((0, 16)), WardConfig())
     assert res.labels.shape == (0,) and "0 clip" in caplog.text
 
 
@@ -223,7 +223,7 @@ def test_pseudo_label_stage_end_to_end(ray_session, tmp_path):
     root = str(tmp_path / "run")
     made = write_corpus_embeddings(root)
     out = storage.join(root, "labels", "t")
-    cfg = ClusterConfig(memory_gb=0.25, label_source="real_else_pseudo", dendrogram_leaves=12)
+    cfg = PseudoLabelConfig(memory_gb=0.25, label_source="real_else_pseudo", dendrogram_leaves=12)
     res = pseudo_label(made["embeddings"], out, cfg)
     _check_stage_output(out, res, made)
     labels = storage.read_table(storage.join(out, "labels.parquet")).to_pylist()
@@ -233,7 +233,7 @@ def test_pseudo_label_stage_end_to_end(ray_session, tmp_path):
     assert res.types["fan"]["label_from"] == "real" and res.types["valve"]["label_from"] == "pseudo"
 
     # rerun per domain with pseudo labels: replaces the stage atomically; domains get distinct ids
-    cfg = ClusterConfig(memory_gb=0.25, per_domain=True, n_clusters=3)
+    cfg = PseudoLabelConfig(memory_gb=0.25, per_domain=True, n_clusters=3)
     res = pseudo_label(made["embeddings"], out, cfg)
     labels = storage.read_table(storage.join(out, "labels.parquet")).to_pylist()
     fan = [r for r in labels if r["machine_type"] == "fan"]
@@ -245,7 +245,7 @@ def test_pseudo_label_stage_end_to_end(ray_session, tmp_path):
     assert not [p for p in os.listdir(tmp_path / "run" / "labels") if p.startswith("_staging")]
 
     with pytest.raises(ValueError, match="real attributes"):
-        pseudo_label(made["embeddings"], out, ClusterConfig(memory_gb=0.25, label_source="real"))
+        pseudo_label(made["embeddings"], out, PseudoLabelConfig(memory_gb=0.25, label_source="real"))
 
 
 @pytest.mark.s3
@@ -253,7 +253,7 @@ def test_pseudo_label_stage_on_s3(ray_session, s3_bucket):
     root = f"{s3_bucket}/run"
     made = write_corpus_embeddings(root)
     out = f"{root}/labels/t"
-    res = pseudo_label(made["embeddings"], out, ClusterConfig(memory_gb=0.25))
+    res = pseudo_label(made["embeddings"], out, PseudoLabelConfig(memory_gb=0.25))
     _check_stage_output(out, res, made)
 
 
@@ -262,7 +262,7 @@ TWO_NODE_SCRIPT = textwrap.dedent(
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
-    from asd.cluster import ClusterConfig, pseudo_label
+    from asd.stages.pseudo_label import PseudoLabelConfig, pseudo_label
     from tests.test_cluster import write_corpus_embeddings
 
     root = sys.argv[1]
@@ -276,7 +276,7 @@ TWO_NODE_SCRIPT = textwrap.dedent(
     head = [i for i, r in nodes.items() if "head_node" in r][0]
     worker = [i for i, r in nodes.items() if "worker_node" in r][0]
     made = write_corpus_embeddings(root)
-    cfg = ClusterConfig(memory_gb=0.1, resources={"fan": {"worker_node": 1}, "*": {"head_node": 1}})
+    cfg = PseudoLabelConfig(memory_gb=0.1, resources={"fan": {"worker_node": 1}, "*": {"head_node": 1}})
     res = pseudo_label(made["embeddings"], root + "/labels/t", cfg)
     print(json.dumps({"head": head, "worker": worker, "nodes": res.node_ids,
                       "ari": res.quality["fan"]["ari"]}))

@@ -434,11 +434,14 @@ def _job_commands() -> list[tuple[str, str, list[str]]]:
 def _primary_config(job: str) -> tuple[set[str], set[str]]:
     """(config groups in the job's defaults list, other top-level keys) of jobs/conf/<job>.yaml."""
     cfg = yaml.safe_load((CONF / f"{job}.yaml").read_text(encoding="utf-8")) or {}
-    groups = set()
+    groups, keys = set(), {k for k in cfg if k not in ("defaults",)} | {"hydra"}
     for entry in cfg.get("defaults", []):
         if isinstance(entry, dict):
             groups.update(k.split("@")[0].split("/")[-1] for k in entry)
-    keys = {k for k in cfg if k not in ("defaults",)} | {"hydra"}
+        elif entry != "_self_":  # a shared config of jobs/conf (base.yaml, served.yaml)
+            more_groups, more_keys = _primary_config(entry)
+            groups |= more_groups
+            keys |= more_keys
     return groups, keys
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from asd import storage
+from asd.io import storage
 from asd.models.cnn import CNNConfig, CNNEncoder
 from asd.models.embedders import EncoderEmbedder
-from asd.models.encoder import AudioEncoder, load_checkpoint, save_checkpoint
+from asd.models.encoder import AudioEncoder
+from asd.models.registry import load_checkpoint, save_checkpoint
 
 SMALL = CNNConfig(channels=(4, 4, 8, 8), embed_dim=16)
 
@@ -19,7 +20,7 @@ def write_section_labels(root: str) -> str:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from asd.features import read_features_table
+    from asd.stores.features import read_features_table
 
     t = read_features_table(root, columns=["clip_id", "machine_type", "section", "domain", "split"])
     rows = [{"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
@@ -87,14 +88,14 @@ def test_the_encoder_embedder_takes_a_cnn_checkpoint(tmp_path):
 
 
 def test_finetune_config_checks_what_a_cnn_cannot_do():
-    from asd.finetune import FinetuneConfig
+    from asd.stages.finetune import FinetuneConfig
 
     FinetuneConfig(model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8})
     with pytest.raises(ValueError, match="from scratch"):
         FinetuneConfig(model="cnn", init_checkpoint="/x/encoder.pt")
     with pytest.raises(ValueError, match="do not apply"):
         FinetuneConfig(model="cnn", lora_rank=4)
-    with pytest.raises(ValueError, match="unknown CNN config keys"):
+    with pytest.raises(ValueError, match="unknown cnn config keys"):
         FinetuneConfig(model="cnn", model_cfg={"width": 3})
     with pytest.raises(ValueError, match="model must be"):
         FinetuneConfig(model="resnet")
@@ -102,12 +103,12 @@ def test_finetune_config_checks_what_a_cnn_cannot_do():
 
 @pytest.mark.slow
 def test_a_cnn_trained_from_scratch_learns_the_classes_and_feeds_scoring(small_corpus, ray_session, tmp_path):
-    from asd.embed import EmbedConfig, embed
-    from asd.embeddings import read_embeddings
-    from asd.features import read_features_table
-    from asd.featurize import FeaturizeConfig, featurize
-    from asd.finetune import FinetuneConfig, finetune
-    from asd.loop import TrainConfig
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stages.featurize import FeaturizeConfig, featurize
+    from asd.stages.finetune import FinetuneConfig, finetune
+    from asd.stores.embeddings import read_embeddings
+    from asd.stores.features import read_features_table
+    from asd.training.loop import TrainConfig
 
     root = str(tmp_path)
     featurize(small_corpus, root, FeaturizeConfig(progress=False))

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from asd import commitlog, storage
-from asd.embed import EmbedConfig, embed
-from asd.embeddings import read_embeddings
-from asd.features import feature_log, files_table, read_commits, read_features_table
-from asd.featurize import FeaturizeConfig, featurize
-from asd.layout import features_dir
-from asd.rescore import RescoreConfig, rescore
-from asd.score import ScoreConfig
-from asd.serving import set_current_model
+from asd.io import commitlog, storage
+from asd.io.layout import features_dir
+from asd.io.serving import set_current_model
+from asd.stages.embed import EmbedConfig, embed
+from asd.stages.featurize import FeaturizeConfig, featurize
+from asd.stages.rescore import RescoreConfig, rescore
+from asd.stages.score import ScoreConfig
+from asd.stores.embeddings import read_embeddings
+from asd.stores.features import feature_log, files_table, read_commits, read_features_table
 
 FCFG = FeaturizeConfig(progress=False, batch_size=8, rows_per_block=16)
 RCFG = RescoreConfig(featurize=FCFG, score=ScoreConfig(progress=False))
@@ -160,7 +160,7 @@ def test_overlapping_featurize_runs_commit_every_clip_once(ray_session, small_co
 
 
 def test_a_run_killed_after_moving_its_files_leaves_nothing_visible(ray_session, small_corpus, tmp_path, monkeypatch):
-    from asd import features as features_mod
+    from asd.stores import features as features_mod
 
     root = str(tmp_path / "run")
 

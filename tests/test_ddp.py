@@ -41,8 +41,9 @@ def test_two_ranks_end_with_identical_weights(ddp_results, config):
 def test_partial_depth_freezes_exactly_the_blocks_it_never_runs():
     from dataclasses import replace
 
-    from asd.finetune import AttributeModel, FinetuneConfig
+    from asd.models.attribute import AttributeModel
     from asd.models.encoder import CONFIGS as ENCODERS
+    from asd.stages.finetune import FinetuneConfig
 
     enc = replace(ENCODERS["tiny"], encoder_layers=3)
     full = AttributeModel(enc, 4, FinetuneConfig())
@@ -59,7 +60,7 @@ def test_partial_depth_freezes_exactly_the_blocks_it_never_runs():
 def test_tf32_setting_reaches_torch():
     import torch
 
-    from asd.loop import TrainConfig, cuda_precision
+    from asd.training.loop import TrainConfig, cuda_precision
 
     before = torch.get_float32_matmul_precision()
     try:

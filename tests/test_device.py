@@ -3,8 +3,6 @@ run uses (activation checkpointing, torch.compile), all checked on CPU."""
 
 from __future__ import annotations
 
-import copy
-import os
 import time
 from dataclasses import replace
 
@@ -13,86 +11,91 @@ import pyarrow as pa
 import pytest
 import torch
 
-from asd import knn, resources
+from asd import resources
+from asd.algorithms import knn
 
 # Hydra and the jobs layer are imported inside the tests that use them: the GPU test below also runs
 # on a bare GPU image that has Ray and pytest but no Hydra (benchmarks/gpu_check.sh).
 
-CONF = os.path.join(os.path.dirname(__file__), "..", "jobs", "conf")
-JOBS = ["pipeline", "evaluate", "pretrain", "finetune", "embed", "score", "rescore", "pseudo_label"]
+def _stage_configs(monkeypatch, job: str, *overrides: str) -> list[tuple[str, object]]:
+    """(stage, config) of every stage call a job's recipes make (the stage functions recorded, not run)."""
+    import types
+
+    import asd.stages.embed as E
+    import asd.stages.finetune as F
+    import asd.stages.pretrain as P
+    import asd.stages.pseudo_label as L
+    import asd.stages.score as S
+    from asd.recipes.run import STEPS
+    from jobs.common import compose_config, compose_recipes, recipe_run
+
+    calls = []
+
+    def encoders(root, tag, n=1):
+        return [f"{root}/models/{tag}{'-m%d' % i if i else ''}/encoder.pt" for i in range(n)]
+
+    monkeypatch.setattr(P, "pretrain", lambda f, root, pcfg, tcfg: calls.append(("train", tcfg)) or types.SimpleNamespace(
+        encoder=encoders(root, pcfg.tag)[0], steps=1, start_step=0, final_loss=0.0, checkpoint=None))
+    monkeypatch.setattr(F, "finetune", lambda f, root, fcfg, tcfg: calls.append(("train", tcfg)) or types.SimpleNamespace(
+        encoders=encoders(root, fcfg.tag, fcfg.members), steps=1, start_step=0, num_classes=2, final_accuracy=1.0,
+        seconds=0.0))
+    monkeypatch.setattr(E, "embed", lambda root, tag, cfg: calls.append(("embed", cfg)) or types.SimpleNamespace(
+        embeddings=f"{root}/embeddings/{tag}"))
+    monkeypatch.setattr(L, "pseudo_label", lambda *a, **k: types.SimpleNamespace(quality={}, n_clips=0))
+    monkeypatch.setattr(S, "score", lambda emb, out, cfg, **k: calls.append(("score", cfg)) or types.SimpleNamespace(
+        scores=out))
+    cfg = compose_config(job, list(overrides))
+    names = [cfg.recipe.name, *cfg.get("compare", []), *cfg.get("recipes", [])]
+    runner = recipe_run(cfg, stages=STEPS)
+    for recipe in compose_recipes(cfg, dict.fromkeys(names)).values():
+        runner.run(recipe)
+    return calls
 
 
-def _compose(name: str, *overrides: str):
-    from hydra import compose, initialize_config_dir
+@pytest.mark.parametrize("job", ["pipeline", "evaluate"])
+def test_device_cpu_changes_nothing_and_device_gpu_reaches_every_stage(job, monkeypatch):
+    from asd.stages.embed import EmbedConfig
+    from asd.stages.score import ScoreConfig
 
-    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
-
-
-def _nodes(cfg):
-    """(path, node) of every dict in a resolved config, the device group itself left out."""
-    from omegaconf import OmegaConf
-
-    out = []
-
-    def walk(n, path):
-        if isinstance(n, dict):
-            out.append((path, n))
-            for k, v in n.items():
-                if path or k != "device":
-                    walk(v, f"{path}.{k}" if path else k)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
-
-
-@pytest.mark.parametrize("job", JOBS)
-def test_device_cpu_changes_nothing_and_device_gpu_reaches_every_stage(job):
-    from omegaconf import OmegaConf
-
-    from jobs.common import apply_device
-
-    cpu = _compose(job)
-    before = copy.deepcopy(OmegaConf.to_container(cpu, resolve=True))
-    assert OmegaConf.to_container(apply_device(cpu), resolve=True) == before
-
-    gpu = apply_device(_compose(job, "device=gpu"))
-    trains = [(p, n) for p, n in _nodes(gpu) if p.endswith("train") and "steps" in n]
-    embeds = [(p, n) for p, n in _nodes(gpu) if "num_actors" in n and "num_gpus" in n]
-    scores = [(p, n) for p, n in _nodes(gpu) if "threshold_method" in n]
-    assert trains or embeds or scores, job
-    for p, n in trains:
-        assert n["use_gpu"] is True and n["gpus_per_worker"] == 1 and n["bf16"] is True, p
-    for p, n in embeds:
-        model_backed = n.get("embedder", "encoder") in ("encoder", "concat")
-        assert n["num_gpus"] == (0.5 if model_backed else 0.0), p  # log-mel statistics stay on CPUs
-    for p, n in scores:
-        assert n["num_gpus"] == 0.25, p
+    cpu = _stage_configs(monkeypatch, job)
+    assert [(s, c) for s, c in cpu if s == "embed"] and [(s, c) for s, c in cpu if s == "train"]
+    for stage, c in cpu:  # each stage keeps its own (CPU) settings
+        if stage == "train":
+            assert not c.use_gpu and c.bf16 in (True, False)
+        elif stage == "embed":
+            assert c.num_gpus == EmbedConfig().num_gpus and c.num_cpus == EmbedConfig().num_cpus
+        else:
+            assert c.num_gpus == ScoreConfig().num_gpus
+    gpu = _stage_configs(monkeypatch, job, "device=gpu", "device.train.num_workers=4")
+    assert len(gpu) == len(cpu)
+    for stage, c in gpu:
+        if stage == "train":
+            assert c.use_gpu and c.num_workers == 4 and c.gpus_per_worker == 1 and c.cpus_per_worker == 4 and c.bf16
+        elif stage == "embed":  # log-mel statistics stay on CPUs
+            assert c.num_gpus == (0.5 if c.embedder in ("encoder", "concat") else 0.0), c.embedder
+        else:
+            assert c.num_gpus == 0.25
 
 
-def test_device_gpu_configs_build_the_stage_dataclasses():
-    from omegaconf import OmegaConf
+def test_device_gpu_reaches_rescoring_and_the_autoencoder():
+    from jobs.common import compose_config, device_config
+    from jobs.evaluate import evaluate_config
+    from jobs.rescore import run as _  # noqa: F401  (the job builds its RescoreConfig from these)
 
-    from asd.embed import EmbedConfig
-    from asd.pretrain import PretrainConfig
-    from asd.rescore import RescoreConfig
-    from asd.score import ScoreConfig
-    from jobs.common import apply_device, stage_configs, to_dataclass
+    dev = device_config(compose_config("rescore", ["device=gpu", "inbox=x"]))
+    from asd.stages.embed import EmbedConfig
 
-    cfg = apply_device(_compose("pipeline", "device=gpu", "device.train.num_workers=4"))
-    pre, train = stage_configs(cfg.pretrain, PretrainConfig)
-    assert train.use_gpu and train.num_workers == 4 and train.gpus_per_worker == 1 and train.cpus_per_worker == 4
-    fused = {k: v for k, v in OmegaConf.to_container(cfg.embeds.fused, resolve=True).items() if k not in ("tag", "after")}
-    assert to_dataclass(EmbedConfig, fused).num_gpus == 0.5
-    assert to_dataclass(ScoreConfig, cfg.score).num_gpus == 0.25
-    r = apply_device(_compose("rescore", "device=gpu", "inbox=x"))
-    assert to_dataclass(RescoreConfig, r.embed).num_gpus == 0.5
+    assert dev.for_embedding(EmbedConfig(embedder="encoder"), runs_a_model=True).num_gpus == 0.5
+    assert dev.for_embedding(EmbedConfig(), runs_a_model=False).num_gpus == 0.0
+    ecfg = evaluate_config(compose_config("evaluate", ["device=gpu", "recipes=[]"]))
+    train = ecfg.device.for_training(ecfg.ae_train)
+    assert train.use_gpu and train.bf16 and ecfg.ae_train.steps == train.steps
 
 
 def test_gpu_scoring_on_a_cpu_cluster_fails_fast(ray_session, monkeypatch):
     import ray.data
 
-    from asd.score import ScoreConfig, score_dataset
+    from asd.stages.score import ScoreConfig, score_dataset
 
     monkeypatch.setenv(resources.WAIT_ENV, "0")
     t0 = time.monotonic()
@@ -141,9 +144,9 @@ def test_a_banks_device_copy_is_made_once_and_dropped_with_the_bank():
 
 
 def _pretrain_run(dropout: float = 0.1, **train_kw):
-    from asd.batches import FeatureBatches, table_batches
-    from asd.loop import TrainConfig, train_loop
-    from asd.pretrain import Data2VecObjective, PretrainConfig
+    from asd.stages.pretrain import Data2VecObjective, PretrainConfig
+    from asd.training.batches import FeatureBatches, table_batches
+    from asd.training.loop import TrainConfig, train_loop
 
     rng = np.random.default_rng(0)
     frames, bins = 112, 128
@@ -168,8 +171,8 @@ def test_activation_checkpointing_gives_the_same_training():
 
 
 def test_activation_checkpointing_needs_a_transformer():
-    from asd.loop import set_activation_checkpointing
     from asd.models.cnn import CNNEncoder
+    from asd.training.loop import set_activation_checkpointing
 
     with pytest.raises(ValueError, match="needs a transformer encoder"):
         set_activation_checkpointing(CNNEncoder(), True)
@@ -185,7 +188,7 @@ def test_compiled_training_matches_eager():
 
 
 def test_train_config_checks_gpus_per_worker():
-    from asd.loop import TrainConfig
+    from asd.training.loop import TrainConfig
 
     with pytest.raises(ValueError, match="gpus_per_worker"):
         TrainConfig(use_gpu=True, gpus_per_worker=0)
@@ -196,11 +199,12 @@ def test_train_config_checks_gpus_per_worker():
 def test_gpu_embedding_and_scoring_through_ray(small_corpus, ray_session, tmp_path):
     """Embedding actors and scoring tasks that ask for a GPU run on it: bf16 embeddings close to the
     CPU's float32 ones but not equal (bf16 applies on CUDA only), the same kNN scores."""
-    from asd.embed import EmbedConfig, embed
-    from asd.embeddings import read_embeddings, vectors
-    from asd.featurize import FeaturizeConfig, featurize
-    from asd.models.encoder import AudioEncoder, save_checkpoint
-    from asd.score import ScoreConfig, score
+    from asd.models.encoder import AudioEncoder
+    from asd.models.registry import save_checkpoint
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stages.featurize import FeaturizeConfig, featurize
+    from asd.stages.score import ScoreConfig, score
+    from asd.stores.embeddings import read_embeddings, vectors
 
     root = str(tmp_path / "root")
     featurize(small_corpus, root, FeaturizeConfig(progress=False))
@@ -217,7 +221,7 @@ def test_gpu_embedding_and_scoring_through_ray(small_corpus, ray_session, tmp_pa
     assert np.abs(a - b).max() > 0 and cos.min() > 0.99
     s_cpu = score(runs["gpu"], str(tmp_path / "s_cpu"), ScoreConfig(progress=False, plots=False))
     s_gpu = score(runs["gpu"], str(tmp_path / "s_gpu"), ScoreConfig(progress=False, plots=False, num_gpus=0.25))
-    from asd import storage
+    from asd.io import storage
 
     x, y = (storage.read_table(storage.join(s.scores, "scores.parquet")).column("score").to_numpy()
             for s in (s_cpu, s_gpu))
@@ -227,7 +231,7 @@ def test_gpu_embedding_and_scoring_through_ray(small_corpus, ray_session, tmp_pa
 def test_embedding_actors_resolve_auto_from_the_gpus_ray_gave_them():
     """Ray leaves CUDA_VISIBLE_DEVICES alone for an actor given no GPU; "auto" must not take the
     node's GPU then (found on an H200: CPU actors embedded on the GPU)."""
-    from asd.embed import actor_device_params
+    from asd.stages.embed import actor_device_params
 
     params = {"fusion": "score", "device": "auto", "members": [
         {"embedder": "encoder", "params": {"checkpoint": "a.pt", "device": "auto"}},

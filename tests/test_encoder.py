@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from asd import storage
+from asd.io import storage
 from asd.models.encoder import (
     CONFIGS,
     AudioEncoder,
@@ -17,11 +17,10 @@ from asd.models.encoder import (
     beats_config_from,
     beats_state_dict_from,
     get_config,
-    load_checkpoint,
     normalize_fbank,
     pooled_dim,
-    save_checkpoint,
 )
+from asd.models.registry import load_checkpoint, save_checkpoint
 
 # tiny with everything BEATs has switched on (relative bias, gates, DeepNorm)
 TINY_BEATS = dataclasses.replace(CONFIGS["tiny"], relative_position_embedding=True, gru_rel_pos=True,

@@ -8,18 +8,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from asd import storage
 from asd.data import audio
+from asd.data.frontend import FbankConfig, compute_fbank
 from asd.data.synthetic import default_spec, make_corpus
-from asd.features import (
+from asd.io import storage
+from asd.stages.featurize import FeaturizeConfig, block_sizes, featurize
+from asd.stores.features import (
     RAW_COLUMNS,
     committed_files,
     fbank_arrays,
     load_stats,
     read_features_table,
 )
-from asd.featurize import FeaturizeConfig, block_sizes, featurize
-from asd.frontend import FbankConfig, compute_fbank
 from tests.test_manifest import EXPECTED_PROBLEMS, make_tiny_corpus
 
 CFG = FeaturizeConfig(progress=False, rows_per_block=16, batch_size=8)

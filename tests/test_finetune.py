@@ -10,25 +10,18 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from asd import storage
-from asd.batches import FeatureBatches, table_batches
-from asd.features import read_features_table
-from asd.featurize import FeaturizeConfig, featurize
-from asd.finetune import (
-    AttributeObjective,
-    EnsembleModel,
-    FinetuneConfig,
-    LoRALinear,
-    add_lora,
-    finetune,
-    load_labels,
-    merge_lora,
-    spec_augment,
-)
-from asd.loop import TrainConfig
-from asd.models.encoder import AudioEncoder, load_checkpoint, save_checkpoint
+from asd.io import storage
+from asd.models.attribute import EnsembleModel, LoRALinear, add_lora, merge_lora
+from asd.models.encoder import AudioEncoder
 from asd.models.heads import AdaCos, ArcFace
-from asd.train import train_plain
+from asd.models.registry import load_checkpoint, save_checkpoint
+from asd.stages.featurize import FeaturizeConfig, featurize
+from asd.stages.finetune import AttributeObjective, FinetuneConfig, finetune, load_labels
+from asd.stores.features import read_features_table
+from asd.training.augment import spec_augment
+from asd.training.batches import FeatureBatches, table_batches
+from asd.training.fit import train_plain
+from asd.training.loop import TrainConfig
 
 # ----------------------------------------------------------------------------- heads and parts
 
@@ -184,6 +177,12 @@ def ft_root(small_corpus, ray_session, tmp_path_factory):
     return root
 
 
+def _given(root: str) -> dict:
+    """The labels and the pre-trained encoder a recipe hands its transformer fine-tuning."""
+    return {"labels": storage.join(root, "labels", "pretrained"),
+            "init_checkpoint": storage.join(root, "models", "pretrain", "encoder.pt")}
+
+
 def _objective(root: str, fcfg: FinetuneConfig) -> AttributeObjective:
     classes, clip_class, weights, _ = load_labels(storage.join(root, "labels", "pretrained"), fcfg.label_column)
     init = storage.join(root, "models", "pretrain", "encoder.pt")
@@ -204,10 +203,10 @@ def test_loss_falls_and_accuracy_rises_without_ray(ft_root):
 
 
 def test_finetune_with_ray_resumes_after_a_killed_worker_and_feeds_scoring(ft_root):
-    from asd.embed import EmbedConfig, embed
-    from asd.embeddings import read_embeddings
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stores.embeddings import read_embeddings
 
-    fcfg = FinetuneConfig(tag="ft", subclusters=2, lora_rank=0)
+    fcfg = FinetuneConfig(tag="ft", subclusters=2, lora_rank=0, **_given(ft_root))
     tcfg = TrainConfig(steps=12, batch_size=8, crop_frames=96, warmup_steps=2, checkpoint_every=4, num_workers=2,
                        cpus_per_worker=0.5, fail_at_step=6, fail_mode="exit", log_every=2, max_failures=2)
     res = finetune(ft_root, ft_root, fcfg, tcfg)
@@ -222,7 +221,7 @@ def test_finetune_with_ray_resumes_after_a_killed_worker_and_feeds_scoring(ft_ro
 
 
 def test_lora_finetune_exports_a_merged_strict_encoder(ft_root):
-    fcfg = FinetuneConfig(tag="ft_lora", lora_rank=2, head="adacos")
+    fcfg = FinetuneConfig(tag="ft_lora", lora_rank=2, head="adacos", **_given(ft_root))
     tcfg = TrainConfig(steps=3, batch_size=8, crop_frames=64, warmup_steps=1, num_workers=1, cpus_per_worker=0.5)
     res = finetune(ft_root, ft_root, fcfg, tcfg)
     start = load_checkpoint(storage.join(ft_root, "models", "pretrain", "encoder.pt"))
@@ -236,16 +235,16 @@ def test_lora_finetune_exports_a_merged_strict_encoder(ft_root):
 def _scratch_cnn(root: str, members: int) -> AttributeObjective:
     fcfg = FinetuneConfig(model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=members)
     classes, clip_class, weights, _ = load_labels(storage.join(root, "labels", "pretrained"), fcfg.label_column)
-    from asd.models.cnn import config_from_dict
+    from asd.models.registry import config_from_dict
 
-    return AttributeObjective(fcfg, config_from_dict(fcfg.model_cfg), classes, clip_class, weights)
+    return AttributeObjective(fcfg, config_from_dict("cnn", fcfg.model_cfg), classes, clip_class, weights)
 
 
 def _scratch_cnn_config(members: int) -> AttributeObjective:
-    from asd.models.cnn import config_from_dict
+    from asd.models.registry import config_from_dict
 
     fcfg = FinetuneConfig(model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=members)
-    return AttributeObjective(fcfg, config_from_dict(fcfg.model_cfg), ["a", "b"], {"x": 0, "y": 1})
+    return AttributeObjective(fcfg, config_from_dict("cnn", fcfg.model_cfg), ["a", "b"], {"x": 0, "y": 1})
 
 
 def test_an_ensemble_trains_each_member_on_its_own_share_of_the_batch(ft_root):
@@ -275,7 +274,7 @@ def test_an_ensemble_trains_each_member_on_its_own_share_of_the_batch(ft_root):
 
 
 def test_each_member_is_clipped_on_its_own():
-    from asd.loop import clip_gradients
+    from asd.training.loop import clip_gradients
 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5
@@ -288,7 +287,7 @@ def test_each_member_is_clipped_on_its_own():
 
 
 def test_an_ensemble_run_exports_one_encoder_per_member(ft_root):
-    from asd.finetune import member_tag
+    from asd.models.attribute import member_tag
     from asd.models.cnn import CNNEncoder
 
     fcfg = FinetuneConfig(tag="ens", model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=2,
@@ -308,10 +307,15 @@ def test_an_ensemble_run_exports_one_encoder_per_member(ft_root):
 
 
 def test_missing_labels_or_encoder_give_clear_errors(ft_root, tmp_path):
+    given = _given(ft_root)
+    with pytest.raises(ValueError, match="needs init_checkpoint"):  # no fallback to a path joined by hand
+        finetune(ft_root, str(tmp_path), FinetuneConfig(labels=given["labels"]))
     with pytest.raises(FileNotFoundError, match="no encoder to fine-tune"):
-        finetune(ft_root, str(tmp_path), FinetuneConfig())
+        finetune(ft_root, str(tmp_path), FinetuneConfig(labels=given["labels"], init_checkpoint=str(tmp_path / "x.pt")))
+    with pytest.raises(ValueError, match="no labels folder"):
+        finetune(ft_root, ft_root, FinetuneConfig(init_checkpoint=given["init_checkpoint"]), TrainConfig(steps=1))
     with pytest.raises(Exception, match="labels|_SUCCESS|published|not found"):
-        finetune(ft_root, ft_root, FinetuneConfig(labels=str(tmp_path / "nope")), TrainConfig(steps=1))
+        finetune(ft_root, ft_root, FinetuneConfig(**{**given, "labels": str(tmp_path / "nope")}), TrainConfig(steps=1))
 
 
 def test_paths_for_workers_are_made_absolute(tmp_path, monkeypatch):
@@ -321,7 +325,7 @@ def test_paths_for_workers_are_made_absolute(tmp_path, monkeypatch):
 
 
 def test_ema_update_averages_parameters_and_batchnorm_statistics():
-    from asd.loop import ema_update
+    from asd.training.loop import ema_update
 
     torch.manual_seed(0)
     live, avg = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
@@ -342,7 +346,7 @@ def test_ema_update_averages_parameters_and_batchnorm_statistics():
 def test_a_weight_average_run_exports_the_average_of_every_member(ft_root):
     """ema_decay > 0: the exported encoders are the weight averages kept in the checkpoint, not the
     last weights; a checkpoint and a setting that disagree about the average fail instead of exporting."""
-    from asd.checkpoints import export_encoders, load_state_with_fallback
+    from asd.training.checkpoints import export_encoders, load_state_with_fallback
 
     fcfg = FinetuneConfig(tag="ema", model="cnn", model_cfg={"channels": [4, 8], "embed_dim": 8}, members=2,
                           ema_decay=0.5, labels=storage.join(ft_root, "labels", "pretrained"))
@@ -366,7 +370,7 @@ def test_a_weight_average_run_exports_the_average_of_every_member(ft_root):
 
 
 def test_statistics_exchange_keeps_the_detail_and_takes_the_partners_frame_statistics():
-    from asd.finetune import statistics_exchange
+    from asd.training.augment import statistics_exchange
 
     torch.manual_seed(0)
     x, partner = torch.randn(3, 5, 16) * 2 + 1, torch.randn(3, 5, 16) * 0.5 - 3

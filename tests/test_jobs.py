@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from asd import storage
 from asd.data.manifest import build_manifest
+from asd.io import storage
 
 
 def _job(module, *overrides, tmp_path, timeout=600):
@@ -24,14 +24,15 @@ def _job(module, *overrides, tmp_path, timeout=600):
 def test_stage_jobs_on_s3(tmp_path, s3_bucket):
     spec = ["data.spec.n_train_source=6", "data.spec.n_train_target=2", "data.spec.n_test_per_domain=4",
             "data.spec.duration_s=1.0"]
-    made = _job("jobs.make_corpus", f"out={s3_bucket}/corpus", *spec, tmp_path=tmp_path)
+    made = _job("jobs.make_corpus", "data=synthetic", f"out={s3_bucket}/corpus", *spec, tmp_path=tmp_path)
     assert made["n_clips"] == 4 * (6 + 2 + 8)
     assert build_manifest(f"{s3_bucket}/corpus", probe=False).table.num_rows == made["n_clips"]
     feat = _job("jobs.featurize", f"input={s3_bucket}/corpus", f"output={s3_bucket}/run", tmp_path=tmp_path)
     assert feat["n_featurized"] == made["n_clips"] and feat["features"] == f"{s3_bucket}/run/features"
-    emb = _job("jobs.embed", f"root={s3_bucket}/run", tmp_path=tmp_path)
-    assert emb["n_clips"] == made["n_clips"] and storage.is_published(emb["embeddings"])
-    labels = _job("jobs.pseudo_label", f"root={s3_bucket}/run", "embed=logmel", tmp_path=tmp_path)
+    emb = _job("jobs.embed", f"root={s3_bucket}/run", "recipe=logmel", tmp_path=tmp_path)
+    assert storage.is_published(emb["embeddings"]) and emb["embedder"] == "logmel_stats"
+    assert storage.read_table(emb["embeddings"], columns=["clip_id"]).num_rows == made["n_clips"]
+    labels = _job("jobs.pseudo_label", f"root={s3_bucket}/run", "recipe=cnn", tmp_path=tmp_path)
     assert labels["n_clips"] == 4 * (6 + 2) and labels["labels"] == f"{s3_bucket}/run/labels/logmel"
     assert set(labels["quality"]) == {"fanlike", "pumplike", "sliderlike"}  # the types with real attributes
     # the reported agreement is the one of the published labels (recomputed here)
@@ -44,7 +45,7 @@ def test_stage_jobs_on_s3(tmp_path, s3_bucket):
         assert q["ari"] == pytest.approx(adjusted_rand_score([r["real_label"] for r in mine],
                                                              [r["pseudo_label"] for r in mine]))
     assert storage.is_published(labels["labels"]) and storage.exists(f"{labels['labels']}/dendrogram_fanlike.png")
-    sc = _job("jobs.score", f"root={s3_bucket}/run", "score.k=2", tmp_path=tmp_path)
+    sc = _job("jobs.score", f"root={s3_bucket}/run", "recipe=logmel", "score.k=2", tmp_path=tmp_path)
     assert sc["n_scored"] == 4 * 8 and sc["scores"] == f"{s3_bucket}/run/scores/logmel"
     assert "official score" in storage.read_text(sc["report"])
     assert not (tmp_path / "outputs" / "default").exists()  # nothing went to the local default root
@@ -88,8 +89,8 @@ def test_storage_locations_are_validated():
 
 def test_a_job_writing_outside_its_root_is_refused_before_it_starts(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
-    out = subprocess.run([sys.executable, "-m", "jobs.pretrain", f"root={tmp_path}/run",
-                          f"pretrain.train.storage_path={tmp_path}/elsewhere"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "jobs.pretrain", f"root={tmp_path}/run", "recipe=pretrained",
+                          f"recipe.pretrain.train.storage_path={tmp_path}/elsewhere"], env=env, capture_output=True,
                          text=True, timeout=300, cwd=str(tmp_path))
     assert out.returncode != 0 and "outside the run's storage root" in out.stderr
     assert "Started a local Ray instance" not in out.stderr and not (tmp_path / "elsewhere").exists()
@@ -134,19 +135,18 @@ def test_pipeline_and_featurize_read_a_corpus_named_by_input(tmp_path, small_cor
     feat = _job("jobs.featurize", f"input={small_corpus}", f"output={tmp_path}/feat", tmp_path=tmp_path)
     assert feat["n_featurized"] > 0 and feat["features"] == f"{tmp_path}/feat/features"
     final = _job("jobs.pipeline", f"input={small_corpus}", f"root={tmp_path}/run",
-                 "stages=[featurize,embed,score]", "~embeds.pretrained", "~embeds.finetuned", "~embeds.cnn", "~embeds.mod", "~embeds.fused", "serve=logmel",
-                 tmp_path=tmp_path)
+                 "stages=[featurize,embed,score]", "recipe=logmel", "compare=[]", tmp_path=tmp_path)
     assert final["stages"]["featurize"]["n_featurized"] == feat["n_featurized"]
     assert "make_corpus" not in final["stages"] and not (tmp_path / "run" / "corpus").exists()
-    assert final["served"]["embedding"] == "logmel" and 0 <= final["official_score"] <= 1
+    assert final["served"]["recipe"] == "logmel" and 0 <= final["official_score"] <= 1
 
 
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_evaluate_reads_the_real_clips_named_by_input(tmp_path, real_data):
     final = _job("jobs.evaluate", f"input={real_data}/dcase2024_roboticarm", f"root={tmp_path}/run",
-                 "methods=[logmel_knn]", "plots=false", tmp_path=tmp_path)
-    assert set(final["official_scores"]) == {"logmel_knn"} and 0 <= final["official_scores"]["logmel_knn"] <= 1
+                 "recipes=[logmel]", "baselines=[]", "plots=false", tmp_path=tmp_path)
+    assert set(final["official_scores"]) == {"logmel"} and 0 <= final["official_scores"]["logmel"] <= 1
     report = json.load(open(final["report_json"]))
     assert report["data"]["input"] == f"{real_data}/dcase2024_roboticarm" and report["data"]["clips"] == 39 + 57
 

@@ -1,4 +1,4 @@
-"""Tests for asd.knn: cosine kNN scoring, source/target banks, thresholds."""
+"""Tests for asd.algorithms.knn: cosine kNN scoring, source/target banks, thresholds."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from asd.knn import (
-    MemoryBank,
-    fit_threshold,
-    knn_distance,
-    l2_normalize,
-)
+from asd.algorithms.knn import MemoryBank, knn_distance, l2_normalize
+from asd.algorithms.thresholds import fit_threshold
 
 
 def unit(deg: float) -> np.ndarray:
@@ -296,7 +292,7 @@ def test_percentile_threshold_is_exact_and_ignores_non_finite():
     [np.array([0.3]), np.array([0.1, 0.4]), np.full(10, 0.25), np.array([0.2, 0.2, np.inf, np.nan])],
 )
 def test_gamma_degenerate_inputs_fall_back_to_percentile(scores, caplog):
-    with caplog.at_level(logging.WARNING, logger="asd.knn"):
+    with caplog.at_level(logging.WARNING, logger="asd.algorithms.knn"):
         thr = fit_threshold(scores, "gamma", 0.9)
     finite = scores[np.isfinite(scores)]
     assert thr == pytest.approx(np.quantile(finite, 0.9))
@@ -359,7 +355,7 @@ def test_loo_mean_with_tiny_banks_and_sampled_large_banks(monkeypatch):
     alone = MemoryBank.build(emb[:1], ["source"], normalize="loo_mean")
     assert (alone.source_scale, alone.target_scale) == (1.0, 1.0)
     full = MemoryBank.build(emb, ["source"] * 40, normalize="loo_mean", k=2)
-    import asd.knn as knn_mod
+    import asd.algorithms.knn as knn_mod
 
     monkeypatch.setattr(knn_mod, "SCALE_SAMPLE", 39)  # the sampled path on 39 of 40 rows
     sampled = MemoryBank.build(emb, ["source"] * 40, normalize="loo_mean", k=2)
@@ -371,7 +367,7 @@ def test_loo_mean_with_tiny_banks_and_sampled_large_banks(monkeypatch):
 
 
 def test_fused_bank_sums_each_members_own_nearest_neighbour_distance():
-    from asd.knn import FusedBank
+    from asd.algorithms.knn import FusedBank
 
     rng = np.random.default_rng(6)
     a = rng.normal(size=(60, 8)).astype(np.float32)

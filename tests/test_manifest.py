@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from asd import storage
 from asd.data import audio
 from asd.data.manifest import attributes_of, build_manifest
+from asd.io import storage
 
 
 def _write(path, data: bytes):

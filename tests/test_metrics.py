@@ -1,4 +1,4 @@
-"""Tests for asd.metrics: hand-computed AUC / pAUC, the source/target rule, hmean
+"""Tests for asd.reports.metrics: hand-computed AUC / pAUC, the source/target rule, hmean
 pooling, NaN handling, a random case against direct sklearn calls, result CSVs."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from scipy.stats import hmean
 from sklearn.metrics import roc_auc_score
 
-from asd import metrics
-from asd.metrics import (
+from asd.reports import metrics
+from asd.reports.metrics import (
     MetricsResult,
     SectionMetrics,
     evaluate,
@@ -146,7 +146,7 @@ def test_no_target_normals_gives_nan_excluded_with_warning(caplog):
     domain = ["source"] * 4 + ["source", "target"]
     label = ["normal"] * 4 + ["anomaly"] * 2
     score = [0.1, 0.2, 0.3, 0.4, 0.9, 0.35]
-    with caplog.at_level(logging.WARNING, logger="asd.metrics"):
+    with caplog.at_level(logging.WARNING, logger="asd.reports.metrics"):
         res = _one_section(domain, label, score)
     sec = res.sections[0]
     assert math.isnan(sec.auc_target) and math.isnan(sec.pauc_target)
@@ -165,7 +165,7 @@ def test_section_without_anomalies_is_all_nan_and_does_not_crash(caplog):
     dom = ["source", "target"] * 4
     lab = ["normal"] * 4 + ["normal", "normal", "anomaly", "anomaly"]
     sc = [0.1, 0.2, 0.3, 0.4, 0.1, 0.2, 0.9, 0.8]
-    with caplog.at_level(logging.WARNING, logger="asd.metrics"):
+    with caplog.at_level(logging.WARNING, logger="asd.reports.metrics"):
         res = evaluate(mt, sec, dom, lab, sc)
     fan = res.sections[0]
     assert all(math.isnan(v) for v in (fan.auc_source, fan.auc_target, fan.pauc,

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from asd.features import matrix_array
-from asd.featurize import FeaturizeConfig
-from asd.frontend import ModulationConfig, compute_modulation
-from asd.models.encoder import load_checkpoint, save_checkpoint
+from asd.data.frontend import ModulationConfig, compute_modulation
 from asd.models.modnet import ModConfig, ModEncoder, RunningStandardize
+from asd.models.registry import load_checkpoint, save_checkpoint
+from asd.stages.featurize import FeaturizeConfig
+from asd.stores.features import matrix_array
 from tests.test_cnn import write_section_labels
 
 SR = 16000
@@ -133,12 +133,12 @@ def test_a_row_without_the_modulation_matrix_is_refused_by_name():
 @pytest.mark.slow
 def test_the_mod_encoder_trains_through_the_finetune_stage_and_embeds_side_by_side(small_corpus, ray_session,
                                                                                      tmp_path):
-    from asd.embed import EmbedConfig, embed
-    from asd.embeddings import read_embeddings, vectors
-    from asd.features import read_features_table
-    from asd.featurize import featurize
-    from asd.finetune import FinetuneConfig, finetune
-    from asd.loop import TrainConfig
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stages.featurize import featurize
+    from asd.stages.finetune import FinetuneConfig, finetune
+    from asd.stores.embeddings import read_embeddings, vectors
+    from asd.stores.features import read_features_table
+    from asd.training.loop import TrainConfig
 
     root = str(tmp_path / "on")
     featurize(small_corpus, root, FeaturizeConfig(progress=False))

@@ -152,7 +152,7 @@ def test_pipeline_job_runs_on_two_nodes_against_s3(s3_bucket, tmp_path):
     from ray.util.state import list_nodes, list_tasks
     from ray.util.state.exception import ServerUnavailable
 
-    from asd import storage
+    from asd.io import storage
 
     repo = str(Path(__file__).resolve().parents[1])
     gcs, dash = _free_port(), _free_port()
@@ -189,13 +189,13 @@ def test_pipeline_job_runs_on_two_nodes_against_s3(s3_bucket, tmp_path):
             # data=synthetic: 4 small machine types (the default, realistic_small, has 6); this test is
             # about two nodes and S3, not accuracy
             "ray=cluster", "ray.progress=false", f"root={root}", "data=synthetic",
-            "stages=[make_corpus,featurize,pretrain,embed,score]",
-            "~embeds.finetuned", "~embeds.cnn", "~embeds.mod", "~embeds.fused", "data.spec.n_train_source=6", "data.spec.n_train_target=2",
+            "stages=[make_corpus,featurize,pretrain,embed,score]", "recipe=pretrained", "compare=[logmel]",
+            "data.spec.n_train_source=6", "data.spec.n_train_target=2",
             "data.spec.n_test_per_domain=4", "data.spec.duration_s=1.0", "data.workers=1",
-            "pretrain.train.steps=4", "pretrain.train.checkpoint_every=2", "pretrain.train.batch_size=8",
+            "recipe.pretrain.train.steps=4", "recipe.pretrain.train.checkpoint_every=2",
+            "recipe.pretrain.train.batch_size=8",
             # small batches, so every stage has several tasks to spread (64 rows would be one batch)
-            "featurize.batch_size=8", "embeds.logmel.batch_size=8", "embeds.pretrained.batch_size=8",
-            "score.batch_size=8",
+            "featurize.batch_size=8", "embed.batch_size=8", "score.batch_size=8",
         ]
         # the moto endpoint for the job; the (moto) credentials come from the nodes' environment
         aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REQUEST_CHECKSUM_CALCULATION",
@@ -228,12 +228,12 @@ def test_pipeline_job_runs_on_two_nodes_against_s3(s3_bucket, tmp_path):
 
         # outputs on S3
         assert out["root"] == root and out["stages"]["featurize"]["n_featurized"] == 4 * (6 + 2 + 8)
-        pre = out["stages"]["pretrain"]
+        pre = out["stages"]["recipes"]["pretrained"]["pretrain"]
         assert pre["steps"] == 4 and pre["checkpoint"] == f"{root}/checkpoints/pretrain/step-00000004"
         assert storage.exists(f"{pre['checkpoint']}/state.pt") and storage.exists(f"{root}/models/pretrain/encoder.pt")
         for tag in ("logmel", "pretrained"):
             scores = f"{root}/scores/{tag}"
-            assert out["stages"]["score"][tag]["scores"] == scores
+            assert out["stages"]["recipes"][tag]["score"]["scores"] == scores
             assert storage.is_published(scores) and storage.read_table(f"{scores}/scores.parquet").num_rows == 4 * 8
             assert "official score" in storage.read_text(f"{scores}/report.md")
             fs, path = storage.filesystem(scores)

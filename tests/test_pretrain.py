@@ -10,20 +10,11 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from asd import storage
-from asd.batches import FeatureBatches, table_batches
-from asd.checkpoints import export_encoder, load_training_state
-from asd.features import read_features_table
-from asd.featurize import FeaturizeConfig, featurize
-from asd.loop import TrainConfig, param_checksum, train_loop
-from asd.models.encoder import (
-    AudioEncoder,
-    beats_config_from,
-    get_config,
-    load_checkpoint,
-    save_checkpoint,
-)
-from asd.pretrain import (
+from asd.io import storage
+from asd.models.encoder import AudioEncoder, beats_config_from, get_config
+from asd.models.registry import load_checkpoint, save_checkpoint
+from asd.stages.featurize import FeaturizeConfig, featurize
+from asd.stages.pretrain import (
     Data2VecObjective,
     PretrainConfig,
     make_mask,
@@ -31,7 +22,11 @@ from asd.pretrain import (
     resolve_encoder_config,
     teacher_targets,
 )
-from asd.train import fit
+from asd.stores.features import read_features_table
+from asd.training.batches import FeatureBatches, table_batches
+from asd.training.checkpoints import export_encoder, load_training_state
+from asd.training.fit import fit
+from asd.training.loop import TrainConfig, param_checksum, train_loop
 
 TINY = dict(model="tiny", clone_batch=2, decoder_dim=64, decoder_layers=1, top_k_layers=2,
             ema_start=0.99, ema_end=0.999)
@@ -196,10 +191,10 @@ def test_ddp_two_workers_killed_worker_resumes(feat_root, tmp_path):
 def test_pretrain_on_s3_resumes_from_s3_starts_from_init_and_embeds(feat_root, s3_bucket, tmp_path):
     """Checkpoints and models on moto S3; a failure at step 3 restarts from the step-2
     checkpoint read back from S3; the student starts from a BEATs-format init checkpoint
-    (tiny lr, so the export must still equal it); the export feeds asd.embed.embed."""
+    (tiny lr, so the export must still equal it); the export feeds asd.stages.embed.embed."""
     import asd.models.embedders  # noqa: F401  (registers "encoder")
-    from asd.embed import EmbedConfig, embed
-    from asd.embeddings import read_embeddings, vectors
+    from asd.stages.embed import EmbedConfig, embed
+    from asd.stores.embeddings import read_embeddings, vectors
 
     torch.manual_seed(321)
     init = AudioEncoder("tiny")
@@ -211,13 +206,13 @@ def test_pretrain_on_s3_resumes_from_s3_starts_from_init_and_embeds(feat_root, s
     storage.atomic_write_bytes(init_uri, buf.getvalue())
 
     out = f"{s3_bucket}/run"
-    pcfg = PretrainConfig(**{**TINY, "model": "base", "init_checkpoint": init_uri, "set_current": True})
+    pcfg = PretrainConfig(**{**TINY, "model": "base", "init_checkpoint": init_uri})
     tcfg = _tcfg(steps=4, checkpoint_every=2, num_workers=1, lr=1e-9, weight_decay=0.0, fail_at_step=3)
     res = pretrain(feat_root, out, pcfg, tcfg)
     assert res.steps == 4 and res.start_step == 2  # resumed from the S3 checkpoint
     assert res.run == f"{out}/checkpoints/pretrain" and res.checkpoint == f"{out}/checkpoints/pretrain/step-00000004"
     assert res.encoder == f"{out}/models/pretrain/encoder.pt"
-    assert storage.read_json(f"{out}/models/CURRENT")["encoder"] == res.encoder
+    assert not storage.exists(f"{out}/models/CURRENT")  # the pipeline names the serving model, not a stage
     assert load_training_state(res.checkpoint)["step"] == 4
     enc = load_checkpoint(res.encoder)
     assert enc.cfg.encoder_embed_dim == 128  # the init file's architecture, not "base"
@@ -234,25 +229,28 @@ def test_pretrain_on_s3_resumes_from_s3_starts_from_init_and_embeds(feat_root, s
 
 
 @pytest.mark.slow
-def test_pretrain_job_and_pretrained_embed_config(feat_root, tmp_path):
-    """jobs.pretrain composes (pretrain=tiny) and runs in-process; embed=pretrained points at its export."""
-    from hydra import compose, initialize_config_dir
-
+def test_pretrain_job_pretrains_the_recipes_encoder(feat_root, tmp_path):
+    """jobs.pretrain composes the recipe (recipe=pretrained: pretrain=tiny) and runs in-process; the
+    recipe's embedding points at its export."""
+    from asd.recipes.recipe import members
     from jobs import pretrain as pretrain_job
+    from jobs.common import compose_config, recipe_from_config
 
     root = str(tmp_path / "jobroot")
     os.makedirs(root)
     os.symlink(os.path.join(feat_root, "features"), os.path.join(root, "features"))  # featurized already
-    conf = os.path.join(os.path.dirname(pretrain_job.__file__), "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("pretrain", overrides=[f"root={root}", "pretrain.train.steps=3", "pretrain.train.num_workers=1",
-                                             "pretrain.train.checkpoint_every=2", "pretrain.train.batch_size=8"])
-        emb_cfg = compose("embed", overrides=[f"root={root}", "embed=pretrained"])
-    assert cfg.pretrain.train.name == "pretrain"
+    cfg = compose_config("pretrain", [f"root={root}", "recipe=pretrained", "recipe.pretrain.train.steps=3",
+                                      "recipe.pretrain.train.num_workers=1", "recipe.pretrain.train.checkpoint_every=2",
+                                      "recipe.pretrain.train.batch_size=8"])
+    assert cfg.recipe.pretrain.train.name == "pretrain"
     out = pretrain_job.run(cfg)
     assert out["stage"] == "pretrain" and out["steps"] == 3 and out["encoder"] == f"{root}/models/pretrain/encoder.pt"
-    assert emb_cfg.embed.embedder == "encoder" and emb_cfg.embed.params.checkpoint == out["encoder"]
+    member, = members(recipe_from_config(cfg.recipe), {}, out["encoder"])
+    assert member["embedder"] == "encoder" and member["params"]["checkpoint"] == out["encoder"]
+    assert member["params"]["pool"] == "freq_meanstd"
     assert load_checkpoint(out["encoder"]).cfg == get_config("tiny")
+    with pytest.raises(ValueError, match="pre-trains nothing"):
+        pretrain_job.run(compose_config("pretrain", [f"root={root}", "recipe=cnn"]))
 
 
 @pytest.mark.gpu
@@ -273,7 +271,7 @@ def test_front_end_shared_by_the_clones_gives_the_per_clone_result_with_fewer_fl
     from torch.utils.flop_counter import FlopCounterMode
 
     from asd.models.encoder import CONFIGS
-    from asd.pretrain import PretrainModel, make_mask
+    from asd.stages.pretrain import PretrainModel, make_mask
 
     enc = replace(CONFIGS["tiny"], relative_position_embedding=rel_pos, gru_rel_pos=rel_pos, num_buckets=32,
                   max_distance=64)
@@ -303,7 +301,7 @@ def test_streamed_training_data_keeps_every_row_once(feat_root):
     """Shards too large to cache stream their feature files in a random block order: every
     training row still comes exactly once per pass. (Ray Data's read order is not fixed even
     without it, so the order itself is not compared here.)"""
-    from asd.train import _training_dataset
+    from asd.training.fit import _training_dataset
 
     cfg = TrainConfig(splits=("train",))
     plain = [r["clip_id"] for r in _training_dataset(feat_root, cfg, ()).iter_rows()]
@@ -313,7 +311,7 @@ def test_streamed_training_data_keeps_every_row_once(feat_root):
 
 def test_kept_index_from_the_known_count_is_the_counted_one():
     """The pre-training step passes the kept count make_mask guarantees (no device sync to count it)."""
-    from asd.pretrain import kept_count, make_mask
+    from asd.stages.pretrain import kept_count, make_mask
 
     for ratio, kind in ((0.75, "block"), (0.5, "random"), (0.95, "block")):
         mask = make_mask(6, (4, 8), ratio, kind, 3, "cpu")

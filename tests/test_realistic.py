@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 from omegaconf import OmegaConf
 
+from asd.data import machines as M
 from asd.data import realistic as R
 from asd.data.manifest import build_manifest
 
@@ -45,7 +46,7 @@ def test_deterministic_and_independent_of_workers(tiny_corpus, tmp_path):
 
 
 def test_seed_changes_audio(tmp_path):
-    spec0 = dataclasses.replace(_tiny(seed=0), machine_types=R.realistic_machines()[:1])
+    spec0 = dataclasses.replace(_tiny(seed=0), machine_types=M.realistic_machines()[:1])
     spec1 = dataclasses.replace(spec0, seed=1)
     R.make_corpus(spec0, str(tmp_path / "s0"), progress=False)
     R.make_corpus(spec1, str(tmp_path / "s1"), progress=False)
@@ -105,17 +106,17 @@ def test_audio_format(tiny_corpus):
     assert len(x) == int(0.5 * 16000) and 0 < np.abs(x).max() <= 1.0
 
 
-@pytest.mark.parametrize("machine", R.realistic_machines(), ids=lambda m: m.name)
+@pytest.mark.parametrize("machine", M.realistic_machines(), ids=lambda m: m.name)
 def test_each_anomaly_kind_changes_the_signal(machine):
     attrs = {k: str(v[0]) for k, v in machine.source.items()}
 
     def clip(anomaly, strength=1.0):
-        return R.synth_clip(machine, attrs, "source", anomaly, np.random.default_rng(3), 1.0, 16000, strength)
+        return M.synth_clip(machine, attrs, "source", anomaly, np.random.default_rng(3), 1.0, 16000, strength)
 
     normal = clip(None)
     assert normal.dtype == np.float32 and np.all(np.isfinite(normal))
     assert np.array_equal(normal, clip(None))  # deterministic for the rng
-    for kind in R.ANOMALY_KINDS[machine.kind]:
+    for kind in M.ANOMALY_KINDS[machine.kind]:
         gain = R.preset_spec().anomaly_gains[f"{machine.kind}/{kind}"]
         x = clip(kind, gain)
         rel = np.sqrt(np.mean((x - normal) ** 2) / np.mean(normal**2))

@@ -1,4 +1,4 @@
-"""Tests for asd.report: Markdown tables carry the right numbers and rows; every figure shows
+"""Tests for asd.reports (tables and plots): Markdown tables carry the right numbers and rows; every figure shows
 the data it was given (panels, curves, counts, bar heights) and is written as a PNG of that
 figure; all-unlabelled input writes a placeholder figure that says so."""
 
@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from asd import report
-from asd.metrics import MetricsResult, SectionMetrics, evaluate, harmonic_mean
+from asd.reports import plots, tables
+from asd.reports.metrics import MetricsResult, SectionMetrics, evaluate, harmonic_mean
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,7 +65,7 @@ def _assert_png(path, fig_size_in=None, min_bytes=5_000):
     pixels = image.imread(path)
     if fig_size_in is not None:
         w, h = fig_size_in
-        assert pixels.shape[:2] == (round(h * report.DPI), round(w * report.DPI))
+        assert pixels.shape[:2] == (round(h * plots.DPI), round(w * plots.DPI))
     assert pixels[..., :3].std() > 0.01  # not one flat colour
     # atomic write leaves no staging files next to it
     assert not [p for p in os.listdir(os.path.dirname(path)) if p.endswith(".tmp")]
@@ -79,7 +79,7 @@ def _legend(ax) -> list[str]:
 # Markdown
 # --------------------------------------------------------------------------- #
 def test_metrics_markdown_numbers_and_rows():
-    md = report.metrics_markdown(RESULT_A, title="run 1")
+    md = tables.metrics_markdown(RESULT_A, title="run 1")
     lines = md.splitlines()
     assert lines[0] == "### run 1"
     header = next(line for line in lines if line.startswith("| machine type"))
@@ -107,16 +107,16 @@ def test_metrics_markdown_numbers_and_rows():
 def test_metrics_markdown_from_evaluate_and_empty():
     mt, dom, lab, sc = _clip_columns()
     res = evaluate(mt, ["00"] * len(mt), dom, lab, sc)
-    md = report.metrics_markdown(res)
+    md = tables.metrics_markdown(res)
     assert not md.startswith("###")
     for s in res.sections:
         assert f"| {s.machine_type} | 00 | {100 * s.auc_source:.2f} | {100 * s.auc_target:.2f} |" in md
     empty = MetricsResult(sections=[], official_score=float("nan"), per_type={})
-    assert "official score (hmean): n/a" in report.metrics_markdown(empty)
+    assert "official score (hmean): n/a" in tables.metrics_markdown(empty)
 
 
 def test_methods_markdown_side_by_side():
-    md = report.methods_markdown({"baseline": RESULT_A, "ours": RESULT_B})
+    md = tables.methods_markdown({"baseline": RESULT_A, "ours": RESULT_B})
     lines = md.splitlines()
     assert lines[0].startswith("| machine type | baseline AUC-s | baseline AUC-t | baseline pAUC |")
     assert "ours AUC-s" in lines[0] and "ours score" in lines[0]
@@ -144,7 +144,7 @@ def test_roc_figure_shows_each_types_source_and_target_auc(tmp_path):
     mt, dom, lab, sc = _clip_columns()
     lab = list(lab)
     lab[0] = None  # unlabelled clips are skipped
-    fig = report.roc_figure(mt, dom, lab, sc)
+    fig = plots.roc_figure(mt, dom, lab, sc)
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["fan", "pump", "valve"]
     keep = np.array([v is not None for v in lab])
@@ -158,14 +158,14 @@ def test_roc_figure_shows_each_types_source_and_target_auc(tmp_path):
         curve = [ln for ln in ax.get_lines() if ln.get_label().startswith("source")][0]
         fpr, tpr = curve.get_data()
         assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
-    uri = report.plot_roc(str(tmp_path / "plots" / "roc.png"), mt, dom, lab, sc)
+    uri = plots.plot_roc(str(tmp_path / "plots" / "roc.png"), mt, dom, lab, sc)
     assert uri == str(tmp_path / "plots" / "roc.png")
     _assert_png(uri, fig.get_size_inches())
 
 
 def test_roc_figure_says_when_a_domain_has_no_normals():
     mt, _, lab, sc = _clip_columns(types=("fan",))
-    fig = report.roc_figure(mt, None, lab, sc)  # no domains: every clip counts as source
+    fig = plots.roc_figure(mt, None, lab, sc)  # no domains: every clip counts as source
     n_normal, n_anomalous = sum(v == "normal" for v in lab), sum(v == "anomaly" for v in lab)
     legend = _legend(fig.axes[0])
     assert legend[0].startswith("source: AUC")
@@ -174,7 +174,7 @@ def test_roc_figure_says_when_a_domain_has_no_normals():
 
 def test_histogram_figure_counts_each_domains_clips_and_draws_the_threshold(tmp_path):
     mt, dom, lab, sc = _clip_columns()
-    fig = report.histogram_figure(list(mt), list(dom), lab, list(sc), threshold={"fan": 0.7, "pump": 1.0})
+    fig = plots.histogram_figure(list(mt), list(dom), lab, list(sc), threshold={"fan": 0.7, "pump": 1.0})
     titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
     assert set(titled) == {f"{t} - {d}" for t in ("fan", "pump", "valve") for d in ("source", "target")}
     y = np.array([v == "anomaly" for v in lab])
@@ -187,13 +187,13 @@ def test_histogram_figure_counts_each_domains_clips_and_draws_the_threshold(tmp_
         drawn = sum(p.get_height() for p in ax.patches)  # histogram bars hold every clip once
         assert drawn == normal + anomalous
         assert any(s.startswith("threshold") for s in legend) == (t in ("fan", "pump"))
-    uri = report.plot_score_histograms(str(tmp_path / "hist.png"), list(mt), list(dom), lab,
+    uri = plots.plot_score_histograms(str(tmp_path / "hist.png"), list(mt), list(dom), lab,
                                        list(sc), threshold={"fan": 0.7, "pump": 1.0})
     _assert_png(uri, fig.get_size_inches())
 
 
 def test_method_bars_figure_draws_each_methods_hmeans(tmp_path):
-    fig = report.method_bars_figure({"baseline": RESULT_A, "ours": RESULT_B})
+    fig = plots.method_bars_figure({"baseline": RESULT_A, "ours": RESULT_B})
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["fan", "pump", "valve", "overall"]
     bars = [p.get_height() for p in ax.patches]
@@ -202,23 +202,23 @@ def test_method_bars_figure_draws_each_methods_hmeans(tmp_path):
     assert bars == pytest.approx(expected)
     assert _legend(ax) == ["baseline", "ours"]
     assert "n/a" in [t.get_text() for t in ax.texts]  # a type a method has no score for says so
-    uri = report.plot_method_bars(str(tmp_path / "bars.png"), {"baseline": RESULT_A, "ours": RESULT_B})
+    uri = plots.plot_method_bars(str(tmp_path / "bars.png"), {"baseline": RESULT_A, "ours": RESULT_B})
     _assert_png(uri, fig.get_size_inches())
 
 
 def test_all_unlabelled_writes_placeholder_with_warning(tmp_path, caplog):
     mt = ["fan"] * 5
-    with caplog.at_level(logging.WARNING, logger="asd.report"):
-        roc = report.plot_roc(str(tmp_path / "roc.png"), mt, ["source"] * 5, [None] * 5, np.arange(5.0))
-        hist = report.plot_score_histograms(str(tmp_path / "hist.png"), mt, None, [None] * 5,
+    with caplog.at_level(logging.WARNING, logger="asd.reports.plots"):
+        roc = plots.plot_roc(str(tmp_path / "roc.png"), mt, ["source"] * 5, [None] * 5, np.arange(5.0))
+        hist = plots.plot_score_histograms(str(tmp_path / "hist.png"), mt, None, [None] * 5,
                                             np.arange(5.0), threshold={"fan": 1.0})
-        bars = report.plot_method_bars(str(tmp_path / "bars.png"), {})
+        bars = plots.plot_method_bars(str(tmp_path / "bars.png"), {})
     for uri in (roc, hist, bars):
         _assert_png(uri, min_bytes=0)
-    assert sum(report.NO_DATA_NOTE in r.getMessage() for r in caplog.records) == 2
+    assert sum(plots.NO_DATA_NOTE in r.getMessage() for r in caplog.records) == 2
     assert len(caplog.records) == 3
-    fig = report.roc_figure(mt, ["source"] * 5, [None] * 5, np.arange(5.0))
-    assert [t.get_text() for t in fig.axes[0].texts] == [f"ROC curves\n{report.NO_DATA_NOTE}"]
+    fig = plots.roc_figure(mt, ["source"] * 5, [None] * 5, np.arange(5.0))
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"ROC curves\n{plots.NO_DATA_NOTE}"]
 
 
 def test_save_figure_closes_pyplot_figure(tmp_path):
@@ -227,7 +227,7 @@ def test_save_figure_closes_pyplot_figure(tmp_path):
     fig, ax = plt.subplots()
     ax.plot(np.arange(100) ** 2)
     n_open = len(plt.get_fignums())
-    uri = report.save_figure(fig, str(tmp_path / "f.png"))
+    uri = plots.save_figure(fig, str(tmp_path / "f.png"))
     assert len(plt.get_fignums()) == n_open - 1
     _assert_png(uri)
 
@@ -240,5 +240,5 @@ def test_agg_backend():
 
 def test_mismatched_lengths_raise(tmp_path):
     with pytest.raises(ValueError):
-        report.plot_roc(str(tmp_path / "x.png"), ["fan"] * 3, None, ["normal"] * 2, [0.1] * 3)
+        plots.plot_roc(str(tmp_path / "x.png"), ["fan"] * 3, None, ["normal"] * 2, [0.1] * 3)
     assert not math.isnan(RESULT_A.official_score)

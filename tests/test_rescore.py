@@ -6,13 +6,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from asd import layout, storage
-from asd import rescore as rescore_mod
-from asd.embed import EmbedConfig, embed
-from asd.featurize import FeaturizeConfig, featurize
-from asd.rescore import RescoreConfig, rescore
-from asd.score import ScoreConfig
-from asd.serving import current_model, set_current_model
+from asd.io import layout, storage
+from asd.io.serving import current_model, set_current_model
+from asd.stages import rescore as rescore_mod
+from asd.stages.embed import EmbedConfig, embed
+from asd.stages.featurize import FeaturizeConfig, featurize
+from asd.stages.rescore import RescoreConfig, rescore
+from asd.stages.score import ScoreConfig
 
 CFG = RescoreConfig(featurize=FeaturizeConfig(progress=False), score=ScoreConfig(progress=False))
 
@@ -121,10 +121,10 @@ def test_a_score_fused_model_is_rescored_member_by_member(served, small_corpus, 
     import numpy as np
     import torch
 
-    from asd import knn
-    from asd.embeddings import embedding_blocks, read_embeddings, vectors
+    from asd.algorithms import knn
     from asd.models.cnn import CNNConfig, CNNEncoder
-    from asd.models.encoder import save_checkpoint
+    from asd.models.registry import save_checkpoint
+    from asd.stores.embeddings import embedding_blocks, read_embeddings, vectors
 
     root = _copy_root(served, tmp_path)
     torch.manual_seed(0)

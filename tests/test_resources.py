@@ -33,8 +33,8 @@ def test_wait_seconds_reads_the_environment(monkeypatch):
 
 
 def test_training_that_asks_for_a_gpu_fails_fast_on_a_cpu_cluster(ray_session, monkeypatch, tmp_path):
-    from asd.loop import TrainConfig
-    from asd.pretrain import PretrainConfig, pretrain
+    from asd.stages.pretrain import PretrainConfig, pretrain
+    from asd.training.loop import TrainConfig
 
     monkeypatch.setenv(resources.WAIT_ENV, "1")
     (tmp_path / "features").mkdir()  # reachable, empty: the resource check comes before any data is read
@@ -46,7 +46,7 @@ def test_training_that_asks_for_a_gpu_fails_fast_on_a_cpu_cluster(ray_session, m
 
 
 def test_embedding_that_asks_for_more_cpus_than_a_node_has_fails_fast(ray_session, monkeypatch, tmp_path):
-    from asd.embed import EmbedConfig, embed
+    from asd.stages.embed import EmbedConfig, embed
 
     monkeypatch.setenv(resources.WAIT_ENV, "0")
     with pytest.raises(resources.MissingResources, match=r"embedding x cannot start: no node has 64 CPU"):

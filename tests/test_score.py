@@ -9,12 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from asd import metrics, storage
-from asd.embed import EmbedConfig, embed
-from asd.embeddings import read_embeddings, vectors
-from asd.featurize import FeaturizeConfig, featurize
+from asd.io import storage
 from asd.models.embedders import LogMelStats
-from asd.score import ScoreConfig, build_banks, score
+from asd.reports import metrics
+from asd.stages.embed import EmbedConfig, embed
+from asd.stages.featurize import FeaturizeConfig, featurize
+from asd.stages.score import ScoreConfig, build_banks, score
+from asd.stores.embeddings import read_embeddings, vectors
 from tests.pngs import assert_drawn_png
 
 FCFG = FeaturizeConfig(progress=False, rows_per_block=32)
@@ -136,67 +137,65 @@ def test_unpublished_embeddings_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_job_end_to_end(tmp_path):
-    """The README's main command on a small generated corpus, as a user runs it."""
+    """The README's main command on a small generated corpus, as a user runs it (shorter training)."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", ASD_HYDRA_DIR=str(tmp_path / "hydra"))
+    short = ["pretrain.train.steps=6", "pretrain.train.checkpoint_every=3"] + [
+        f"models.{m}.train.{k}" for m in ("finetune", "cnn", "mod") for k in ("steps=4", "checkpoint_every=2")]
     cmd = [sys.executable, "-m", "jobs.pipeline", f"root={tmp_path}/run", "ray.num_cpus=2", "ray.progress=false",
            "data.spec.n_train_source=10", "data.spec.n_train_target=2", "data.spec.n_test_per_domain=6",
-           "data.spec.duration_s=1.0", "pretrain.train.steps=6", "pretrain.train.checkpoint_every=3",
-           "finetunes.pseudo.train.steps=4", "finetunes.pseudo.train.checkpoint_every=2",
-           "finetunes.cnn.train.steps=4", "finetunes.cnn.train.checkpoint_every=2",
-           "finetunes.mod.train.steps=4", "finetunes.mod.train.checkpoint_every=2"]
+           "data.spec.duration_s=1.0", "recipe_overrides=[" + ",".join(f"'{o}'" for o in short) + "]"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(final["stages"]) == {"make_corpus", "featurize", "pretrain", "embed", "pseudo_label", "finetune",
-                                    "score"}
+    assert set(final["stages"]) == {"make_corpus", "featurize", "recipes"}
     every = {"logmel", "pretrained", "finetuned", "cnn", "mod", "fused"}
-    assert set(final["stages"]["score"]) == set(final["stages"]["embed"]) == every
-    # the headline is the served model's (models/CURRENT), the other embeddings follow
-    served = json.load(open(tmp_path / "run" / "models" / "CURRENT"))["tag"]
-    served_metrics = json.load(open(tmp_path / "run" / "scores" / served / "metrics.json"))
-    assert served == final["serving_model"] == final["served"]["embedding"] == "fused"
+    recipes = final["stages"]["recipes"]
+    assert set(recipes) == set(final["official_scores"]) == every
+    # the headline is the served recipe's (models/CURRENT), the other recipes follow
+    current = json.load(open(tmp_path / "run" / "models" / "CURRENT"))
+    served_metrics = json.load(open(tmp_path / "run" / "scores" / "fused" / "metrics.json"))
+    assert current["recipe"] == current["tag"] == final["serving_model"] == final["served"]["recipe"] == "fused"
     assert final["official_score"] == served_metrics["official_score"] == final["official_scores"]["fused"]
     assert final["report"].endswith("scores/fused/report.md") and os.path.exists(final["report"])
-    assert set(final["official_scores"]) == every  # (the final line's keys are sorted: no order to check)
-    assert f"served model (fused, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
+    assert f"served recipe (fused, models/CURRENT): official score {100 * final['official_score']:.2f} %" in out.stdout
     assert "official score (hmean)" in out.stdout and 0 <= final["official_score"] <= 1
     assert os.path.exists(final["comparison"]) and "finetuned" in open(final["comparison"]).read()
-    # log-mel embeddings -> pseudo labels -> the transformer fine-tuned from the pre-trained encoder and
-    # the two CNNs trained from scratch, all on those labels -> scored; the two CNNs side by side serve
-    assert final["stages"]["pseudo_label"]["labels"] == f"{tmp_path}/run/labels/logmel"
-    ft = final["stages"]["finetune"]["pseudo"]
-    assert ft["steps"] == 4 and ft["num_classes"] >= 4 and ft["encoder"] == f"{tmp_path}/run/models/finetune/encoder.pt"
-    ft_cnn = final["stages"]["finetune"]["cnn"]
+    # log-mel statistics -> pseudo labels -> the transformer fine-tuned from the pre-trained encoder and
+    # the two CNNs trained from scratch, all on those labels, each trained once -> scored
+    labels = f"{tmp_path}/run/labels/logmel"
+    assert {recipes[r]["labels"]["labels"] for r in ("finetuned", "cnn", "mod", "fused")} == {labels}
+    ft = recipes["finetuned"]["models"]["finetune"]
+    assert ft["steps"] == 4 and ft["num_classes"] >= 4 and ft["encoders"] == [f"{tmp_path}/run/models/finetune/encoder.pt"]
+    ft_cnn, ft_mod = recipes["fused"]["models"]["cnn"], recipes["fused"]["models"]["mod"]
+    assert ft_cnn == recipes["cnn"]["models"]["cnn"] and ft_mod == recipes["mod"]["models"]["mod"]
     assert ft_cnn["steps"] == 4 and ft_cnn["num_classes"] == ft["num_classes"]
-    assert ft_cnn["encoder"] == f"{tmp_path}/run/models/cnn/encoder.pt"
-    ft_mod = final["stages"]["finetune"]["mod"]
+    assert ft_cnn["encoders"] == [f"{tmp_path}/run/models/cnn/encoder.pt"]
     assert ft_mod["steps"] == 4 and ft_mod["num_classes"] == ft["num_classes"]
     mods = ft_mod["encoders"]  # five modulation CNNs from one training run
     assert mods == [f"{tmp_path}/run/models/mod{f'-m{i}' if i else ''}/encoder.pt" for i in range(5)]
-    assert set(final["stages"]["finetune"]) == {"pseudo", "cnn", "mod"}
-    current = json.load(open(tmp_path / "run" / "models" / "CURRENT"))
-    assert current["tag"] == "fused" and current["embedder"] == "concat" and current["params"]["fusion"] == "score"
-    assert [m["params"]["checkpoint"] for m in current["params"]["members"]] == [ft_cnn["encoder"], *mods]
+    assert current["embedder"] == "concat" and current["params"]["fusion"] == "score"
+    assert [m["params"]["checkpoint"] for m in current["params"]["members"]] == [*ft_cnn["encoders"], *mods]
     assert [m["weight"] for m in current["params"]["members"]] == [1.0] + [0.2] * 5
     # the served embeddings record their blocks: scoring sums each member's own kNN distance
     info = json.load(open(tmp_path / "run" / "embeddings" / "fused" / "_SUCCESS"))
     assert [b["weight"] for b in info["blocks"]] == [1.0] + [0.2] * 5 and sum(b["dim"] for b in info["blocks"]) == info["dim"]
-    assert final["stages"]["pretrain"]["steps"] == 6
+    assert recipes["pretrained"]["pretrain"]["steps"] == 6
     # a second run regenerates nothing and featurizes nothing new
     out2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert out2.returncode == 0, out2.stderr[-3000:]
     final2 = json.loads(out2.stdout.strip().splitlines()[-1])
     assert final2["stages"]["make_corpus"]["skipped"] and final2["stages"]["featurize"]["n_featurized"] == 0
     assert final2["official_score"] == pytest.approx(final["official_score"])
-    assert final2["stages"]["pretrain"]["start_step"] == 6  # the finished pre-training is not redone
-    assert final2["stages"]["finetune"]["pseudo"]["start_step"] == 4  # nor the fine-tuning
-    assert final2["stages"]["finetune"]["cnn"]["start_step"] == 4
+    again = final2["stages"]["recipes"]
+    assert again["pretrained"]["pretrain"]["start_step"] == 6  # the finished pre-training is not redone
+    assert again["finetuned"]["models"]["finetune"]["start_step"] == 4  # nor the fine-tuning
+    assert again["fused"]["models"]["cnn"]["start_step"] == 4
 
 
 def test_scoring_workers_fetch_the_banks_once_per_run(ray_session):
     import ray
 
-    from asd import score as score_mod
+    from asd.stages import score as score_mod
 
     first = ray.put({"banks": np.arange(4.0)})
     got = score_mod._worker_banks(first)
@@ -215,7 +214,7 @@ def test_collecting_blocks_drops_those_a_filter_left_empty(ray_session):
     import ray.data
     from ray.data.expressions import col
 
-    from asd.score import SCORE_SCHEMA
+    from asd.stages.score import SCORE_SCHEMA
 
     def rows(ids, split):
         return pa.table({"clip_id": ids, "split": [split] * len(ids), "score": [0.5] * len(ids)})

@@ -15,8 +15,8 @@ import torch
 import torchaudio
 from sklearn.metrics import roc_auc_score
 
+from asd.data.dcase import DOMAINS
 from asd.data.synthetic import (
-    DOMAINS,
     MachineSpec,
     default_spec,
     make_corpus,

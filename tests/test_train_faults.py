@@ -11,18 +11,18 @@ import os
 import pytest
 import torch
 
-from asd import storage
-from asd.checkpoints import (
+from asd.io import storage
+from asd.stages.featurize import FeaturizeConfig, featurize
+from asd.stages.pretrain import Data2VecObjective, PretrainConfig
+from asd.training.checkpoints import (
     CheckpointUnreadable,
     checkpoint_dir_name,
     export_encoder,
     load_state_with_fallback,
     load_training_state,
 )
-from asd.featurize import FeaturizeConfig, featurize
-from asd.loop import TrainConfig
-from asd.pretrain import Data2VecObjective, PretrainConfig
-from asd.train import fit
+from asd.training.fit import fit
+from asd.training.loop import TrainConfig
 
 TINY = {"model": "tiny", "clone_batch": 2, "decoder_dim": 64, "decoder_layers": 1, "top_k_layers": 2,
         "ema_start": 0.99, "ema_end": 0.999}
@@ -61,7 +61,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(store, caplog):
     assert load_training_state(latest)["step"] == 10
 
     _corrupt(latest)
-    with caplog.at_level(logging.WARNING, logger="asd.train"):
+    with caplog.at_level(logging.WARNING, logger="asd.training.fit"):
         state, used, skipped = load_state_with_fallback(latest)
     assert state["step"] == 8 and torch.equal(state["module"]["w"], torch.full((3,), 8.0))
     assert used == storage.join(run_folder, "step-00000008") and skipped == [latest]
@@ -121,7 +121,7 @@ def test_ray_train_resumes_from_the_previous_checkpoint_when_the_latest_is_corru
     _corrupt(first.checkpoint)
 
     # driver side: export from the corrupt latest checkpoint uses step 8, and says so
-    with caplog.at_level(logging.WARNING, logger="asd.train"):
+    with caplog.at_level(logging.WARNING, logger="asd.training.fit"):
         uri = export_encoder(obj, first.checkpoint, storage.join(store, "out"), "pretrain")
     assert any("step-00000010" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
     meta = storage.read_json(storage.join(store, "out", "models", "pretrain", "config.json"))["meta"]

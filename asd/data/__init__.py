@@ -1,1 +1,3 @@
-"""Data layer: DCASE names and attributes, listing (local/s3), decoding, synthetic corpora."""
+"""Audio in: DCASE names and values (:mod:`.dcase`), decoding (:mod:`.audio`), listing a corpus
+(:mod:`.manifest`), the front ends (:mod:`.frontend`) and generated corpora (:mod:`.synthetic`,
+:mod:`.realistic` with its sound models in :mod:`.machines`)."""

@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import posixpath
 import re
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 SPLITS = ("train", "test")
-DOMAINS = ("source", "target")
+SOURCE, TARGET = "source", "target"
+DOMAINS = (SOURCE, TARGET)
 LABELS = ("normal", "anomaly")
 
 _DCASE2021 = re.compile(
@@ -146,3 +151,76 @@ def format_name(
     else:
         suffix = NO_ATTRIBUTE
     return f"section_{section}_{domain}_{split}_{label}_{index:04d}_{suffix}.wav"
+
+
+# ----------------------------------------------------------------------------- values in tables
+# Domain, label and section values as scoring, metrics and plots take them (strings of the file names,
+# 0/1, None); one rule for every reader.
+
+
+def is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return isinstance(value, (float, np.floating)) and math.isnan(value)
+    except TypeError:
+        return False
+
+
+def normalize_label(value: Any) -> int | None:
+    """``"normal"``/0 -> 0, ``"anomaly"``/1 -> 1, ``None``/NaN -> ``None`` (unlabelled)."""
+    if is_missing(value):
+        return None
+    if isinstance(value, (bytes, np.bytes_)):
+        value = value.decode()
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in ("normal", "0"):
+            return 0
+        if key in ("anomaly", "anomalous", "abnormal", "1"):
+            return 1
+        if key in ("", "none", "unknown", "nan"):
+            return None
+        raise ValueError(f"unknown label {value!r} (expected 'normal'/'anomaly' or 0/1)")
+    if isinstance(value, (bool, np.bool_, int, np.integer, float, np.floating)):
+        if value == 0:
+            return 0
+        if value == 1:
+            return 1
+    raise ValueError(f"unknown label {value!r} (expected 'normal'/'anomaly' or 0/1)")
+
+
+def normalize_domain(value: Any) -> str:
+    """``"source"``/0/``None`` -> ``"source"``, ``"target"``/1 -> ``"target"``.
+
+    A missing domain (DCASE 2020-style file names) counts as source.
+    """
+    if is_missing(value):
+        return SOURCE
+    if isinstance(value, (bytes, np.bytes_)):
+        value = value.decode()
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in ("source", "src", "s", "0", "", "none"):
+            return SOURCE
+        if key in ("target", "tgt", "t", "1"):
+            return TARGET
+        raise ValueError(f"unknown domain {value!r} (expected 'source'/'target' or None)")
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
+        if value == 0:
+            return SOURCE
+        if value == 1:
+            return TARGET
+    raise ValueError(f"unknown domain {value!r} (expected 'source'/'target' or None)")
+
+
+def normalize_section(value: Any) -> str:
+    """Section id as the two-digit string of the file names: ``0``, ``"section_00"`` -> ``"00"``."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):02d}"
+    text = str(value).strip()
+    if text.startswith("section_"):
+        text = text[len("section_"):]
+    if text.isdigit() and len(text) < 2:
+        text = text.zfill(2)
+    return text

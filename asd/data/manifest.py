@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from asd import SAMPLE_RATE, storage
+from asd import SAMPLE_RATE
 from asd.data import audio, dcase
+from asd.io import storage
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class CorpusFile:
 def list_files(root: str) -> list[CorpusFile]:
     """Every file under ``root`` (recursively), sorted by relative path.
 
-    Raises :class:`asd.storage.StorageError` when the root is missing or unreachable.
+    Raises :class:`asd.io.storage.StorageError` when the root is missing or unreachable.
     """
     storage.check_reachable(root)
     fs, base = storage.filesystem(root)

@@ -66,13 +66,10 @@ from multiprocessing import get_context
 import numpy as np
 import soundfile as sf
 
-from asd import storage
+from asd.data.dcase import DOMAINS, LABELS, NO_ATTRIBUTE, SPLITS
+from asd.io import storage
 
-DOMAINS = ("source", "target")
-SPLITS = ("train", "test")
-LABELS = ("normal", "anomaly")
 ANOMALY_KINDS = ("clicks", "drift", "tone", "rattle")
-NO_ATTRIBUTE = "noAttribute"
 
 # Background noise per domain: (level in dB relative to the machine RMS, spectral slope
 # exponent beta of a 1/f^beta power spectrum).

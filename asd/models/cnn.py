@@ -85,7 +85,7 @@ class ResBlock(nn.Module):
 class CNNEncoder(nn.Module):
     """Log-mel crops ``(B, T, F)`` -> embeddings ``(B, embed_dim)`` (see the module docstring)."""
 
-    input = "fbank"  # the feature matrix it reads (asd.features.MATRICES)
+    input = "fbank"  # the feature matrix it reads (asd.stores.features.MATRICES)
 
     def __init__(self, cfg: CNNConfig | None = None):
         super().__init__()
@@ -130,12 +130,4 @@ class CNNEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def config_from_dict(d: dict) -> CNNConfig:
-    known = set(CNNConfig.__dataclass_fields__)
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown CNN config keys {sorted(unknown)}")
-    return CNNConfig(**d)
-
-
-__all__ = ["ARCH", "CNNConfig", "CNNEncoder", "ResBlock", "config_from_dict"]
+__all__ = ["ARCH", "CNNConfig", "CNNEncoder", "ResBlock"]

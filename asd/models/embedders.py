@@ -1,4 +1,4 @@
-"""Embedders: what :func:`asd.embed.embed` runs over the features, registered by name in
+"""Embedders: what :func:`asd.stages.embed.embed` runs over the features, registered by name in
 :data:`EMBEDDERS`. An embedder maps lists of feature matrices, one list per name in its
 ``inputs`` (``fbank``: log-mel ``(frames, bins)``; ``mod``: the modulation spectrum), to an
 ``(n, d)`` float32 array.
@@ -8,7 +8,7 @@
 ``encoder``: an :class:`~asd.models.encoder.AudioEncoder` checkpoint (ours, e.g.
 ``<root>/models/pretrain/encoder.pt``, or a BEATs release file) -> pooled patch features of
 one block, L2-normalised. The fbank is normalised exactly as in training: the checkpoint's
-``meta`` (``norm_mean``/``norm_std``, written by :mod:`asd.pretrain`) or BEATs' constants.
+``meta`` (``norm_mean``/``norm_std``, written by :mod:`asd.stages.pretrain`) or BEATs' constants.
 Clips longer than ``max_frames`` are embedded in windows of ``max_frames`` frames (the last
 window aligned to the clip's end) and the window embeddings averaged; clips shorter than one
 patch are tiled. The checkpoint's architecture names the feature matrix it reads (``inputs``):
@@ -22,8 +22,8 @@ each member's L2-normalised embedding, concatenated. ``fusion`` says how a kNN u
   vector L2-normalised, so the cosine distance is the weighted mean of the members' cosine
   distances and one nearest neighbour is found for all members together;
 * ``score``: the members are kept as blocks (recorded with the embeddings,
-  :func:`asd.embed.embedder_blocks`) and scoring finds each member's own nearest neighbours
-  and sums the weighted distances (:class:`asd.knn.FusedBank`) - score-level fusion, as an
+  :func:`asd.stages.embed.embedder_blocks`) and scoring finds each member's own nearest neighbours
+  and sums the weighted distances (:class:`asd.algorithms.knn.FusedBank`) - score-level fusion, as an
   ensemble of detectors.
 
 The served recipe is score-level fusion of log-mel CNNs and modulation CNNs trained
@@ -38,22 +38,15 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from asd.models.encoder import (
-    FBANK_MEAN,
-    FBANK_STD,
-    POOLS,
-    AudioEncoder,
-    load_checkpoint,
-    normalize_fbank,
-    pooled_dim,
-)
+from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, normalize_fbank, pooled_dim
+from asd.models.registry import load_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
     name: str
-    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.features.MATRICES)
+    inputs: tuple[str, ...]  # feature matrices it is called with, in order (asd.stores.features.MATRICES)
 
     def __call__(self, *features: list[np.ndarray]) -> np.ndarray: ...
 
@@ -85,7 +78,7 @@ class LogMelStats:
 
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto``: CUDA when this process sees a GPU (embedding actors resolve it first from whether
-    Ray gave them one: :func:`asd.embed.actor_device_params`)."""
+    Ray gave them one: :func:`asd.stages.embed.actor_device_params`)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -3,7 +3,7 @@
 One file, nanoGPT style. ``AudioEncoder`` with the ``base`` config has the parameter names and
 shapes of Microsoft's BEATs release, so a released checkpoint
 (``{"cfg": {...}, "model": state_dict}``, e.g. ``BEATs_iter3_plus_AS2M.pt``) loads with
-``strict=True`` through :func:`load_checkpoint`. The code is written from the description below,
+``strict=True`` through :func:`asd.models.registry.load_checkpoint`. The code is written from the description below,
 not copied.
 
 What BEATs does (read in microsoft/unilm ``beats/BEATs.py``, ``beats/backbone.py``,
@@ -90,11 +90,8 @@ Choices made here
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
-import pickle
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -103,13 +100,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from asd import storage
-
 log = logging.getLogger(__name__)
 
 FBANK_MEAN = 15.41663  # BEATs.preprocess fbank_mean
 FBANK_STD = 6.55582  # BEATs.preprocess fbank_std
-FORMAT_VERSION = 1  # value of "asd_encoder" in this project's checkpoint files
 TRANSFORMER = "transformer"  # "arch" of an AudioEncoder checkpoint (files without "arch" are one)
 # Clip pooling of the patch outputs (B, N, D):
 #   mean, max, meanmax (both, 2D)   over every patch;
@@ -415,7 +409,7 @@ class TransformerEncoder(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layerdrop = cfg.encoder_layerdrop
         self.grad_decay = cfg.layer_wise_gradient_decay_ratio
-        self.activation_checkpointing = False  # recompute each block in backward (asd.loop.TrainConfig)
+        self.activation_checkpointing = False  # recompute each block in backward (asd.training.loop.TrainConfig)
 
     def positions(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """The full patch sequence (B, N, C) with its convolutional positions added (and, for
@@ -485,7 +479,7 @@ def _masked_moments(x: Tensor, valid: Tensor | None, var: bool = False) -> tuple
 class AudioEncoder(nn.Module):
     """ViT over 16x16 log-mel patches; module names and shapes follow BEATs (see module docstring)."""
 
-    input = "fbank"  # the feature matrix it reads (asd.features.MATRICES)
+    input = "fbank"  # the feature matrix it reads (asd.stores.features.MATRICES)
 
     def __init__(self, cfg: EncoderConfig | str = "base"):
         super().__init__()
@@ -702,114 +696,14 @@ def beats_state_dict_from(model: nn.Module) -> dict[str, Tensor]:
             model = model.module
         else:
             break
-    return _strip_prefixes(model.state_dict())
-
-
-def _strip_prefixes(sd: dict) -> dict:
+    sd = model.state_dict()
     for prefix in ("_orig_mod.", "module."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return dict(sd)
 
 
-def save_checkpoint(model: nn.Module, uri: str, meta: dict | None = None) -> str:
-    """Write ``{"asd_encoder": 1, "arch", "cfg", "model", "meta"}`` atomically to a path or fsspec URI
-    (``arch``: ``transformer`` for :class:`AudioEncoder`, ``cnn`` for :class:`asd.models.cnn.CNNEncoder`,
-    ``mod`` for :class:`asd.models.modnet.ModEncoder`)."""
-    core = model
-    while hasattr(core, "_orig_mod") or (hasattr(core, "module") and isinstance(core.module, nn.Module)):
-        core = core._orig_mod if hasattr(core, "_orig_mod") else core.module
-    payload = {
-        "asd_encoder": FORMAT_VERSION,
-        "arch": getattr(core.cfg, "arch", TRANSFORMER),
-        "cfg": asdict(core.cfg),
-        "model": {k: v.detach().cpu() for k, v in beats_state_dict_from(core).items()},
-        # JSON round trip: meta must stay loadable with torch.load(weights_only=True)
-        "meta": json.loads(json.dumps(meta or {}, default=str)),
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return storage.atomic_write_bytes(uri, buffer.getvalue())
-
-
-def load_checkpoint(
-    path_or_uri: str, map_location="cpu", strict: bool = True, keep_predictor: bool = True
-) -> nn.Module:
-    """Build an :class:`AudioEncoder` from a BEATs checkpoint or this project's own format.
-
-    BEATs format: ``{"cfg": BEATsConfig dict, "model": state_dict, ...}``; own format:
-    ``{"asd_encoder": 1, "cfg": asdict(EncoderConfig), "model": ..., "meta": {...}}``.
-    Reads local paths and fsspec URIs (s3://) with ``torch.load(weights_only=True)``.
-    strict: any missing / unexpected key or shape mismatch raises ValueError naming them;
-    otherwise matching tensors are loaded and the rest is logged.
-    keep_predictor=False drops a fine-tuned checkpoint's classification head.
-    Returns the model in eval mode (on ``map_location`` when that is a device), with the file's
-    ``meta`` (own format) in ``model.meta``: an :class:`AudioEncoder`, or a
-    :class:`asd.models.cnn.CNNEncoder` or :class:`asd.models.modnet.ModEncoder` for a file whose ``arch``
-    is ``cnn`` or ``mod`` (loaded strictly).
-    """
-    fs, path = storage.filesystem(path_or_uri)
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path_or_uri}: not loadable with torch.load(weights_only=True): {exc}") from exc
-
-    if not isinstance(ckpt, dict) or "cfg" not in ckpt or "model" not in ckpt:
-        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path_or_uri}: not an encoder checkpoint (expected 'cfg' and 'model', found {keys})")
-    if "asd_encoder" in ckpt:
-        if int(ckpt["asd_encoder"]) > FORMAT_VERSION:
-            raise ValueError(f"{path_or_uri}: checkpoint format {ckpt['asd_encoder']} is newer than {FORMAT_VERSION}")
-        arch = ckpt.get("arch", TRANSFORMER)
-        if arch != TRANSFORMER:
-            return _load_other_arch(path_or_uri, arch, ckpt, map_location)
-        cfg = _config_from_dict(dict(ckpt["cfg"]), source=str(path_or_uri))
-    else:
-        cfg = config_from_beats(dict(ckpt["cfg"]))
-    state = _strip_prefixes(dict(ckpt["model"]))
-    if not keep_predictor:
-        cfg = replace(cfg, finetuned_model=False)
-        state = {k: v for k, v in state.items() if not k.startswith("predictor.")}
-
-    model = AudioEncoder(cfg)
-    state = _fill_tied_relative_bias(state, cfg)
-    missing, unexpected, mismatched = _compare_state(model, state)
-    if missing or unexpected or mismatched:
-        message = _mismatch_message(path_or_uri, missing, unexpected, mismatched)
-        if strict:
-            raise ValueError(message)
-        log.warning("%s", message)
-        bad = set(unexpected) | {k for k, _, _ in mismatched}
-        state = {k: v for k, v in state.items() if k not in bad}
-    model.load_state_dict(state, strict=False)
-    model.meta = dict(ckpt.get("meta") or {})
-    if isinstance(map_location, (str, torch.device)):
-        model.to(map_location)
-    return model.eval()
-
-
-def _load_other_arch(path_or_uri: str, arch: str, ckpt: dict, map_location) -> nn.Module:
-    from asd.models import cnn, modnet
-
-    archs = {cnn.ARCH: (cnn.CNNEncoder, cnn.config_from_dict), modnet.ARCH: (modnet.ModEncoder, modnet.config_from_dict)}
-    if arch not in archs:
-        raise ValueError(f"{path_or_uri}: unknown encoder architecture {arch!r} (known: {TRANSFORMER}, {sorted(archs)})")
-    cls, from_dict = archs[arch]
-    model = cls(from_dict(dict(ckpt["cfg"])))
-    state = _strip_prefixes(dict(ckpt["model"]))
-    missing, unexpected, mismatched = _compare_state(model, state)
-    if missing or unexpected or mismatched:
-        raise ValueError(_mismatch_message(path_or_uri, missing, unexpected, mismatched))
-    model.load_state_dict(state)
-    model.meta = dict(ckpt.get("meta") or {})
-    if isinstance(map_location, (str, torch.device)):
-        model.to(map_location)
-    return model.eval()
-
-
-def _fill_tied_relative_bias(state: dict, cfg: EncoderConfig) -> dict:
+def fill_tied_relative_bias(state: dict, cfg: EncoderConfig) -> dict:
     """Give every layer layer 0's relative_attention_bias (the tensor is shared in the model)."""
     key = "encoder.layers.{}.self_attn.relative_attention_bias.weight"
     if not cfg.relative_position_embedding or key.format(0) not in state:
@@ -822,27 +716,3 @@ def _fill_tied_relative_bias(state: dict, cfg: EncoderConfig) -> dict:
             log.warning("%s differs from layer 0's; the table is shared, layer 0's is used", key.format(i))
         state[key.format(i)] = first
     return state
-
-
-def _compare_state(model: nn.Module, state: dict) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        (k, tuple(state[k].shape), tuple(expected[k].shape))
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    return missing, unexpected, mismatched
-
-
-def _mismatch_message(uri: str, missing: list, unexpected: list, mismatched: list, limit: int = 10) -> str:
-    parts = [f"checkpoint {uri} does not match the encoder it describes:"]
-    if missing:
-        parts.append(f"{len(missing)} missing keys {missing[:limit]}{' ...' if len(missing) > limit else ''}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys {unexpected[:limit]}{' ...' if len(unexpected) > limit else ''}")
-    if mismatched:
-        shown = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:limit]]
-        parts.append(f"{len(mismatched)} shape mismatches [{'; '.join(shown)}]{' ...' if len(mismatched) > limit else ''}")
-    return " ".join(parts)

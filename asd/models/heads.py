@@ -1,4 +1,4 @@
-"""Margin-based classification heads for attribute fine-tuning (:mod:`asd.finetune`).
+"""Margin-based classification heads for attribute fine-tuning (:mod:`asd.stages.finetune`).
 
 Every head holds ``C x S`` unit-norm class centres (``S`` sub-clusters per class, 1 by default)
 and maps embeddings to cosine similarities; the loss turns them into logits:

@@ -3,7 +3,7 @@
 Many machine faults change how the energy of a frequency band *fluctuates* rather than which
 frequencies sound: bearing defect impulses at BPFO/BPFI, a cracked gear tooth once per turn,
 imbalance at the shaft rate, valve timing. The featurize stage stores, per clip, the modulation
-spectrum of 16 band-energy envelopes up to 250 Hz (:class:`asd.frontend.ModulationConfig`,
+spectrum of 16 band-energy envelopes up to 250 Hz (:class:`asd.data.frontend.ModulationConfig`,
 feature matrix ``mod``: ``(bins, bands)``); :class:`ModEncoder` classifies the same (machine
 type, section, attribute) classes as :class:`asd.models.cnn.CNNEncoder` from it, and its
 embedding is concatenated with the log-mel CNN's at scoring time (the ``concat`` embedder of
@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch import Tensor
 
 ARCH = "mod"
-INPUT = "mod"  # the feature matrix this encoder reads (asd.features.MATRICES)
+INPUT = "mod"  # the feature matrix this encoder reads (asd.stores.features.MATRICES)
 
 
 @dataclass
@@ -132,12 +132,4 @@ class ModEncoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def config_from_dict(d: dict) -> ModConfig:
-    known = set(ModConfig.__dataclass_fields__)
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown mod encoder config keys {sorted(unknown)}")
-    return ModConfig(**d)
-
-
-__all__ = ["ARCH", "INPUT", "ModConfig", "ModEncoder", "RunningStandardize", "config_from_dict"]
+__all__ = ["ARCH", "INPUT", "ModConfig", "ModEncoder", "RunningStandardize"]

@@ -1,0 +1,127 @@
+"""The front ends: what a clip's waveform becomes before any model sees it.
+
+* :func:`compute_fbank` (:class:`FbankConfig`): the Kaldi-compatible log-mel filterbank that
+  BEATs/EAT-style encoders and the log-mel CNN read (torchaudio's ``kaldi.fbank``);
+* :func:`compute_modulation` (:class:`ModulationConfig`): the band-energy modulation spectrum
+  the modulation CNN reads (16 log-spaced band envelopes at 2 ms, their spectra up to 250 Hz).
+
+Plain numpy/torch, no Ray and no storage: :mod:`asd.stages.featurize` runs them per clip inside Ray
+tasks, benchmarks and tests call them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from asd import SAMPLE_RATE
+
+
+@dataclass
+class FbankConfig:
+    """Kaldi-compatible log-mel filterbank, the input BEATs/EAT-style encoders expect."""
+
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    sample_rate: int = SAMPLE_RATE
+    dither: float = 0.0
+    dtype: str = "float16"  # storage dtype: float16 or float32
+
+
+@dataclass
+class ModulationConfig:
+    """The modulation spectrum of a clip: how fast the energy of each frequency band fluctuates.
+
+    Machine faults often show as periodic fluctuation rather than as a new spectral peak:
+    bearing defect impulses at BPFO/BPFI (tens to hundreds of Hz), a cracked gear tooth once per
+    revolution, valve timing, imbalance at the shaft rate. A 10 ms log-mel frame rate sees
+    fluctuation up to 50 Hz only and averages faster ones away; this front end keeps them.
+
+    Per clip: power STFT (``win`` samples, Hann, ``hop`` samples: 2 ms at 16 kHz, a 500 Hz
+    envelope rate), ``bands`` log-spaced bands from ``fmin_hz`` to ``fmax_hz`` (FFT bins weighted
+    by their overlap with a band, so narrow low bands are never empty), the log energy envelope
+    of each band with its mean removed and a Hann taper, ``|rfft|`` of it, averaged into ``bins``
+    equal bins over (0, ``max_hz``], log. Stored as a ``(bins, bands)`` matrix (columns ``mod``,
+    ``mod_bins``, ``mod_bands``, ``mod_dtype``), 8 KiB a clip at the defaults, whatever the clip
+    length: the input of :mod:`asd.models.modnet`.
+    """
+
+    enabled: bool = True
+    bands: int = 16
+    fmin_hz: float = 100.0
+    fmax_hz: float = 7900.0
+    win: int = 128
+    hop: int = 32
+    bins: int = 256  # modulation bins over (0, max_hz]; a multiple of 16 (training takes it whole)
+    max_hz: float = 250.0  # at most half the envelope rate (sample_rate / hop / 2)
+    dtype: str = "float16"
+
+    def check(self, sample_rate: int) -> None:
+        if self.bands < 1 or self.bins < 16 or self.bins % 16 or self.win < 8 or self.hop < 1:
+            raise ValueError(f"modulation: bands >= 1, bins a multiple of 16, win >= 8, hop >= 1 (got {self})")
+        if not 0 < self.fmin_hz < self.fmax_hz <= sample_rate / 2:
+            raise ValueError(f"modulation: need 0 < fmin_hz < fmax_hz <= {sample_rate / 2} (got {self})")
+        if not 0 < self.max_hz <= sample_rate / self.hop / 2:
+            raise ValueError(f"modulation: max_hz must be in (0, {sample_rate / self.hop / 2}] (half the envelope "
+                             f"rate at hop {self.hop}), got {self.max_hz}")
+
+
+def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
+    """(frames, num_mel_bins) float32 log-mel filterbank of a mono waveform in [-1, 1]."""
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None] * 32768.0
+    fb = kaldi.fbank(
+        x,
+        num_mel_bins=cfg.num_mel_bins,
+        frame_length=cfg.frame_length_ms,
+        frame_shift=cfg.frame_shift_ms,
+        sample_frequency=cfg.sample_rate,
+        dither=cfg.dither,
+        htk_compat=True,
+        window_type="hanning",
+        use_energy=False,
+    )
+    return fb.numpy()
+
+
+def _overlap_weights(lo: np.ndarray, hi: np.ndarray, centres: np.ndarray, width: float) -> np.ndarray:
+    """(len(lo), len(centres)) share of each interval [lo, hi) covered by the cells
+    [centre - width / 2, centre + width / 2), divided by the interval's width (averaging weights)."""
+    a = np.maximum(lo[:, None], centres[None, :] - width / 2)
+    b = np.minimum(hi[:, None], centres[None, :] + width / 2)
+    return np.clip(b - a, 0.0, None) / (hi - lo)[:, None]
+
+
+def compute_modulation(wave: np.ndarray, sample_rate: int, cfg: ModulationConfig) -> np.ndarray:
+    """(cfg.bins, cfg.bands) float32 log modulation spectrum of a mono waveform (see :class:`ModulationConfig`)."""
+    x = np.asarray(wave, np.float64)
+    if x.shape[0] < cfg.win:
+        x = np.pad(x, (0, cfg.win - x.shape[0]))
+    n_frames = 1 + (x.shape[0] - cfg.win) // cfg.hop
+    frames = np.lib.stride_tricks.sliding_window_view(x, cfg.win)[:: cfg.hop][:n_frames]
+    power = np.abs(np.fft.rfft(frames * np.hanning(cfg.win), axis=1)) ** 2  # (n_frames, win/2 + 1)
+    edges = np.geomspace(cfg.fmin_hz, cfg.fmax_hz, cfg.bands + 1)
+    fft_hz = np.arange(power.shape[1]) * sample_rate / cfg.win
+    band_w = _overlap_weights(edges[:-1], edges[1:], fft_hz, sample_rate / cfg.win)  # (bands, fft bins)
+    env = np.log(power @ band_w.T + 1e-10)  # (n_frames, bands)
+    env = (env - env.mean(axis=0)) * np.hanning(n_frames)[:, None]
+    spec = np.abs(np.fft.rfft(env, axis=0))  # (n_frames // 2 + 1, bands)
+    rate = sample_rate / cfg.hop
+    spec[0] = 0.0  # the envelope's mean (removed above) is no modulation
+    means = _interval_means(spec, rate / n_frames, np.linspace(0.0, cfg.max_hz, cfg.bins + 1))
+    return np.log(means + 1e-6).astype(np.float32)
+
+
+def _interval_means(values: np.ndarray, width: float, edges: np.ndarray) -> np.ndarray:
+    """Means of a piecewise-constant function over [edges[k], edges[k + 1]): ``values[j]`` holds on
+    the cell [(j - 1/2) width, (j + 1/2) width); beyond the last cell it is 0. (len(edges) - 1, B)."""
+    n = values.shape[0]
+    cum = np.concatenate([np.zeros((1,) + values.shape[1:]), np.cumsum(values, axis=0)]) * width
+    pos = np.clip(edges / width + 0.5, 0.0, float(n))
+    i = np.minimum(np.floor(pos).astype(int), n - 1)
+    at = cum[i] + (pos - i)[:, None] * (cum[i + 1] - cum[i])
+    return (at[1:] - at[:-1]) / np.diff(edges)[:, None]
