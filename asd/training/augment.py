@@ -7,23 +7,21 @@ import torch
 from torch import Tensor
 
 
-def spec_augment(x: Tensor, cfg, generator: torch.Generator | None = None) -> Tensor:
-    """Zero (= the normalised mean) random time and frequency bands of every clip of (B, T, F):
-    ``cfg.time_masks`` bands of up to ``cfg.time_mask_width`` frames and ``cfg.freq_masks`` of up to
-    ``cfg.freq_mask_width`` bins (SpecAugment without time warping)."""
-    x = x.clone()
-    B, T, Fq = x.shape
-    for count, width, axis, size in ((cfg.time_masks, cfg.time_mask_width, 1, T),
-                                     (cfg.freq_masks, cfg.freq_mask_width, 2, Fq)):
-        if count <= 0 or width <= 0:
-            continue
-        w = torch.randint(0, min(width, size) + 1, (B, count), generator=generator)
-        start = (torch.rand(B, count, generator=generator) * (size - w + 1).float()).long()
-        pos = torch.arange(size)
-        band = ((pos[None, None, :] >= start[..., None]) & (pos[None, None, :] < (start + w)[..., None])).any(dim=1)
-        band = band.to(x.device)
-        x = x.masked_fill(band[:, :, None] if axis == 1 else band[:, None, :], 0.0)
-    return x
+def spec_augment(x: Tensor, cfg) -> Tensor:
+    """SpecAugment's masks (no time warping) on every clip of (B, T, F), each clip its own draws
+    (torchaudio's ``TimeMasking`` / ``FrequencyMasking`` with ``iid_masks``): ``cfg.time_masks``
+    bands of up to ``cfg.time_mask_width`` frames and ``cfg.freq_masks`` of up to
+    ``cfg.freq_mask_width`` bins set to zero (the normalised mean)."""
+    from torchaudio.transforms import FrequencyMasking, TimeMasking
+
+    masks = [TimeMasking(cfg.time_mask_width, iid_masks=True)] * max(0, cfg.time_masks) * (cfg.time_mask_width > 0)
+    masks += [FrequencyMasking(cfg.freq_mask_width, iid_masks=True)] * max(0, cfg.freq_masks) * (cfg.freq_mask_width > 0)
+    if not masks:
+        return x
+    spec = x.transpose(1, 2).unsqueeze(1)  # torchaudio's layout (B, 1, F, T); a new tensor, x is left alone
+    for mask in masks:
+        spec = mask(spec)
+    return spec.squeeze(1).transpose(1, 2)
 
 
 def statistics_exchange(x: Tensor, partner: Tensor, eps: float = 1e-5) -> Tensor:
