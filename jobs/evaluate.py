@@ -28,7 +28,6 @@ from jobs.common import (
     device_config,
     refuse_path_as_data,
     run_job,
-    stage_configs,
     to_dataclass,
 )
 
@@ -37,12 +36,11 @@ schema.register()
 
 def evaluate_config(cfg: DictConfig) -> EvaluateConfig:
     """The job's config as :class:`asd.recipes.evaluate.EvaluateConfig` (unknown keys are errors)."""
-    ae, ae_train = stage_configs(cfg.ae, AEConfig)  # its train: the published settings (jobs/schema.py)
     return EvaluateConfig(
         recipes=list(compose_recipes(cfg, list(cfg.recipes)).values()), baselines=tuple(cfg.baselines),
         served=cfg.recipe.name, derive_fraction=cfg.derive_fraction, plots=cfg.plots,
         featurize=to_dataclass(FeaturizeConfig, cfg.featurize), embed=to_dataclass(EmbedConfig, cfg.embed),
-        score=to_dataclass(ScoreConfig, cfg.score), device=device_config(cfg), ae=ae, ae_train=ae_train)
+        score=to_dataclass(ScoreConfig, cfg.score), device=device_config(cfg), ae=to_dataclass(AEConfig, cfg.ae))
 
 
 def run(cfg: DictConfig) -> dict:

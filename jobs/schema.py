@@ -18,7 +18,7 @@ default.
 | ``score`` | kNN scoring | ``asd.stages.score.ScoreConfig`` |
 | ``featurize`` | the front ends | ``asd.stages.featurize.FeaturizeConfig`` |
 | ``device`` | where stages run | ``asd.resources.DeviceConfig`` |
-| ``ae`` | the DCASE autoencoder baseline | ``asd.baselines.autoencoder.AEConfig`` + ``train`` (its published settings) |
+| ``ae`` | the DCASE autoencoder baseline | ``asd.baselines.autoencoder.AEConfig`` (its published settings) |
 
 Each job module registers the groups its config uses when it is imported (before Hydra composes);
 ``jobs.common.compose_config`` registers them all. A schema is built, and its stage module
@@ -86,8 +86,8 @@ def _finetune():
 
 
 def _ae():
-    from asd.baselines.autoencoder import AEConfig, default_train_config
-    return with_fields(AEConfig, "AENode", [_train(default_train_config)])
+    from asd.baselines.autoencoder import AEConfig
+    return AEConfig
 
 
 def _embed():

@@ -11,19 +11,21 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from asd.baselines.autoencoder import featurize_frontend, load_autoencoders, run_baseline
+from asd.baselines.autoencoder import (
+    featurize_frontend,
+    load_autoencoders,
+    run_baseline,
+)
 from asd.baselines.autoencoder.model import (
-    AEBank,
     AEConfig,
     AENet,
-    AutoencoderObjective,
     TypeModel,
     clip_vectors,
-    context_vectors,
-    default_train_config,
     inverse_covariance,
     mahalanobis_term,
+    train_type,
 )
+from asd.data.frontend import FbankConfig, compute_fbank
 from asd.io import layout, storage
 from asd.stages.featurize import FeaturizeConfig
 from asd.stages.score import SCORE_SCHEMA
@@ -32,15 +34,69 @@ from asd.stores.features import read_features_table
 # ----------------------------------------------------------------------------- parts, no Ray
 
 
+def _librosa_mel_db(y: np.ndarray, sr: int = 16000, n_fft: int = 1024, hop: int = 512, n_mels: int = 128):
+    """librosa 0.9.2's ``melspectrogram(power=2)`` then ``10 log10(max(., eps))``, written out in numpy
+    from its algorithm (reflect-padded centred frames, periodic Hann, Slaney mel filters with Slaney
+    normalisation): an independent reference for the front end."""
+    y = np.pad(np.asarray(y, np.float64), n_fft // 2, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    frames = np.stack([y[i * hop:i * hop + n_fft] * window for i in range(1 + (len(y) - n_fft) // hop)])
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+
+    f_sp, min_log_hz, logstep = 200.0 / 3, 1000.0, np.log(6.4) / 27.0
+    min_log_mel = min_log_hz / f_sp
+
+    def hz_to_mel(f):
+        f = np.asarray(f, np.float64)
+        return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, f / f_sp)
+
+    def mel_to_hz(m):
+        return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+    pts = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
+    ramps = pts[:, None] - np.linspace(0, sr / 2, 1 + n_fft // 2)[None, :]
+    fdiff = np.diff(pts)
+    weights = np.maximum(0, np.minimum(-ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]))
+    weights *= (2.0 / (pts[2:] - pts[:-2]))[:, None]
+    return 10 * np.log10(np.maximum(power @ weights.T, np.finfo(np.float64).eps))
+
+
+def test_the_front_end_is_librosas_mel_spectrogram_in_db():
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 2) / 16000
+    y = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+    ours = compute_fbank(y, AEConfig().fbank())
+    ref = _librosa_mel_db(y)
+    assert ours.shape == ref.shape == (1 + 32000 // 512, 128)  # centred frames: 63, not Kaldi's 61
+    assert np.max(np.abs(ours - ref)) < 1e-2  # dB; float32 against float64
+    assert AEConfig().fbank().kind == "librosa" and FbankConfig().kind == "kaldi"
+    with pytest.raises(ValueError, match="fbank.kind"):
+        compute_fbank(y, FbankConfig(kind="mfcc"))
+
+
 def test_context_vectors_are_consecutive_frames_in_order():
-    x = torch.arange(2 * 9 * 3, dtype=torch.float32).reshape(2, 9, 3)  # (B, T, F)
-    v = context_vectors(x, frames=5)
-    assert v.shape == (2, 5, 15)
-    assert torch.equal(v[1, 2], x[1, 2:7].reshape(-1))  # frame after frame, as file_to_vectors
-    assert np.array_equal(clip_vectors(x[1].numpy(), 5), v[1].numpy())
-    assert clip_vectors(x[0, :3].numpy(), 5).shape == (1, 15)  # a too-short clip is tiled
-    with pytest.raises(ValueError, match="fewer than"):
-        context_vectors(x[:, :4], frames=5)
+    x = np.arange(9 * 3, dtype=np.float32).reshape(9, 3)  # (T, F)
+    v = clip_vectors(x, 5)
+    assert v.shape == (5, 15)
+    assert np.array_equal(v[2], x[2:7].reshape(-1))  # frame after frame, as file_to_vectors
+    assert clip_vectors(x[:3], 5).shape == (1, 15)  # a too-short clip is tiled
+
+
+def test_training_is_the_published_one_epochs_over_every_vector_with_a_held_out_tenth():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((1, 8)).astype(np.float32) * 3
+    clips = [base + 0.3 * rng.standard_normal((40, 8)).astype(np.float32) for _ in range(10)]
+    cfg = AEConfig(n_mels=8, hidden=16, bottleneck=4, epochs=6, batch_size=32, seed=7, lr=1e-2)
+    net, info = train_type(clips, cfg)
+    vectors = 10 * (40 - 5 + 1)
+    assert info["validation_vectors"] == int(vectors * 0.1) and info["train_vectors"] == vectors - int(vectors * 0.1)
+    assert info["epochs"] == 6 and len(info["loss_history"]) == 6 and info["steps"] == 6 * -(-info["train_vectors"] // 32)
+    assert info["final_loss"] < 0.5 * info["first_loss"] and info["final_val_loss"] is not None
+    again, info2 = train_type(clips, cfg)  # the seed fixes the split, the order and the initial weights
+    assert info2["loss_history"] == info["loss_history"]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(ValueError, match="epochs"):
+        AEConfig(epochs=0)
 
 
 def test_network_is_the_published_architecture():
@@ -54,29 +110,6 @@ def test_network_is_the_published_architecture():
     assert net(torch.randn(7, 640)).shape == (7, 640)
     with pytest.raises(ValueError, match="maha_reduction"):
         AEConfig(maha_reduction="median")
-
-
-def test_each_type_gets_only_the_gradient_of_its_own_mse():
-    torch.manual_seed(0)
-    cfg = AEConfig(n_mels=8, hidden=16, bottleneck=4)
-    obj = AutoencoderObjective(cfg, ["a", "b"], {"a": 1.0, "b": -2.0})
-    bank = obj.build()
-    batch = {"fbank": torch.randn(5, 16, 8), "machine_type": ["a", "b", "a", "a", "b"]}
-    loss, _ = obj.step(bank, batch, 0)
-    loss.backward()
-    got = [p.grad.clone() for p in bank.nets["0"].parameters()]
-    bank.zero_grad()
-    alone = AutoencoderObjective(cfg, ["a"], {"a": 1.0})  # type a trained alone on its own clips
-    only_a = {"fbank": batch["fbank"][[0, 2, 3]], "machine_type": ["a"] * 3}
-    solo = AEBank(cfg, ["a"])
-    solo.load_state_dict({k: v for k, v in bank.state_dict().items() if k.startswith("nets.0.")})
-    alone.step(solo, only_a, 0)[0].backward()
-    for g, p in zip(got, solo.nets["0"].parameters()):
-        assert torch.allclose(g, p.grad, atol=1e-6)
-    with pytest.raises(ValueError, match="mel bins"):
-        obj.step(bank, {"fbank": torch.randn(2, 16, 9), "machine_type": ["a", "b"]}, 0)
-    with pytest.raises(ValueError, match="no autoencoder"):
-        obj.step(bank, {"fbank": torch.randn(1, 16, 8), "machine_type": ["c"]}, 0)
 
 
 def test_selective_mahalanobis_takes_the_nearer_domain():
@@ -97,7 +130,7 @@ def test_selective_mahalanobis_takes_the_nearer_domain():
         np.mean([r @ p_src @ r for r in rows]))
 
 
-# ----------------------------------------------------------------------------- on Ray Train
+# ----------------------------------------------------------------------------- on Ray
 
 
 @pytest.fixture(scope="module")
@@ -115,33 +148,31 @@ def ae_corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline(ae_corpus, ray_session, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ae_run"))
-    tcfg = default_train_config(steps=150, log_every=10, checkpoint_every=150)
-    res = run_baseline(ae_corpus, root, AEConfig(num_actors=1), tcfg, FeaturizeConfig(progress=False), plots=False)
+    res = run_baseline(ae_corpus, root, AEConfig(num_actors=1), FeaturizeConfig(progress=False), plots=False)  # 100 epochs
     return root, res
 
 
 def test_training_loss_falls_and_models_are_published(baseline):
     root, res = baseline
-    tr = res.train["training"]
-    losses = [loss for _, loss in tr["loss_history"]]
-    assert tr["steps"] == 150 and len(losses) == 15
-    assert losses[-1] < 0.5 * losses[0], losses
     models = storage.join(root, "models", "ae")
     assert res.train["models"] == models and storage.is_published(models)
-    assert storage.exists(storage.join(root, "checkpoints", "ae", "step-00000150"))
     config = storage.read_json(storage.join(models, "config.json"))
-    assert config["frontend"]["frame_length_ms"] == 64.0 and config["frontend"]["num_mel_bins"] == 128
+    assert config["frontend"]["kind"] == "librosa" and config["frontend"]["frame_length_ms"] == 64.0
+    assert config["frontend"]["num_mel_bins"] == 128 and config["ae"]["epochs"] == 100
     info = config["machine_types"]["fanlike"]
     assert (info["train_clips_source"], info["train_clips_target"]) == (12, 4)
-    assert info["target_covariance"] == "target" and info["bn_recalibration_vectors"] > 0
-    assert all(np.isfinite(v) for v in info["thresholds"].values())
-    # the front end is a second feature set: 64 ms / 32 ms frames, float32
+    vectors = 16 * (63 - 5 + 1)  # every context vector of the 16 training clips of 63 frames
+    assert info["train_vectors"] + info["validation_vectors"] == vectors and info["validation_vectors"] == vectors // 10
+    losses = [loss for _, loss, _ in info["loss_history"]]
+    assert len(losses) == 100 and losses[-1] < 0.5 * losses[0], losses
+    assert info["target_covariance"] == "target" and all(np.isfinite(v) for v in info["thresholds"].values())
+    # the front end is a second feature set: 64 ms / 32 ms centred frames, float32, in dB
     feats = read_features_table(layout.ae_root(root), columns=["fbank_frames", "num_mel_bins", "fbank_dtype"])
     assert set(feats.column("num_mel_bins").to_pylist()) == {128}
     assert set(feats.column("fbank_dtype").to_pylist()) == {"float32"}
-    assert set(feats.column("fbank_frames").to_pylist()) == {(32000 - 1024) // 512 + 1}
-    with pytest.raises(ValueError, match="other filterbank settings"):
-        featurize_frontend("unused", root, AEConfig(frame_shift_ms=16.0))
+    assert set(feats.column("fbank_frames").to_pylist()) == {1 + 32000 // 512}
+    with pytest.raises(ValueError, match="other front-end settings"):
+        featurize_frontend("unused", root, AEConfig(hop_length=256))
 
 
 def test_mahalanobis_covariances_are_per_domain(baseline):

@@ -1,7 +1,9 @@
 """The front ends: what a clip's waveform becomes before any model sees it.
 
 * :func:`compute_fbank` (:class:`FbankConfig`): the Kaldi-compatible log-mel filterbank that
-  BEATs/EAT-style encoders and the log-mel CNN read (torchaudio's ``kaldi.fbank``);
+  BEATs/EAT-style encoders and the log-mel CNN read (torchaudio's ``kaldi.fbank``), or, with
+  ``kind: librosa``, the power mel spectrogram in dB that the DCASE autoencoder baseline computes
+  with librosa (:func:`compute_mel_db`);
 * :func:`compute_modulation` (:class:`ModulationConfig`): the band-energy modulation spectrum
   the modulation CNN reads (16 log-spaced band envelopes at 2 ms, their spectra up to 250 Hz).
 
@@ -17,11 +19,15 @@ import numpy as np
 
 from asd import SAMPLE_RATE
 
+FBANK_KINDS = ("kaldi", "librosa")
+
 
 @dataclass
 class FbankConfig:
-    """Kaldi-compatible log-mel filterbank, the input BEATs/EAT-style encoders expect."""
+    """The log-mel front end: ``kaldi`` (Kaldi-compatible filterbank, the input BEATs/EAT-style
+    encoders expect) or ``librosa`` (the DCASE autoencoder baseline's mel spectrogram in dB)."""
 
+    kind: str = "kaldi"
     num_mel_bins: int = 128
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
@@ -69,7 +75,11 @@ class ModulationConfig:
 
 
 def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
-    """(frames, num_mel_bins) float32 log-mel filterbank of a mono waveform in [-1, 1]."""
+    """(frames, num_mel_bins) float32 log-mel frames of a mono waveform in [-1, 1], of ``cfg.kind``."""
+    if cfg.kind == "librosa":
+        return compute_mel_db(wave, cfg)
+    if cfg.kind != "kaldi":
+        raise ValueError(f"fbank.kind must be one of {FBANK_KINDS}, got {cfg.kind!r}")
     import torch
     import torchaudio.compliance.kaldi as kaldi
 
@@ -86,6 +96,28 @@ def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
         use_energy=False,
     )
     return fb.numpy()
+
+
+def compute_mel_db(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:
+    """(frames, num_mel_bins) float32 power mel spectrogram in dB, as the DCASE 2023-2025 autoencoder
+    baseline computes it with librosa 0.9: ``10 log10(max(mel, eps))`` of ``melspectrogram(y, sr,
+    n_fft, hop_length, n_mels, power=2)``, that is centred frames (the signal reflect-padded by
+    n_fft / 2 on both sides), a periodic Hann window, Slaney-scale mel filters with Slaney
+    (area) normalisation from 0 Hz to sr / 2. ``frame_length_ms`` and ``frame_shift_ms`` give
+    n_fft and the hop in samples (64 ms and 32 ms: 1024 and 512 at 16 kHz)."""
+    import torch
+    import torchaudio.functional as AF
+
+    n_fft = int(round(cfg.frame_length_ms * cfg.sample_rate / 1000))
+    hop = int(round(cfg.frame_shift_ms * cfg.sample_rate / 1000))
+    x = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    spec = torch.stft(x, n_fft=n_fft, hop_length=hop, window=torch.hann_window(n_fft, periodic=True), center=True,
+                      pad_mode="reflect", return_complex=True).abs().pow(2)  # (n_fft // 2 + 1, frames)
+    filters = AF.melscale_fbanks(n_freqs=n_fft // 2 + 1, f_min=0.0, f_max=cfg.sample_rate / 2,
+                                 n_mels=cfg.num_mel_bins, sample_rate=cfg.sample_rate, norm="slaney",
+                                 mel_scale="slaney")  # (n_freqs, n_mels)
+    mel = filters.T @ spec
+    return (10.0 * torch.log10(torch.clamp(mel, min=np.finfo(np.float64).eps))).T.numpy()
 
 
 def _overlap_weights(lo: np.ndarray, hi: np.ndarray, centres: np.ndarray, width: float) -> np.ndarray:

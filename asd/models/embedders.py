@@ -38,7 +38,14 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from asd.models.encoder import FBANK_MEAN, FBANK_STD, POOLS, AudioEncoder, normalize_fbank, pooled_dim
+from asd.models.encoder import (
+    FBANK_MEAN,
+    FBANK_STD,
+    POOLS,
+    AudioEncoder,
+    normalize_fbank,
+    pooled_dim,
+)
 from asd.models.registry import load_checkpoint
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
 
-from asd.baselines.autoencoder import AEConfig, default_train_config
+from asd.baselines.autoencoder import AEConfig
 from asd.io import layout, storage
 from asd.recipes.recipe import Recipe
 from asd.recipes.run import RecipeRun, Split, missing_files
@@ -38,15 +38,15 @@ from asd.stages.featurize import FeaturizeConfig
 from asd.stages.finetune import SingleClassError
 from asd.stages.score import SCORE_SCHEMA, ScoreConfig
 from asd.stores.features import KEY_COLUMNS, read_features_table
-from asd.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
 
 BASELINES = {"ae_mse": "DCASE autoencoder baseline, MSE score",
              "ae_mahalanobis": "DCASE autoencoder baseline, selective Mahalanobis score"}
 LOGMEL, AE = "logmel", "ae"  # the two front ends: the stored Kaldi features, the baseline's own
-PER_TYPE_FACTS = ("train_clips", "train_clips_source", "train_clips_target", "target_covariance", "thresholds",
-                  "offset_db")  # what the report keeps of each type the autoencoder trained
+PER_TYPE_FACTS = ("train_clips", "train_clips_source", "train_clips_target", "train_vectors", "validation_vectors",
+                  "steps", "first_loss", "final_loss", "final_val_loss", "loss_history", "seconds", "target_covariance",
+                  "thresholds")  # what the report keeps of each type the autoencoder trained
 
 
 @dataclass
@@ -60,7 +60,6 @@ class EvaluateConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     ae: AEConfig = field(default_factory=AEConfig)
-    ae_train: TrainConfig = field(default_factory=default_train_config)
     plots: bool = True  # per-method ROC and histogram plots
 
     def __post_init__(self):
@@ -167,12 +166,10 @@ def _baselines(root: str, cfg: EvaluateConfig, plan) -> dict[str, dict]:
 
     t0 = time.perf_counter()
     log.info("=== baseline: the DCASE autoencoder ===")
-    trained = train_autoencoders(layout.ae_root(root), root, cfg.ae, cfg.device.for_training(cfg.ae_train),
-                                 train_clips=sorted(plan.train_ids))
+    trained = train_autoencoders(layout.ae_root(root), root, cfg.ae, train_clips=sorted(plan.train_ids))
     scored = score_autoencoders(layout.ae_root(root), trained.models, sorted(plan.test_ids), cfg=cfg.ae)
-    info = {"models": trained.models, "maha_reduction": cfg.ae.maha_reduction,
-            "training": {k: v for k, v in trained.training.items() if k != "loss_history"},
-            "loss_history": trained.training.get("loss_history"),
+    info = {"models": trained.models, "maha_reduction": cfg.ae.maha_reduction, "epochs": cfg.ae.epochs,
+            "batch_size": cfg.ae.batch_size, "seconds": round(trained.seconds, 1),
             "per_type": {mt: {k: v for k, v in d.items() if k in PER_TYPE_FACTS} for mt, d in trained.per_type.items()}}
     out = {}
     for m in cfg.baselines:

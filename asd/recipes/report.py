@@ -189,15 +189,15 @@ def training_notes(per_method: dict) -> list[str]:
     notes = []
     ae = next((per_method[m]["info"] for m in ("ae_mse", "ae_mahalanobis") if m in per_method), None)
     if ae is not None:
-        tr = ae.get("training", {})
-        n_types = max(1, len(ae.get("per_type", {})))
-        notes.append(f"Autoencoder baseline: one model per machine type, trained together in one Ray Train run "
-                     f"of {tr.get('steps')} steps, each of {tr.get('batch_clips')} clips "
-                     f"({(tr.get('batch_clips') or 0) // n_types} per machine type) x 16-frame crops, 12 "
-                     "context vectors each (the official recipe: 100 epochs over every context vector); front "
-                     "end = Kaldi fbank at 64 ms / 32 ms, 128 bins, in dB; Mahalanobis reduction "
-                     f"`{ae.get('maha_reduction')}` (see asd/baselines/autoencoder/ for every difference "
-                     "from the official code).")
+        types = ae.get("per_type", {})
+        what = "; ".join(f"{mt}: {d.get('train_clips')} clips, {d.get('train_vectors')} context vectors, loss "
+                         f"{d.get('first_loss', float('nan')):.4g} -> {d.get('final_loss', float('nan')):.4g} (held out "
+                         f"{d.get('final_val_loss')})" for mt, d in sorted(types.items()))
+        notes.append(f"Autoencoder baseline as published: one model per machine type, {ae.get('epochs')} epochs over "
+                     f"every context vector of its training clips (10 % held out) in batches of {ae.get('batch_size')}, "
+                     "one Ray task per type; front end = librosa's mel spectrogram (n_fft 1024, hop 512, 128 bins, "
+                     f"dB); Mahalanobis reduction `{ae.get('maha_reduction')}` (asd/baselines/autoencoder/ lists every "
+                     f"difference from the official code). {what}.")
         fallback = [mt for mt, d in ae.get("per_type", {}).items() if d.get("target_covariance", "").startswith("source")]
         if fallback and "ae_mahalanobis" in per_method:
             notes.append(f"No target-domain training clips for {', '.join(fallback)}: the Mahalanobis target "

@@ -57,7 +57,13 @@ import numpy as np
 from scipy.stats import hmean as _scipy_hmean
 from sklearn.metrics import roc_auc_score
 
-from asd.data.dcase import TARGET, is_missing, normalize_domain, normalize_label, normalize_section
+from asd.data.dcase import (
+    TARGET,
+    is_missing,
+    normalize_domain,
+    normalize_label,
+    normalize_section,
+)
 from asd.io import storage
 
 logger = logging.getLogger(__name__)

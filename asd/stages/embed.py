@@ -30,7 +30,12 @@ from asd.models.embedders import (
 )
 from asd.resources import require as require_resources
 from asd.stores.embeddings import read_embeddings
-from asd.stores.features import KEY_COLUMNS, matrix_arrays, matrix_columns, read_features_ray
+from asd.stores.features import (
+    KEY_COLUMNS,
+    matrix_arrays,
+    matrix_columns,
+    read_features_ray,
+)
 
 log = logging.getLogger(__name__)
 

@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from asd.data import audio
 from asd.data.frontend import (
+    FBANK_KINDS,
     FbankConfig,
     ModulationConfig,
     compute_fbank,
@@ -93,6 +94,8 @@ class FeaturizeConfig:
 
     def config_hash(self) -> str:
         front = asdict(self.fbank)
+        if front["kind"] == "kaldi":  # the hash of roots made before the front end had a kind
+            del front["kind"]
         if self.modulation.enabled:  # without it, the hash of log-mel-only roots made before it existed
             front["modulation"] = asdict(self.modulation)
         return hashlib.sha256(json.dumps(front, sort_keys=True).encode()).hexdigest()[:12]
@@ -310,6 +313,8 @@ def featurize(
     cfg = cfg or FeaturizeConfig()
     if cfg.modulation.enabled:
         cfg.modulation.check(cfg.fbank.sample_rate)
+    if cfg.fbank.kind not in FBANK_KINDS:
+        raise ValueError(f"featurize.fbank.kind must be one of {FBANK_KINDS}, got {cfg.fbank.kind!r}")
     t0 = time.perf_counter()
     storage.check_reachable(input_uri)
     storage.check_reachable(output_root, must_exist=False)

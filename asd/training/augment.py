@@ -3,7 +3,6 @@ statistics exchange (StatEx). Mixup lives in the objective, which mixes the targ
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

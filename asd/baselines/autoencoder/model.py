@@ -1,44 +1,37 @@
-"""The DCASE autoencoder baseline's settings (:class:`AEConfig`), network (:class:`AENet`, one per
-machine type, :class:`AEBank` for all types in one run), training objective and a trained type
-(:class:`TypeModel`: network, offset, BatchNorm recalibration, Mahalanobis covariances). See
-:mod:`asd.baselines.autoencoder` for the recipe and every difference from the official code."""
+"""The DCASE autoencoder baseline's settings (:class:`AEConfig`), network (:class:`AENet`), its
+published training of one machine type (:func:`train_type`) and a trained type (:class:`TypeModel`:
+network, Mahalanobis covariances, thresholds). See :mod:`asd.baselines.autoencoder` for the recipe."""
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from asd.data.frontend import FbankConfig
-from asd.stores.features import (
-    matrix_arrays,
-    matrix_columns,
-)
-from asd.training.loop import ObjectiveBase, TrainConfig
+from asd.stores.features import matrix_arrays, matrix_columns
 
 log = logging.getLogger(__name__)
 
-DB_PER_NEPER = 10.0 / math.log(10.0)  # natural log of power -> decibels
 FEATURE_COLUMNS = matrix_columns("fbank")
 REDUCTIONS = ("mean_error", "mean_distance")
-
-# ----------------------------------------------------------------------------- config
 
 
 @dataclass
 class AEConfig:
-    """The baseline's front end, network, scores and their settings (see the module docstring)."""
+    """The baseline as published (``baseline.yaml`` of the DCASE 2023 baseline), and how it runs here."""
 
-    tag: str = "ae"  # models/<tag>/ and the Ray Train run checkpoints/<tag>
-    # front end (featurize stage settings of the second feature set)
+    tag: str = "ae"  # models/<tag>/
+    # front end: librosa's mel spectrogram in dB (FbankConfig kind "librosa")
     n_mels: int = 128
-    frame_length_ms: float = 64.0  # 1024 samples at 16 kHz -> 1024-point FFT
-    frame_shift_ms: float = 32.0  # hop 512
+    n_fft: int = 1024
+    hop_length: int = 512
     sample_rate: int = 16000
     frames: int = 5  # context: 5 frames -> 640 values
     vector_hop: int = 1  # context vectors at every frame
@@ -48,11 +41,13 @@ class AEConfig:
     bottleneck: int = 8
     bn_momentum: float = 0.01
     bn_eps: float = 1e-3
-    center: bool = True  # subtract the type's scalar training mean (dB)
-    batch_per_type: bool = True  # train.batch_size counts clips per machine type
-    recalibrate_bn: bool = True
-    recalibrate_vectors: int = 200_000  # random training vectors for the BN recalibration (at most)
-    recalibrate_batch: int = 4096
+    # training: every context vector of every training clip, this share held out, epochs x Adam
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    validation_split: float = 0.1
+    seed: int = 13711  # baseline.yaml's
+    train_cpus: float = 1.0  # per machine-type training task (its torch threads)
     # scores
     maha_reduction: str = "mean_error"  # mean_error (official computation) | mean_distance
     maha_ridge: float = 1e-6  # x mean variance, added to the covariance diagonal
@@ -65,6 +60,10 @@ class AEConfig:
     def __post_init__(self):
         if self.frames < 1 or self.vector_hop < 1 or self.layers < 1 or self.hidden < 1 or self.bottleneck < 1:
             raise ValueError("frames, vector_hop, layers, hidden and bottleneck must be >= 1")
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise ValueError("epochs must be >= 1, batch_size >= 2 and lr > 0")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
         if self.maha_reduction not in REDUCTIONS:
             raise ValueError(f"maha_reduction must be one of {REDUCTIONS}, got {self.maha_reduction!r}")
         if not 0.0 < self.threshold_q < 1.0:
@@ -78,22 +77,10 @@ class AEConfig:
 
     def fbank(self) -> FbankConfig:
         """The front end as the featurize stage's filterbank settings (stored as float32)."""
-        return FbankConfig(num_mel_bins=self.n_mels, frame_length_ms=self.frame_length_ms,
-                           frame_shift_ms=self.frame_shift_ms, sample_rate=self.sample_rate, dither=0.0,
-                           dtype="float32")
-
-
-def default_train_config(**overrides) -> TrainConfig:
-    """Ray Train settings for the baseline: Adam as published (lr 1e-3, no decay, constant rate, no
-    warm-up, no clipping), 22 clips x 16-frame crops (264 context vectors) per step, one worker
-    (the model is 0.2 M parameters: DDP would only add all-reduce time)."""
-    base = dict(steps=1000, batch_size=22, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=0,
-                schedule="constant", grad_clip=0.0, num_workers=1, cpus_per_worker=1.0, bf16=False,
-                crop_frames=16, checkpoint_every=500, num_to_keep=1, log_every=25, resume=False)
-    base.update(overrides)
-    return TrainConfig(**base)
-
-
+        return FbankConfig(kind="librosa", num_mel_bins=self.n_mels,
+                           frame_length_ms=1000.0 * self.n_fft / self.sample_rate,
+                           frame_shift_ms=1000.0 * self.hop_length / self.sample_rate, sample_rate=self.sample_rate,
+                           dither=0.0, dtype="float32")
 
 
 # ----------------------------------------------------------------------------- model
@@ -124,82 +111,86 @@ class AENet(nn.Module):
         return self.decoder(self.encoder(x.reshape(-1, self.input_dim)))
 
 
-def context_vectors(x: torch.Tensor, frames: int, hop: int = 1) -> torch.Tensor:
-    """``(B, T, F)`` frames -> ``(B, N, frames * F)`` context vectors (frame after frame, as the
-    official ``file_to_vectors``), ``N = (T - frames) // hop + 1``."""
-    if x.shape[1] < frames:
-        raise ValueError(f"{x.shape[1]} frames are fewer than the {frames} of one context vector")
-    win = x.unfold(1, frames, hop)  # (B, N, F, frames)
-    return win.permute(0, 1, 3, 2).reshape(x.shape[0], win.shape[1], frames * x.shape[2])
-
-
 def clip_vectors(fb: np.ndarray, frames: int, hop: int = 1) -> np.ndarray:
-    """Context vectors ``(N, frames * F)`` of one clip's ``(T, F)`` frames; a clip shorter than one
-    context is tiled (wrap-around), as the training crops are."""
+    """Context vectors ``(N, frames * F)`` of one clip's ``(T, F)`` frames, frame after frame as the
+    official ``file_to_vectors``; a clip shorter than one context is tiled (wrap-around)."""
     if fb.shape[0] < frames:
         fb = fb[np.arange(frames) % fb.shape[0]]
     win = np.lib.stride_tricks.sliding_window_view(fb, (frames, fb.shape[1]))[::hop, 0]  # (N, frames, F)
     return np.ascontiguousarray(win.reshape(win.shape[0], -1))
 
 
-class AEBank(nn.Module):
-    """One :class:`AENet` per machine type, side by side (``nets[str(i)]`` is ``types[i]``'s). A row
-    goes only through its own type's network, so the networks are independent models."""
-
-    def __init__(self, cfg: AEConfig, types: list[str]):
-        super().__init__()
-        self.types = list(types)
-        self.nets = nn.ModuleDict({str(i): AENet(cfg) for i in range(len(self.types))})
-
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Reconstructions of context vectors ``x`` (M, D) whose rows belong to types ``index`` (M,)."""
-        out = torch.empty_like(x)
-        for i in torch.unique(index).tolist():
-            rows = index == i
-            out[rows] = self.nets[str(i)](x[rows]).to(out.dtype)
-        return out
+# ----------------------------------------------------------------------------- training one type
 
 
-class AutoencoderObjective(ObjectiveBase):
-    """The baseline's training objective for :func:`asd.training.fit.fit`: every type's autoencoder on the
-    context vectors of its own clips' crops, loss = the sum over the types in the batch of each
-    type's mean squared error (so each network gets exactly the gradient of its own MSE, as if it
-    were trained alone). Crops arrive in dB (``norm``); the type's scalar ``offsets`` (dB) are
-    subtracted here. Picklable; no state besides the networks."""
+def train_type(arrays: list[np.ndarray], cfg: AEConfig) -> tuple[AENet, dict]:
+    """The published training of one machine type's autoencoder, in this process: every context
+    vector of every training clip; ``validation_split`` of them held out at random (their loss is
+    reported, never trained on, as the official code's ``train_test_split``); ``epochs`` shuffled
+    passes over the rest in batches of ``batch_size``; Adam at ``lr``; the mean squared error. A
+    batch is gathered from the clips' frames when it is used, so memory stays at the frames' size."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    clips = [np.asarray(a, np.float32) for a in arrays]
+    clips = [a[np.arange(cfg.frames) % a.shape[0]] if a.shape[0] < cfg.frames else a for a in clips]
+    if not clips:
+        raise ValueError("no training clips")
+    flat = np.ascontiguousarray(np.concatenate(clips))  # (every frame, n_mels)
+    first = np.cumsum([0] + [a.shape[0] for a in clips[:-1]])
+    starts = np.concatenate([o + np.arange(0, a.shape[0] - cfg.frames + 1, cfg.vector_hop)
+                             for o, a in zip(first, clips)])
+    order = rng.permutation(len(starts))
+    n_val = int(len(starts) * cfg.validation_split)
+    val, train = starts[order[:n_val]], starts[order[n_val:]]
+    if len(train) < 2:
+        raise ValueError(f"{len(train)} training context vector(s): too few to train")
+    window = np.arange(cfg.frames)
 
-    name = "dcase_ae"
-    columns: tuple[str, ...] = ("machine_type",)
-    find_unused_parameters = True  # a type missing from one worker's batch leaves its network unused
+    def vectors(idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(flat[idx[:, None] + window].reshape(len(idx), -1))
 
-    def __init__(self, cfg: AEConfig, types: list[str], offsets: dict[str, float] | None = None):
-        if not types:
-            raise ValueError("no machine types to train")
-        self.cfg = cfg
-        self.types = list(types)
-        self.offsets = {t: float((offsets or {}).get(t, 0.0)) for t in self.types}
+    net = AENet(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        perm = train[rng.permutation(len(train))]
+        total, seen = 0.0, 0
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two rows; the last one or none of the epoch is left out
+                continue
+            x = vectors(idx)
+            loss = F.mse_loss(net(x), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        history.append({"epoch": epoch, "loss": total / seen, "val_loss": _mean_loss(net, val, vectors, cfg)})
+        if epoch == 1 or epoch % 10 == 0 or epoch == cfg.epochs:
+            log.info("autoencoder epoch %d/%d: loss %.4g, held-out %s (%.0f s)", epoch, cfg.epochs,
+                     history[-1]["loss"], history[-1]["val_loss"], time.perf_counter() - t0)
+    net.eval()
+    info = {"epochs": cfg.epochs, "train_vectors": int(len(train)), "validation_vectors": int(len(val)),
+            "steps": int(cfg.epochs * -(-len(train) // cfg.batch_size)), "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"], "final_val_loss": history[-1]["val_loss"],
+            "loss_history": [[h["epoch"], round(h["loss"], 5), h["val_loss"]] for h in history],
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return net, info
 
-    def build(self) -> nn.Module:
-        return AEBank(self.cfg, self.types)
 
-    def step(self, model: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        fb = batch["fbank"]
-        if fb.shape[-1] != self.cfg.n_mels:
-            raise ValueError(f"features have {fb.shape[-1]} mel bins, the autoencoder expects {self.cfg.n_mels}")
-        unknown = sorted(set(batch["machine_type"]) - set(self.types))
-        if unknown:
-            raise ValueError(f"training rows of machine types {unknown} have no autoencoder (types {self.types})")
-        clip_type = [self.types.index(t) for t in batch["machine_type"]]
-        offset = torch.tensor([self.offsets[self.types[i]] for i in clip_type], dtype=fb.dtype, device=fb.device)
-        v = context_vectors(fb - offset[:, None, None], self.cfg.frames, self.cfg.vector_hop)  # (B, N, D)
-        index = torch.tensor(clip_type, device=fb.device).repeat_interleave(v.shape[1])
-        x = v.reshape(-1, self.cfg.input_dim)
-        err = (model(x, index).float() - x.float()).pow(2).mean(dim=1)  # per vector
-        present = torch.unique(index)
-        loss = sum(err[index == i].mean() for i in present.tolist())
-        return loss, {"types_in_batch": float(len(present))}
-
-    def describe(self) -> dict:
-        return {"objective": self.name, "ae": asdict(self.cfg), "types": self.types, "offsets": self.offsets}
+def _mean_loss(net: AENet, idx: np.ndarray, vectors, cfg: AEConfig) -> float | None:
+    if len(idx) == 0:
+        return None
+    net.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(idx), 4096):
+            x = vectors(idx[i:i + 4096])
+            total += float(F.mse_loss(net(x), x, reduction="sum")) / cfg.input_dim
+    return round(total / len(idx), 5)
 
 
 # ----------------------------------------------------------------------------- a trained type
@@ -207,24 +198,22 @@ class AutoencoderObjective(ObjectiveBase):
 
 @dataclass
 class TypeModel:
-    """One machine type's trained autoencoder with its normalisation, covariances and thresholds."""
+    """One machine type's trained autoencoder with its covariances and thresholds."""
 
     machine_type: str
     cfg: AEConfig
     net: AENet
-    norm: tuple[float, float]  # (mean, std) in crop_batch's form: (fbank - mean) / (2 * std)
     inv_cov_source: np.ndarray | None = None
     inv_cov_target: np.ndarray | None = None
     thresholds: dict = field(default_factory=dict)  # score name -> threshold
     info: dict = field(default_factory=dict)
 
     def errors(self, fb: np.ndarray) -> np.ndarray:
-        """Reconstruction error rows ``(N * frames, n_mels)`` (float64) of one clip's frames."""
+        """Reconstruction error rows ``(N * frames, n_mels)`` (float64) of one clip's frames (dB)."""
         if fb.shape[1] != self.cfg.n_mels:
             raise ValueError(f"{self.machine_type}: features have {fb.shape[1]} mel bins, model expects "
                              f"{self.cfg.n_mels}")
-        x = (np.asarray(fb, np.float32) - self.norm[0]) / (2.0 * self.norm[1])
-        v = torch.from_numpy(clip_vectors(x, self.cfg.frames, self.cfg.vector_hop))
+        v = torch.from_numpy(clip_vectors(np.asarray(fb, np.float32), self.cfg.frames, self.cfg.vector_hop))
         with torch.no_grad():
             recon = self.net(v)
         return (v - recon).double().numpy().reshape(-1, self.cfg.n_mels)
@@ -251,7 +240,7 @@ def mahalanobis_term(errors: np.ndarray, precision: np.ndarray, reduction: str =
     raise ValueError(f"unknown Mahalanobis reduction {reduction!r}; use one of {REDUCTIONS}")
 
 
-class _Moments:
+class Moments:
     """Streaming count, sum and outer-product sum of error rows (float64)."""
 
     def __init__(self, dim: int):
@@ -277,42 +266,10 @@ def inverse_covariance(cov: np.ndarray, ridge: float) -> np.ndarray:
     return np.linalg.inv(cov + lam * np.eye(cov.shape[0]))
 
 
-def _arrays(table: pa.Table) -> list[np.ndarray]:
+def feature_arrays(table: pa.Table) -> list[np.ndarray]:
+    """Each row's ``(T, n_mels)`` front-end frames."""
     return matrix_arrays(table, "fbank")
 
 
-def recalibrate_batchnorm(model: TypeModel, arrays: list[np.ndarray], seed: int = 0) -> int:
-    """Recompute every BatchNorm's running statistics as plain averages over random batches of
-    training context vectors (``cfg.recalibrate_batch`` each, at most ``cfg.recalibrate_vectors``
-    in all); returns the number of vectors used."""
-    cfg = model.cfg
-    norm = [(np.asarray(a, np.float32) - model.norm[0]) / (2.0 * model.norm[1]) for a in arrays]
-    norm = [a[np.arange(cfg.frames) % a.shape[0]] if a.shape[0] < cfg.frames else a for a in norm]
-    counts = np.array([(a.shape[0] - cfg.frames) // cfg.vector_hop + 1 for a in norm])
-    clip = np.repeat(np.arange(len(norm)), counts)
-    start = np.concatenate([np.arange(c) * cfg.vector_hop for c in counts])
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(clip))[: cfg.recalibrate_vectors]
-    size = min(cfg.recalibrate_batch, len(order))
-    n_batches = len(order) // size if size >= 2 else 0
-    if n_batches == 0:
-        return 0
-    bns = [m for m in model.net.modules() if isinstance(m, nn.BatchNorm1d)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.net.train()
-    with torch.no_grad():
-        for b in range(n_batches):
-            idx = order[b * size : (b + 1) * size]
-            x = np.stack([norm[c][s : s + cfg.frames].reshape(-1) for c, s in zip(clip[idx], start[idx])])
-            model.net(torch.from_numpy(x))
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    model.net.eval()
-    return n_batches * size
-
-
-__all__ = ["AEBank", "AEConfig", "AENet", "AutoencoderObjective", "TypeModel", "clip_vectors", "context_vectors",
-           "default_train_config", "inverse_covariance", "mahalanobis_term", "recalibrate_batchnorm"]
+__all__ = ["AEConfig", "AENet", "Moments", "TypeModel", "clip_vectors", "feature_arrays", "inverse_covariance",
+           "mahalanobis_term", "train_type"]

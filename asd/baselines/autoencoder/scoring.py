@@ -11,16 +11,18 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from asd.baselines.autoencoder.model import (
+    FEATURE_COLUMNS,
+    AEConfig,
+    AENet,
+    TypeModel,
+    feature_arrays,
+)
 from asd.io import storage
 from asd.stages.score import SCORE_SCHEMA
-from asd.stores.features import (
-    KEY_COLUMNS,
-    read_features_ray,
-)
+from asd.stores.features import KEY_COLUMNS, read_features_ray
 
 log = logging.getLogger(__name__)
-
-from asd.baselines.autoencoder.model import FEATURE_COLUMNS, AEConfig, AENet, TypeModel, _arrays
 
 
 def load_autoencoders(models_uri: str) -> dict[str, TypeModel]:
@@ -36,8 +38,8 @@ def load_autoencoders(models_uri: str) -> dict[str, TypeModel]:
         net.load_state_dict(state["state_dict"])
         net.eval()
         maha = np.load(io.BytesIO(storage.read_bytes(storage.join(models_uri, info["mahalanobis"]))))
-        out[mt] = TypeModel(mt, cfg, net, tuple(info["norm"]), maha["inv_cov_source"], maha["inv_cov_target"],
-                            dict(info["thresholds"]), info)
+        out[mt] = TypeModel(mt, cfg, net, maha["inv_cov_source"], maha["inv_cov_target"], dict(info["thresholds"]),
+                            info)
     return out
 
 
@@ -55,7 +57,7 @@ def score_rows(models: dict[str, TypeModel], batch: pa.Table) -> pa.Table:
     """Both scores of every feature row of ``batch`` (the work of one scoring batch)."""
     keys = batch.select(["clip_id", "machine_type", "section", "domain", "label"]).to_pylist()
     cols: dict[str, list] = {k: [] for k in _RAW_SCHEMA.names}
-    for row, fb in zip(keys, _arrays(batch)):
+    for row, fb in zip(keys, feature_arrays(batch)):
         mt = row["machine_type"]
         if mt not in models:
             raise KeyError(f"no trained autoencoder for machine type {mt!r} (clip {row['clip_id']}): "
