@@ -6,7 +6,8 @@
   ``AWS_ENDPOINT_URL``; a plain local ``pytest`` starts one in-process. The AWS
   variables are set before Ray starts, so Ray workers reach the same server.
 - ``small_corpus``: a generated DCASE-like corpus (session scoped).
-- ``real_data``: ``../shared/data/real`` when present, else the test is skipped.
+- ``real_data``: ``../shared/data/real`` (or ``ASD_REAL_DATA``) when present, else the test is skipped;
+  ``toycar_dev``: the built DCASE 2023 ToyCar development set in it, else skipped.
 """
 
 from __future__ import annotations
@@ -128,6 +129,18 @@ def real_data():
     if not REAL_DATA.is_dir():
         pytest.skip(f"real DCASE clips not found at {REAL_DATA} (set ASD_REAL_DATA)")
     return REAL_DATA
+
+
+@pytest.fixture
+def toycar_dev():
+    """The complete DCASE 2023 ToyCar development set, built from its kit (docs/results.md); the
+    test is skipped where it has not been built (CI)."""
+    folder = REAL_DATA / "dcase2023_toycar_dev"
+    wavs = list((folder / "ToyCar" / "train").glob("*.wav")) if folder.is_dir() else []
+    if len(wavs) < 998:
+        pytest.skip(f"the DCASE 2023 ToyCar development set is not built at {folder} ({len(wavs)} training WAVs; "
+                    "docs/results.md says how to build it, ASD_REAL_DATA where)")
+    return folder
 
 
 def _has_gpu() -> bool:
