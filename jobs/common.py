@@ -233,7 +233,7 @@ def recipe_from_config(node: DictConfig | dict):
         models[name] = Model(*stage_configs(m, FinetuneConfig), checkpoint=checkpoint)
     return Recipe(name=d["name"], title=d.get("title", ""), pretrain=pretrain, encoder=d.get("encoder"),
                   labels=labels, models=models, embed=[to_dataclass(EmbedEntry, e) for e in d.get("embed") or []],
-                  fusion=d.get("fusion", "score"))
+                  fusion=d.get("fusion", "score"), score=dict(d.get("score") or {}))
 
 
 def compose_recipes(cfg: DictConfig, names, overrides=None) -> dict:

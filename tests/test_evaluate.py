@@ -255,22 +255,23 @@ def read_train_ids(root):
 @pytest.mark.slow
 def test_cnn_recipes_train_from_scratch_on_their_labels_and_name_the_served_recipe(ray_session, small_corpus,
                                                                                    tmp_path):
-    """cnn_section / cnn_real_else_pseudo: labels of the training split only (none, or real attributes with
-    Ward pseudo labels of log-mel statistics for the type without them), a CNN trained from scratch on
-    them, kNN on its embeddings; report.json names the served recipe."""
+    """cnn_section / cnn_domain / cnn_real_else_pseudo: labels of the training split only (none, the
+    domain, or real attributes with Ward pseudo labels of log-mel statistics for the type without
+    them), a CNN trained from scratch on them, kNN on its embeddings; report.json names the served recipe."""
     from asd.models.cnn import CNNEncoder
     from asd.models.registry import load_checkpoint
     from jobs import evaluate as job
 
     root = str(tmp_path / "run")
     cfg = _compose("data=dir", f"data.input={small_corpus}", f"root={root}", "recipe=cnn_real_else_pseudo",
-                   "recipes=[cnn_section,cnn_real_else_pseudo]", "baselines=[]", recipe_overrides=TINY_CNN)
+                   "recipes=[cnn_section,cnn_domain,cnn_real_else_pseudo]", "baselines=[]", recipe_overrides=TINY_CNN)
     out = job.run(cfg)
     with open(out["report_json"]) as f:
         rep = json.load(f)
     assert rep["served_method"] == "cnn_real_else_pseudo"
     train_ids = set(read_train_ids(root))
-    for recipe, folder in (("cnn_section", "section"), ("cnn_real_else_pseudo", "logmel-real_else_pseudo")):
+    for recipe, folder in (("cnn_section", "section"), ("cnn_domain", "domain"),
+                           ("cnn_real_else_pseudo", "logmel-real_else_pseudo")):
         info = rep["methods"][recipe]["info"]
         assert info["models"]["cnn"]["steps"] == 4 and info["labels"]["labels"] == f"{root}/labels/{folder}"
         assert isinstance(load_checkpoint(info["models"]["cnn"]["encoders"][0]), CNNEncoder)
@@ -278,6 +279,8 @@ def test_cnn_recipes_train_from_scratch_on_their_labels_and_name_the_served_reci
         assert set(labels.column("clip_id").to_pylist()) == train_ids
     sections = storage.read_table(f"{root}/labels/section/labels.parquet")
     assert sections.column("label").null_count == sections.num_rows  # type and section only
+    domains = storage.read_table(f"{root}/labels/domain/labels.parquet").to_pylist()
+    assert all(r["label"] == r["domain"] for r in domains) and {r["label"] for r in domains} == {"source", "target"}
     mixed = storage.read_table(f"{root}/labels/logmel-real_else_pseudo/labels.parquet").to_pylist()
     gear = {r["label"] for r in mixed if r["machine_type"] == "gearlike"}  # the type without attributes
     fan = {r["label"] for r in mixed if r["machine_type"] == "fanlike"}

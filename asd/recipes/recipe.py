@@ -6,7 +6,8 @@ Reading a recipe top to bottom is reading the detector:
   (:mod:`asd.stages.pretrain`), or ``encoder``: an existing pre-trained encoder file used
   instead (one of ours, or a released BEATs checkpoint);
 * ``labels`` (needed when ``models`` is not empty): how the training clips are labelled for
-  classification: ``section`` (machine type and section only), ``real`` (the real attributes),
+  classification: ``section`` (machine type and section only), ``domain`` (type, section and
+  source or target: no attribute, for corpora of one section per type), ``real`` (the real attributes),
   ``pseudo`` (Ward clusters of ``clustered``: log-mel statistics or the pre-trained encoder's
   embeddings) or ``real_else_pseudo`` (real attributes where a type has them);
 * ``models``: the encoders trained on those labels (:mod:`asd.stages.finetune`), each a
@@ -17,7 +18,10 @@ Reading a recipe top to bottom is reading the detector:
   or several, fused (``fusion: score``: every member's own kNN distance, weighted and summed;
   ``embedding``: one kNN on the weighted concatenation). Each entry weighs ``weight`` (1 by
   default), split evenly over the members of an ensemble (:func:`members`), so each architecture
-  counts once whatever its ensemble size.
+  counts once whatever its ensemble size;
+* ``score``: the scoring rule the detector was chosen with (fields of
+  :class:`asd.stages.score.ScoreConfig`: ``k``, ``normalize``, ``condense_source``, thresholds),
+  over the job's scoring settings.
 
 Where the artefacts go is decided by the recipe too, so recipes that define the same thing share
 it: labels go to ``labels/<labels tag>`` (:meth:`Labels.tag_name`), models to ``models/<model
@@ -37,9 +41,10 @@ from asd.stages.pseudo_label import LABEL_SOURCES, PseudoLabelConfig
 from asd.training.loop import TrainConfig
 
 LOGMEL, PRETRAINED = "logmel", "pretrained"  # embedding sources that are not trained models
-LABELS = ("section", "real", "pseudo", "real_else_pseudo")
+LABELS = ("section", "domain", "real", "pseudo", "real_else_pseudo")
 CLUSTERED = (LOGMEL, PRETRAINED)
 FUSIONS = ("score", "embedding")
+SCORE_RULES = ("k", "condense_source", "normalize", "threshold_method", "threshold_q", "threshold_sample")
 # embedder parameters by source kind (an entry's ``params`` override them)
 ENCODER_PARAMS = {"layer": None, "device": "auto", "max_frames": 1024, "batch_size": 16}
 SOURCE_PARAMS = {
@@ -144,9 +149,13 @@ class Recipe:
     models: dict[str, Model] = field(default_factory=dict)
     embed: list[EmbedEntry] = field(default_factory=lambda: [EmbedEntry()])
     fusion: str = "score"
+    score: dict = field(default_factory=dict)  # its scoring rule over the job's ScoreConfig (SCORE_RULES)
 
     def __post_init__(self):
         where = f"recipe {self.name!r}"
+        unknown = sorted(set(self.score) - set(SCORE_RULES))
+        if unknown:
+            raise ValueError(f"{where}: score sets {unknown}; a recipe's scoring rule is one of {SCORE_RULES}")
         if not self.embed:
             raise ValueError(f"{where}: embed lists nothing to score")
         if self.fusion not in FUSIONS:
@@ -201,4 +210,4 @@ def embedder(members_: list[dict], fusion: str = "score") -> tuple[str, dict]:
 
 
 __all__ = ["CLUSTERED", "EmbedEntry", "LABELS", "LOGMEL", "Labels", "Model", "PRETRAINED", "Pretrain", "Recipe",
-           "SOURCE_PARAMS", "embedder", "members", "source_member"]
+           "SCORE_RULES", "SOURCE_PARAMS", "embedder", "members", "source_member"]

@@ -238,6 +238,7 @@ class RecipeRun:
         """kNN scores, DCASE CSVs, metrics and report of the recipe: ``scores/<recipe name>``."""
         embeddings = self.embedding(recipe)
         out = layout.scores_dir(self.root, recipe.name)
+        cfg = replace(self.score_cfg, **recipe.score)
 
         def make():
             if "score" not in self.stages:
@@ -245,10 +246,10 @@ class RecipeRun:
                 return None
             from asd.stages.score import score
 
-            return score(embeddings, out, self.score_cfg, title=f"{recipe.name}: {recipe.title or recipe.name}",
+            return score(embeddings, out, cfg, title=f"{recipe.name}: {recipe.title or recipe.name}",
                          train_ids=self.split.train_ids, test_ids=self.split.test_ids)
 
-        res = self._once("scores", recipe.name, embeddings, recipe.name, make)
+        res = self._once("scores", recipe.name, (embeddings, cfg), recipe.name, make)
         self._result(recipe).score = res
         return res
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 
 LABEL_SOURCES = ("pseudo", "real", "real_else_pseudo")
+ATTRIBUTE_SOURCES = ("section", "domain", "real")  # labels without clustering (attribute_labels)
 
 
 @dataclass
@@ -357,12 +358,13 @@ def pseudo_label(embeddings_uri: str, out_uri: str, cfg: PseudoLabelConfig | Non
 
 def attribute_labels(features_root: str, out_uri: str, source: str, clip_ids=None) -> str:
     """Labels without clustering, in the same folder layout: ``section`` (no attribute: the classes
-    are machine type and section) or ``real`` (each clip's real attributes, as stored with its
+    are machine type and section), ``domain`` (no attribute: the clip's domain, so a type of one
+    section still has two classes) or ``real`` (each clip's real attributes, as stored with its
     features). ``clip_ids``: the clips to label; None: the normal clips of the train folders."""
     from asd.stores.features import read_features_table
 
-    if source not in ("section", "real"):
-        raise ValueError(f"attribute labels are 'section' or 'real', got {source!r}")
+    if source not in ATTRIBUTE_SOURCES:
+        raise ValueError(f"attribute labels are one of {ATTRIBUTE_SOURCES}, got {source!r}")
     if clip_ids is None:
         rows_filter = (pc.field("split") == "train") & ((pc.field("label") == "normal") | pc.field("label").is_null())
     else:
@@ -375,7 +377,8 @@ def attribute_labels(features_root: str, out_uri: str, source: str, clip_ids=Non
     for r in keys.to_pylist():
         real = attribute_string(r["attributes"])
         rows.append({"clip_id": r["clip_id"], "machine_type": r["machine_type"], "section": r["section"],
-                     "domain": r["domain"], "label": real if source == "real" else None, "pseudo_label": None,
+                     "domain": r["domain"], "pseudo_label": None,
+                     "label": {"real": real, "domain": r["domain"], "section": None}[source],
                      "real_label": real})
     stage = storage.staging_dir(out_uri)
     storage.write_table(storage.join(stage, "labels.parquet"), pa.Table.from_pylist(rows))
