@@ -14,8 +14,11 @@ Parts (each runs the jobs in fresh processes, corpora and run roots under ``--wo
   seeds 0/1/2 -> ``results/seeds_realistic.{json,txt,png}``;
 * ``small``: both baselines and the served recipe on ``realistic_small`` (the main command's
   corpus), seeds 0/1/2 -> ``results/served_realistic_small.{json,txt,png}``;
-* ``real``: the real clips of ``../shared/data/real`` (skipped when absent) ->
-  ``results/served_roboticarm.*`` and ``results/served_dcase2023_samples.*``;
+* ``real``: the per-corpus table: the complete real DCASE 2023 ToyCar development set (built from
+  its kit into ``$ASD_REAL_DATA/dcase2023_toycar_dev``; skipped when absent), the real DCASE 2024
+  RoboticArm clips and the generated full ``realistic`` preset, the autoencoder, log-mel kNN and
+  the served recipe in one ``jobs.evaluate`` run per seed (``--seeds``) ->
+  ``results/real_corpora.{json,txt}``;
 * ``pipeline``: ``python -m jobs.pipeline`` with no arguments -> ``results/accuracy_pipeline.*``.
 
 Every part writes JSON plus a line of text; the summary goes to ``results/accuracy.{json,txt}``
@@ -79,14 +82,27 @@ def corpus(preset: str, seed: int, work: Path) -> str:
 
 
 def evaluate(input_uri: str, methods: list[str], root: Path, work: Path, name: str,
-             report_to: str | None = None) -> dict:
+             report_to: str | None = None, extra: list[str] = ()) -> dict:
     """One ``jobs.evaluate`` run; returns its report.json."""
     cmd = ["-m", "jobs.evaluate", f"input={input_uri}", f"root={root}", *evaluate_methods(methods),
-           f"name={name}", "ray.progress=false"]
+           f"name={name}", "ray.progress=false", *extra]
     if report_to:
         cmd.append(f"report_to={report_to}")
     final = _run(cmd, work, f"evaluate {name}")
     return json.loads(Path(final["report_json"]).read_text())
+
+
+def training_seed(seed: int) -> list[str]:
+    """``jobs.evaluate`` overrides that train every model of every recipe, and the autoencoder, with
+    another seed (0: the shipped seeds)."""
+    if seed == 0:
+        return []
+    from jobs.common import compose_config
+
+    served = compose_config("evaluate").recipe
+    keys = [f"models.{m}.train.seed={seed}" for m in served.models] + ([f"pretrain.train.seed={seed}"]
+                                                                       if served.pretrain else [])
+    return ["recipe_overrides=[" + ",".join(f"'{k}'" for k in keys) + "]", f"ae.seed={13711 + seed}"]
 
 
 def evaluate_methods(methods: list[str]) -> list[str]:
@@ -198,39 +214,61 @@ def part_small(work: Path) -> dict:
     return _seeds("realistic_small", [*BASELINES, SERVED], work, "served_realistic_small", "realistic_small")
 
 
-def _types_won(metrics: dict) -> list[int]:
-    """[types whose score is above 0.5, types with a score]: on a corpus of one normal and one
-    anomalous test clip per type every AUC is 0 or 1 and the official score (a harmonic mean) is 0
-    as soon as one type is lost, so the count is what such a corpus can say."""
-    scored = [v for v in (metrics.get("per_type") or {}).values() if v is not None]
-    return [sum(v > 0.5 for v in scored), len(scored)]
+REAL = ("toycar", "roboticarm", "realistic")  # the per-corpus table of part real
 
 
-def _real_line(d: dict) -> str:
-    """Official scores; where a corpus has at most two test clips per type (AUCs of 0 or 1 only), the
-    number of types on which each method ranks the anomaly above the normal clip instead."""
-    tiny = all(n <= 2 for n in d["test_clips"].values())
-    if tiny:
-        return "anomaly ranked above the normal clip on " + ", ".join(
-            f"{m} {w}/{n}" for m, (w, n) in d["types_won"].items()) + " types (1 normal + 1 anomaly per type)"
-    return ", ".join(f"{m} {_pct(v)}" for m, v in d["official_scores"].items())
+def _margin(scores: dict) -> float | None:
+    base = [scores[m] for m in BASELINES if scores.get(m) is not None]
+    return None if not base or scores.get(SERVED) is None else scores[SERVED] - max(base)
 
 
-def part_real(work: Path) -> dict:
+def _spread(values: list) -> dict:
+    v = sorted(x for x in values if x is not None)
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1]} if v else {"median": None}
+
+
+def part_real(work: Path, seeds=SEEDS) -> dict:
+    """The per-corpus table: the complete real DCASE 2023 ToyCar development set (when built), the
+    real DCASE 2024 RoboticArm clips and the generated full ``realistic`` preset, each with the
+    autoencoder baseline, log-mel kNN and the served recipe in one ``jobs.evaluate`` run per seed
+    (ToyCar, RoboticArm: training seeds on one split; realistic: corpus seeds); ``--seeds``."""
     real = Path(os.environ.get("ASD_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
-    out = {}
-    for sub, name in (("dcase2024_roboticarm", "served_roboticarm"), ("dcase2023_dev_samples", "served_dcase2023_samples")):
-        if not (real / sub).is_dir():
-            print(f"[accuracy] real: {real / sub} absent; skipped", file=sys.stderr, flush=True)
+    inputs = {"toycar": real / "dcase2023_toycar_dev", "roboticarm": real / "dcase2024_roboticarm"}
+    methods = [*AE, "logmel", SERVED]
+    out: dict = {"seeds": list(seeds), "methods": methods, "served": SERVED, "corpora": {}}
+    for name in REAL:
+        if name in inputs and not any(inputs[name].glob("*/train/*.wav")):
+            print(f"[accuracy] real: {inputs[name]} has no clips; {name} skipped", file=sys.stderr, flush=True)
             continue
-        rep = evaluate(str(real / sub), [*BASELINES, "cnn_section", SERVED], work / name, work, sub,
-                       report_to=str(RESULTS / name))
-        out[sub] = {"official_scores": rep["official_scores"], "not_run": rep.get("not_run", {}),
-                    "test_clips": {mt: c["test"] for mt, c in rep["split"]["counts"].items()},
-                    "types_won": {m: _types_won(d["metrics"]) for m, d in rep["methods"].items()
-                                  if d.get("metrics")}}
-    line = "real: " + "; ".join(f"{sub}: " + _real_line(d) for sub, d in out.items())
+        runs = []
+        for seed in seeds:
+            src = str(inputs[name]) if name in inputs else corpus("realistic", seed, work)
+            rep = evaluate(src, methods, work / f"real-{name}-s{seed}", work, f"{name}_seed{seed}",
+                           extra=training_seed(seed) if name in inputs else [])
+            per = {m: {"official": d["official_score"], **_domain_aucs(d["metrics"])} for m, d in rep["methods"].items()}
+            runs.append({"seed": seed, "official_scores": rep["official_scores"], "metrics": per,
+                         "margin": _margin(rep["official_scores"]), "seconds": rep["seconds"]})
+        out["corpora"][name] = {
+            "runs": runs, "margin": _spread([r["margin"] for r in runs]),
+            "median": {m: _spread([r["official_scores"].get(m) for r in runs])["median"] for m in methods}}
+    line = "real: " + "; ".join(
+        f"{name} " + ", ".join(f"{m} {_pct(c['median'][m])}" for m in methods)
+        + f" (served minus the better baseline, median of {len(c['runs'])}: "
+        + ("n/a" if c["margin"]["median"] is None else
+           f"{100 * c['margin']['median']:+.2f}, {100 * c['margin']['min']:+.2f}..{100 * c['margin']['max']:+.2f}") + ")"
+        for name, c in out["corpora"].items())
+    write_result("real_corpora", out, line)
     return {"line": line, **out}
+
+
+def _domain_aucs(m: dict | None) -> dict:
+    """AUC-source, AUC-target and pAUC (harmonic means over sections) of a metrics.json dict."""
+    if not m:
+        return {}
+    rows = m.get("sections") or []
+    from asd.reports.metrics import harmonic_mean
+
+    return {k: harmonic_mean([r[k] for r in rows if r.get(k) is not None]) for k in ("auc_source", "auc_target", "pauc")}
 
 
 def part_pipeline(work: Path) -> dict:
@@ -238,10 +276,10 @@ def part_pipeline(work: Path) -> dict:
     final = _run(["-m", "jobs.pipeline", f"root={work / 'pipeline'}", "ray.progress=false"], work, "pipeline")
     seconds = time.time() - t0
     scores = final["official_scores"]
-    line = (f"python -m jobs.pipeline ({seconds / 60:.1f} min): served {final['served']['embedding']} "
+    line = (f"python -m jobs.pipeline ({seconds / 60:.1f} min): served {final['served']['recipe']} "
             f"{_pct(final['official_score'])}; " + ", ".join(f"{n} {_pct(v)}" for n, v in scores.items()
-                                                          if n != final["served"]["embedding"]))
-    write_result("accuracy_pipeline", {"official_scores": scores, "served": final["served"]["embedding"],
+                                                          if n != final["served"]["recipe"]))
+    write_result("accuracy_pipeline", {"official_scores": scores, "served": final["served"]["recipe"],
                                        "seconds": round(seconds, 1)}, line)
     return {"line": line, "official_scores": scores, "seconds": seconds}
 
@@ -250,6 +288,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--work", default=None, help="corpora and run roots (default: a new temp folder)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                   help="part real: training seeds (ToyCar, RoboticArm) and corpus seeds (realistic); one seed "
+                        "takes about an hour on 2 cores, three about three hours")
     a = p.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="asd-accuracy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -257,7 +298,8 @@ def main() -> None:
     summary = RESULTS / "accuracy.json"  # parts not rerun now keep their last record (with its date)
     results = json.loads(summary.read_text()).get("parts", {}) if summary.exists() else {}
     for part in a.parts:  # the summary is rewritten after every part: a stopped run keeps what it finished
-        results[part] = {**globals()[f"part_{part}"](work), "date": time.strftime("%Y-%m-%d")}
+        kwargs = {"seeds": tuple(a.seeds)} if part == "real" else {}
+        results[part] = {**globals()[f"part_{part}"](work, **kwargs), "date": time.strftime("%Y-%m-%d")}
         print(f"[accuracy] {part}: {results[part]['line']}", file=sys.stderr, flush=True)
         results = {k: results[k] for k in PARTS if k in results}
         write_result("accuracy", {"served": SERVED, "parts": results, "work": str(work)},

@@ -88,11 +88,12 @@ def test_gpu_check_knows_the_peaks_of_the_devices_it_names():
     assert peak_flops("NVIDIA L40") is None and peak_flops("NVIDIA A10G") is None  # unknown: no MFU, not a guess
 
 
-def test_real_line_counts_won_types_where_a_corpus_has_one_clip_of_each_kind():
-    # two test clips per type: every AUC is 0 or 1 and one lost type makes the official score 0
-    metrics = {"per_type": {"fan": 1.0, "gearbox": 0.0, "slider": None, "valve": 1.0}}
-    assert accuracy._types_won(metrics) == [2, 3]
-    tiny = {"official_scores": {"m": 0.0}, "test_clips": {"fan": 2, "gearbox": 2}, "types_won": {"m": [2, 3]}}
-    assert accuracy._real_line(tiny) == "anomaly ranked above the normal clip on m 2/3 types (1 normal + 1 anomaly per type)"
-    real = {"official_scores": {"m": 0.5432}, "test_clips": {"fan": 57}, "types_won": {"m": [1, 1]}}
-    assert accuracy._real_line(real) == "m 54.32"
+def test_the_real_part_measures_the_margin_per_seed_and_trains_other_seeds():
+    scores = {"ae_mse": 0.54, "ae_mahalanobis": 0.50, "logmel": 0.53, accuracy.SERVED: 0.60}
+    assert accuracy._margin(scores) == pytest.approx(0.06)  # against the better of the three baselines
+    assert accuracy._margin({**scores, accuracy.SERVED: None}) is None
+    assert accuracy._spread([0.1, None, 0.3, 0.2]) == {"median": 0.2, "min": 0.1, "max": 0.3}
+    assert accuracy.training_seed(0) == []  # the shipped seeds
+    over = accuracy.training_seed(2)
+    assert over[-1] == "ae.seed=13713" and over[0].startswith("recipe_overrides=[")
+    assert "'models.cnn.train.seed=2'" in over[0] and "'models.mod.train.seed=2'" in over[0]
