@@ -143,7 +143,7 @@ def test_job_on_a_test_only_corpus_writes_the_report_with_every_method(ray_sessi
     root = str(tmp_path / "run")
     recipes = ["logmel", "pretrained", "finetuned_ssl", "cnn_section"]
     cfg = _compose("data=dir", f"data.input={corpus}", f"root={root}", f"report_to={tmp_path}/copy/evaluate_test",
-                   f"recipes=[{','.join(recipes)}]", "ae.train.steps=30", "ae.num_actors=1",
+                   f"recipes=[{','.join(recipes)}]", "ae.epochs=3", "ae.num_actors=1",
                    recipe_overrides=["pretrain.train.steps=2", f"models.finetune.checkpoint={encoder}"])
     out = job.run(cfg)
     methods = ["ae_mse", "ae_mahalanobis", "logmel", "pretrained", "finetuned_ssl"]
@@ -200,7 +200,7 @@ def test_job_on_real_roboticarm_clips(real_data, ray_session, tmp_path):
     from jobs import evaluate as job
 
     os.environ.setdefault("ASD_REAL_DATA", str(real_data))
-    cfg = _compose("data=roboticarm", f"root={tmp_path}/run", "recipes=[]", "ae.train.steps=20", "ae.num_actors=1")
+    cfg = _compose("data=roboticarm", f"root={tmp_path}/run", "recipes=[]", "ae.epochs=3", "ae.num_actors=1")
     assert cfg.data.input.endswith("dcase2024_roboticarm")
     out = job.run(cfg)
     with open(out["report_json"]) as f:

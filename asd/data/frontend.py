@@ -5,7 +5,9 @@
   ``kind: librosa``, the power mel spectrogram in dB that the DCASE autoencoder baseline computes
   with librosa (:func:`compute_mel_db`);
 * :func:`compute_modulation` (:class:`ModulationConfig`): the band-energy modulation spectrum
-  the modulation CNN reads (16 log-spaced band envelopes at 2 ms, their spectra up to 250 Hz).
+  the modulation CNN reads (16 log-spaced band envelopes at 2 ms, their spectra up to 250 Hz);
+* :func:`compute_spectrum` (:class:`SpectrumConfig`): the clip's long-term power spectrum at
+  about 4 Hz resolution (Welch), the input of the training-free ``spectrum`` kNN branch.
 
 Plain numpy/torch, no Ray and no storage: :mod:`asd.stages.featurize` runs them per clip inside Ray
 tasks, benchmarks and tests call them directly.
@@ -72,6 +74,45 @@ class ModulationConfig:
         if not 0 < self.max_hz <= sample_rate / self.hop / 2:
             raise ValueError(f"modulation: max_hz must be in (0, {sample_rate / self.hop / 2}] (half the envelope "
                              f"rate at hop {self.hop}), got {self.max_hz}")
+
+
+@dataclass
+class SpectrumConfig:
+    """The long-term power spectrum of a clip: Welch's average of the periodograms of ``n_fft``-sample
+    Hann segments overlapping by half, in natural log, from ``fmin_hz`` to the Nyquist frequency.
+
+    A log-mel frame smears a toy car's motor and gear harmonics into 128 bands; at 4 Hz a bin
+    (``n_fft`` 4096 at 16 kHz) the spectrum keeps each harmonic's frequency and level, which move
+    when a gear wears or a shaft runs out of true. Stored as a ``(bins, 1)`` matrix (columns
+    ``spec``, ``spec_bins``, ``spec_dtype``), 4 KiB a clip at the defaults, whatever its length.
+    """
+
+    enabled: bool = True
+    n_fft: int = 4096
+    fmin_hz: float = 0.0
+    dtype: str = "float16"
+
+    def check(self, sample_rate: int) -> None:
+        if self.n_fft < 16 or self.n_fft & (self.n_fft - 1):
+            raise ValueError(f"spectrum.n_fft must be a power of two >= 16, got {self.n_fft}")
+        if not 0 <= self.fmin_hz < sample_rate / 2:
+            raise ValueError(f"spectrum.fmin_hz must be in [0, {sample_rate / 2}), got {self.fmin_hz}")
+
+    def bins(self, sample_rate: int) -> int:
+        return self.n_fft // 2 + 1 - int(np.ceil(self.fmin_hz * self.n_fft / sample_rate))
+
+
+def compute_spectrum(wave: np.ndarray, sample_rate: int, cfg: SpectrumConfig) -> np.ndarray:
+    """(bins, 1) float32 log Welch power spectrum of a mono waveform (see :class:`SpectrumConfig`);
+    a clip shorter than ``n_fft`` is zero-padded to one segment."""
+    from scipy.signal import welch
+
+    x = np.asarray(wave, np.float64)
+    if x.shape[0] < cfg.n_fft:
+        x = np.pad(x, (0, cfg.n_fft - x.shape[0]))
+    _, power = welch(x, fs=sample_rate, window="hann", nperseg=cfg.n_fft, noverlap=cfg.n_fft // 2)
+    first = power.shape[0] - cfg.bins(sample_rate)
+    return np.log(power[first:] + 1e-12).astype(np.float32)[:, None]
 
 
 def compute_fbank(wave: np.ndarray, cfg: FbankConfig) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Embedders: what :func:`asd.stages.embed.embed` runs over the features, registered by name in
 :data:`EMBEDDERS`. An embedder maps lists of feature matrices, one list per name in its
-``inputs`` (``fbank``: log-mel ``(frames, bins)``; ``mod``: the modulation spectrum), to an
-``(n, d)`` float32 array.
+``inputs`` (``fbank``: log-mel ``(frames, bins)``; ``mod``: the modulation spectrum; ``spec``: the
+long-term power spectrum), to an ``(n, d)`` float32 array.
 
 ``logmel_stats``: per-bin mean and standard deviation over time (the log-mel baseline).
+
+``spectrum``: the long-term log power spectrum itself (training-free, like ``logmel_stats``).
 
 ``encoder``: an :class:`~asd.models.encoder.AudioEncoder` checkpoint (ours, e.g.
 ``<root>/models/pretrain/encoder.pt``, or a BEATs release file) -> pooled patch features of
@@ -81,6 +83,18 @@ class LogMelStats:
                 parts += [np.abs(d).mean(axis=0), d.std(axis=0)]
             out.append(np.concatenate(parts))
         return l2n(np.stack(out)) if out else np.zeros((0, 0), np.float32)
+
+
+class Spectrum:
+    """The clip's long-term log power spectrum (the featurize stage's ``spec``), L2-normalised: a
+    training-free branch whose cosine kNN compares where a machine's harmonics lie and how strong
+    they are, at about 4 Hz a bin."""
+
+    name = "spectrum"
+    inputs = ("spec",)
+
+    def __call__(self, features: list[np.ndarray]) -> np.ndarray:
+        return l2n(np.stack([f.reshape(-1) for f in features])) if features else np.zeros((0, 0), np.float32)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -244,9 +258,12 @@ class ConcatEmbedder:
         return l2n(np.concatenate([np.sqrt(w) * p for w, p in zip(self.weights, parts)], axis=1))
 
 
+# embedders that compute from the features alone (no model to load: no GPU, no actor pool sized for one)
+FEATURE_EMBEDDERS = ("logmel_stats", "spectrum")
+
 # name -> factory(**params); register() adds one of your own
 EMBEDDERS: dict[str, Callable[..., Embedder]] = {
-    "logmel_stats": LogMelStats, "encoder": EncoderEmbedder, "concat": ConcatEmbedder}
+    "logmel_stats": LogMelStats, "spectrum": Spectrum, "encoder": EncoderEmbedder, "concat": ConcatEmbedder}
 
 
 def register(name: str, factory: Callable[..., Embedder]) -> None:
@@ -282,6 +299,6 @@ def embedder_blocks(name: str, params: dict[str, Any] | None = None) -> list[dic
     return factory.blocks_for(**(params or {})) if hasattr(factory, "blocks_for") else None
 
 
-__all__ = ["EMBEDDERS", "ConcatEmbedder", "Embedder", "EncoderEmbedder", "LogMelStats", "embedder_blocks",
-           "embedder_inputs", "l2n", "make_embedder", "register", "resolve_device", "windows"]
+__all__ = ["FEATURE_EMBEDDERS", "EMBEDDERS", "ConcatEmbedder", "Embedder", "EncoderEmbedder", "LogMelStats", "embedder_blocks",
+           "Spectrum", "embedder_inputs", "l2n", "make_embedder", "register", "resolve_device", "windows"]
 

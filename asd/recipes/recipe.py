@@ -14,7 +14,7 @@ Reading a recipe top to bottom is reading the detector:
   fine-tuning config and its training config: a transformer fine-tuned from the recipe's
   pre-trained encoder, or a CNN trained from scratch (``model: cnn | mod``), one model or an
   ensemble trained in one run (``members``);
-* ``embed``: what is embedded and scored: one entry (``logmel``, ``pretrained`` or a model's name)
+* ``embed``: what is embedded and scored: one entry (``logmel``, ``spectrum``, ``pretrained`` or a model's name)
   or several, fused (``fusion: score``: every member's own kNN distance, weighted and summed;
   ``embedding``: one kNN on the weighted concatenation). Each entry weighs ``weight`` (1 by
   default), split evenly over the members of an ensemble (:func:`members`), so each architecture
@@ -40,7 +40,8 @@ from asd.stages.pretrain import PretrainConfig
 from asd.stages.pseudo_label import LABEL_SOURCES, PseudoLabelConfig
 from asd.training.loop import TrainConfig
 
-LOGMEL, PRETRAINED = "logmel", "pretrained"  # embedding sources that are not trained models
+LOGMEL, SPECTRUM, PRETRAINED = "logmel", "spectrum", "pretrained"  # embedding sources that are not trained models
+FIXED_SOURCES = (LOGMEL, SPECTRUM)  # computed from the features alone
 LABELS = ("section", "domain", "real", "pseudo", "real_else_pseudo")
 CLUSTERED = (LOGMEL, PRETRAINED)
 FUSIONS = ("score", "embedding")
@@ -49,6 +50,7 @@ SCORE_RULES = ("k", "condense_source", "normalize", "threshold_method", "thresho
 ENCODER_PARAMS = {"layer": None, "device": "auto", "max_frames": 1024, "batch_size": 16}
 SOURCE_PARAMS = {
     LOGMEL: {"deltas": False},
+    SPECTRUM: {},
     # per-frequency-band mean and std over time: 3-5 points above mean pooling for pre-trained encoders
     # (benchmarks/results/pretrain.json); 2 x 8 bands x width dims
     PRETRAINED: {**ENCODER_PARAMS, "pool": "freq_meanstd"},
@@ -127,7 +129,7 @@ class Model:
 
 @dataclass
 class EmbedEntry:
-    """One member of a recipe's embedding: ``source`` (``logmel``, ``pretrained`` or a model's
+    """One member of a recipe's embedding: ``source`` (``logmel``, ``spectrum``, ``pretrained`` or a model's
     name), the first ``members`` members of an ensemble (None: all), its ``weight`` and embedder
     ``params`` over the defaults of its kind (:data:`SOURCE_PARAMS`)."""
 
@@ -170,17 +172,18 @@ class Recipe:
         if needs_pretrained and self.pretrain is None and not self.encoder:
             raise ValueError(f"{where}: needs a pre-trained encoder (pretrain or encoder)")
         for e in self.embed:
-            if e.source not in (LOGMEL, PRETRAINED) and e.source not in self.models:
-                raise ValueError(f"{where}: embed source {e.source!r} is neither logmel, pretrained nor one of "
-                                 f"its models {sorted(self.models)}")
+            if e.source not in (*FIXED_SOURCES, PRETRAINED) and e.source not in self.models:
+                raise ValueError(f"{where}: embed source {e.source!r} is neither {', '.join(FIXED_SOURCES)}, "
+                                 f"pretrained nor one of its models {sorted(self.models)}")
             if e.weight <= 0 or (e.members is not None and e.members < 1):
                 raise ValueError(f"{where}: embed {e.source}: weight must be > 0 and members >= 1")
 
 
 def source_member(source: str, pretrained: str | None = None, params: dict | None = None, weight: float = 1.0) -> dict:
-    """The embedder member of ``logmel`` or ``pretrained`` (``pretrained``: the encoder file)."""
-    if source == LOGMEL:
-        return {"embedder": "logmel_stats", "params": {**SOURCE_PARAMS[LOGMEL], **(params or {})}, "weight": weight}
+    """The embedder member of ``logmel``, ``spectrum`` or ``pretrained`` (``pretrained``: the encoder file)."""
+    if source in FIXED_SOURCES:
+        name = {LOGMEL: "logmel_stats", SPECTRUM: "spectrum"}[source]
+        return {"embedder": name, "params": {**SOURCE_PARAMS[source], **(params or {})}, "weight": weight}
     return {"embedder": "encoder", "params": {**SOURCE_PARAMS[PRETRAINED], **(params or {}), "checkpoint": pretrained},
             "weight": weight}
 
@@ -191,7 +194,7 @@ def members(recipe: Recipe, encoders: dict[str, list[str]], pretrained: str | No
     evenly. ``pretrained``: the pre-trained encoder's file (for ``pretrained`` entries)."""
     out = []
     for e in recipe.embed:
-        if e.source in (LOGMEL, PRETRAINED):
+        if e.source in (*FIXED_SOURCES, PRETRAINED):
             out.append(source_member(e.source, pretrained, e.params, e.weight))
             continue
         files = encoders[e.source][: e.members] if e.members else encoders[e.source]
@@ -209,5 +212,5 @@ def embedder(members_: list[dict], fusion: str = "score") -> tuple[str, dict]:
     return "concat", {"members": members_, "fusion": fusion}
 
 
-__all__ = ["CLUSTERED", "EmbedEntry", "LABELS", "LOGMEL", "Labels", "Model", "PRETRAINED", "Pretrain", "Recipe",
-           "SCORE_RULES", "SOURCE_PARAMS", "embedder", "members", "source_member"]
+__all__ = ["CLUSTERED", "EmbedEntry", "FIXED_SOURCES", "LABELS", "LOGMEL", "Labels", "Model", "PRETRAINED", "Pretrain", "Recipe",
+           "SCORE_RULES", "SOURCE_PARAMS", "SPECTRUM", "embedder", "members", "source_member"]

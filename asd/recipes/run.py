@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from asd.io import layout, storage
+from asd.models.embedders import FEATURE_EMBEDDERS
 from asd.recipes import recipe as R
 from asd.resources import DeviceConfig
 from asd.stages.embed import EmbedConfig
@@ -222,7 +223,7 @@ class RecipeRun:
         """``embeddings/<tag>`` made with the embedder of ``members`` by ``step`` (once per run and tag)."""
         name, params = R.embedder(members, recipe.fusion)
         cfg = replace(self.embed_cfg, embedder=name, params=params)
-        cfg = self.device.for_embedding(cfg, runs_a_model=name != "logmel_stats")
+        cfg = self.device.for_embedding(cfg, runs_a_model=name not in FEATURE_EMBEDDERS)
         out = layout.embeddings_dir(self.root, tag)
 
         def make() -> str:

@@ -43,8 +43,10 @@ from asd.data.frontend import (
     FBANK_KINDS,
     FbankConfig,
     ModulationConfig,
+    SpectrumConfig,
     compute_fbank,
     compute_modulation,
+    compute_spectrum,
 )
 from asd.data.manifest import PROBLEM_SCHEMA, build_manifest
 from asd.io import layout, storage
@@ -72,6 +74,7 @@ WORKER_DIED = "worker_died"  # quarantine reason: the clip killed its worker pro
 class FeaturizeConfig:
     fbank: FbankConfig = field(default_factory=FbankConfig)
     modulation: ModulationConfig = field(default_factory=ModulationConfig)
+    spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
     min_duration_s: float = 0.5
     batch_size: int = 64  # clips per map_batches call (benchmarks/featurize.py measured 8-64)
     # clips per input block (one featurize task) at most; blocks shrink toward the end of a run,
@@ -98,6 +101,8 @@ class FeaturizeConfig:
             del front["kind"]
         if self.modulation.enabled:  # without it, the hash of log-mel-only roots made before it existed
             front["modulation"] = asdict(self.modulation)
+        if self.spectrum.enabled:  # likewise for roots made before the spectrum existed
+            front["spectrum"] = asdict(self.spectrum)
         return hashlib.sha256(json.dumps(front, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -170,8 +175,9 @@ def featurize_batch(
     keep: list[int] = []  # rows of ``batch`` that became features
     computed: dict[str, list] = {k: [] for k in ("sample_rate", "channels", "num_frames", "duration_s",
                                                  "content_sha256", "warnings", "fbank_frames", "fbank",
-                                                 "mod_bands", "mod_bins", "mod_dtype", "mod")}
-    mcfg = cfg.modulation
+                                                 "mod_bands", "mod_bins", "mod_dtype", "mod",
+                                                 "spec_bins", "spec_dtype", "spec")}
+    mcfg, scfg = cfg.modulation, cfg.spectrum
     sums, sumsqs = [], []
     bins = cfg.fbank.num_mel_bins
     paths, warns = (batch.column(c).to_pylist() for c in ("path", "warnings"))
@@ -216,6 +222,7 @@ def featurize_batch(
         fb = compute_fbank(dec.wave, cfg.fbank).astype(cfg.fbank.dtype)
         mod = (compute_modulation(dec.wave, cfg.fbank.sample_rate, mcfg).astype(mcfg.dtype)
                if mcfg.enabled else None)
+        spec = compute_spectrum(dec.wave, cfg.fbank.sample_rate, scfg).astype(scfg.dtype) if scfg.enabled else None
         seen = fb.astype(np.float32, copy=False)  # statistics of the values readers will see
         sums.append(seen.sum(axis=0, dtype=np.float64))
         sumsqs.append(np.square(seen).sum(axis=0, dtype=np.float64))
@@ -227,7 +234,10 @@ def featurize_batch(
                      ("mod_bands", None if mod is None else mod.shape[1]),
                      ("mod_bins", None if mod is None else mod.shape[0]),
                      ("mod_dtype", None if mod is None else mcfg.dtype),
-                     ("mod", None if mod is None else mod.tobytes())):
+                     ("mod", None if mod is None else mod.tobytes()),
+                     ("spec_bins", None if spec is None else spec.shape[0]),
+                     ("spec_dtype", None if spec is None else scfg.dtype),
+                     ("spec", None if spec is None else spec.tobytes())):
             computed[k].append(v)
     if mark is not None:
         storage.remove(mark)
@@ -292,7 +302,7 @@ def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig) -
         "rejected": dict(sorted(rejects.items())),
         "runs": [c["run_id"] for c in commits],
         "last_run": last,
-        "config": {**asdict(cfg.fbank), "modulation": asdict(cfg.modulation)},
+        "config": {**asdict(cfg.fbank), "modulation": asdict(cfg.modulation), "spectrum": asdict(cfg.spectrum)},
         "config_hash": cfg.config_hash(),
     }
 
@@ -313,6 +323,8 @@ def featurize(
     cfg = cfg or FeaturizeConfig()
     if cfg.modulation.enabled:
         cfg.modulation.check(cfg.fbank.sample_rate)
+    if cfg.spectrum.enabled:
+        cfg.spectrum.check(cfg.fbank.sample_rate)
     if cfg.fbank.kind not in FBANK_KINDS:
         raise ValueError(f"featurize.fbank.kind must be one of {FBANK_KINDS}, got {cfg.fbank.kind!r}")
     t0 = time.perf_counter()

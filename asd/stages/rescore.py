@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 from asd.io import commitlog, layout, storage
 from asd.io.layout import rescore_dir, rescore_partition_dir
 from asd.io.serving import current_model
+from asd.models.embedders import FEATURE_EMBEDDERS
 from asd.resources import DeviceConfig
 from asd.stages.embed import EmbedConfig, embed
 from asd.stages.featurize import FeaturizeConfig, featurize
@@ -125,7 +126,7 @@ def rescore(inbox: str, root: str, date: str | None = None, cfg: RescoreConfig |
     work = layout.rescore_work_dir(root, date)
     feat = featurize(inbox, work, cfg.featurize)
     ecfg = replace(cfg.embed, embedder=model["embedder"], params=model.get("params", {}))
-    emb = embed(work, model["tag"], cfg.device.for_embedding(ecfg, runs_a_model=ecfg.embedder != "logmel_stats"))
+    emb = embed(work, model["tag"], cfg.device.for_embedding(ecfg, runs_a_model=ecfg.embedder not in FEATURE_EMBEDDERS))
     night = read_embeddings(emb.embeddings)
     out = rescore_partition_dir(root, date)
     # What was scored and what this run adds are decided and published under one lease over the

@@ -47,6 +47,10 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("mod_bins", pa.int32()),
         pa.field("mod_dtype", pa.string()),
         pa.field("mod", pa.binary()),
+        # long-term power spectrum (SpectrumConfig): (spec_bins, 1) raw bytes; null when disabled
+        pa.field("spec_bins", pa.int32()),
+        pa.field("spec_dtype", pa.string()),
+        pa.field("spec", pa.binary()),
         pa.field("run_id", pa.string()),
     ]
 )
@@ -57,7 +61,7 @@ FEATURE_SCHEMA = pa.schema(
 # log-mel bytes, and min/max statistics of such values are useless. Left on, they cost about three
 # quarters of a feature file's write (benchmarks/featurize.py). Every other column keeps pyarrow's
 # defaults. Every writer of feature files uses these options.
-RAW_COLUMNS = ("fbank", "mod")
+RAW_COLUMNS = ("fbank", "mod", "spec")
 FEATURE_WRITE_OPTIONS = dict(
     use_dictionary=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
     write_statistics=[f.name for f in FEATURE_SCHEMA if f.name not in RAW_COLUMNS],
@@ -65,11 +69,14 @@ FEATURE_WRITE_OPTIONS = dict(
 )
 
 
-# The matrices a feature row stores: name -> (bytes, dtype, rows, columns) columns.
+# The matrices a feature row stores: name -> (bytes, dtype, rows, columns) columns; a number for
+# rows or columns is the same for every row (not stored).
 MATRICES = {
     "fbank": ("fbank", "fbank_dtype", "fbank_frames", "num_mel_bins"),  # log-mel: (frames, mel bins)
     "mod": ("mod", "mod_dtype", "mod_bins", "mod_bands"),  # modulation spectrum: (modulation bins, bands)
+    "spec": ("spec", "spec_dtype", "spec_bins", 1),  # long-term power spectrum: (frequency bins, 1)
 }
+DISABLED_BY = {"mod": "modulation.enabled=false", "spec": "spectrum.enabled=false"}  # how a matrix is left out
 
 
 # the columns that identify a clip and its role, in every store keyed by clip (features, embeddings)
@@ -79,7 +86,7 @@ KEY_COLUMNS = ["clip_id", "machine_type", "section", "domain", "split", "label",
 def matrix_columns(name: str = "fbank") -> list[str]:
     """The feature columns that hold matrix ``name`` (one of :data:`MATRICES`)."""
     try:
-        return list(MATRICES[name])
+        return [c for c in MATRICES[name] if isinstance(c, str)]
     except KeyError:
         raise ValueError(f"unknown feature matrix {name!r}; known: {sorted(MATRICES)}") from None
 
@@ -90,9 +97,10 @@ def matrix_array(row: dict, name: str = "fbank", as_stored: bool = False) -> np.
     data, dtype, rows, cols = MATRICES[name]
     if row.get(data) is None:
         raise ValueError(f"clip {row.get('clip_id', '?')!r} has no {name!r} features (featurized with "
-                         f"{'modulation.enabled=false' if name == 'mod' else 'another front end'}); featurize the "
+                         f"{DISABLED_BY.get(name, 'another front end')}, or before it existed); featurize the "
                          "corpus into a fresh root with it enabled")
-    arr = np.frombuffer(row[data], dtype=np.dtype(row[dtype])).reshape(int(row[rows]), int(row[cols]))
+    shape = tuple(int(row[n]) if isinstance(n, str) else n for n in (rows, cols))
+    arr = np.frombuffer(row[data], dtype=np.dtype(row[dtype])).reshape(shape)
     return arr if as_stored else arr.astype(np.float32)
 
 

@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from asd.io import layout, storage
 from asd.resources import require as require_resources
-from asd.stores.features import matrix_columns, read_features_ray, read_features_table
+from asd.stores.features import MATRICES, matrix_columns, read_features_ray, read_features_table
 from asd.training.batches import FeatureBatches, fbank_norm, table_batches
 from asd.training.checkpoints import (
     META_FILE,
@@ -249,12 +249,13 @@ def _training_dataset(features_root: str, cfg: TrainConfig, columns: Iterable[st
 
 def _shard_megabytes(features_root: str, cfg: TrainConfig, matrix: str = "fbank") -> float:
     """Estimated in-memory size (MiB) of one worker's share of the training rows."""
-    _, dtype, n_rows, n_cols = matrix_columns(matrix)
-    t = read_features_table(features_root, columns=["split", n_rows, n_cols, dtype])
+    _, dtype, n_rows, n_cols = MATRICES[matrix]
+    t = read_features_table(features_root, columns=["split", dtype] + [n for n in (n_rows, n_cols) if isinstance(n, str)])
     total = 0
     for r in t.to_pylist():
         if r["split"] in cfg.splits and r[dtype] is not None:
-            total += int(r[n_rows]) * int(r[n_cols]) * np.dtype(r[dtype]).itemsize
+            size = np.prod([int(r[n]) if isinstance(n, str) else n for n in (n_rows, n_cols)])
+            total += int(size) * np.dtype(r[dtype]).itemsize
     return total / cfg.num_workers / 2**20
 
 
