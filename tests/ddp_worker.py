@@ -92,6 +92,9 @@ def main(names: list[str]) -> None:
             dist.barrier()
         if rank == 0:
             print(json.dumps(out), flush=True)
+    # Both ranks leave together: a rank that tears gloo down while its peer still holds the
+    # connection aborts the peer ("terminate called without an active exception", exit -6).
+    dist.barrier()
     dist.destroy_process_group()
 
 
