@@ -50,6 +50,10 @@ SCORE_SCHEMA = pa.schema(
         ("score_target", pa.float32()),
         ("threshold", pa.float32()),
         ("decision", pa.int8()),
+        # the training clip the score came from (the nearest normal clip, asd.algorithms.knn's
+        # score_nearest); null where there is none: a condensed source bank's centroid, or a
+        # scorer without neighbours (the autoencoder)
+        ("neighbour_clip_id", pa.string()),
     ]
 )
 
@@ -95,6 +99,7 @@ def build_banks(train: pa.Table, cfg: ScoreConfig,
     banks: dict[Group, knn.MemoryBank] = {}
     thresholds: dict[Group, float] = {}
     vec = vectors(train)
+    ids = train.column("clip_id").to_pylist()
     mt = train.column("machine_type").to_pylist()
     sec = train.column("section").to_pylist()
     dom = train.column("domain").to_pylist()
@@ -102,12 +107,13 @@ def build_banks(train: pa.Table, cfg: ScoreConfig,
     for i, key in enumerate(zip(mt, sec)):
         groups.setdefault(key, []).append(i)
     for key, idx in sorted(groups.items()):
-        e, d = vec[idx], [dom[i] for i in idx]
+        e, d, names = vec[idx], [dom[i] for i in idx], [ids[i] for i in idx]
         if blocks:
             bank = knn.FusedBank.build(e, d, blocks, condense_source=cfg.condense_source, normalize=cfg.normalize,
-                                       k=cfg.k)
+                                       k=cfg.k, ids=names)
         else:
-            bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source, normalize=cfg.normalize, k=cfg.k)
+            bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source, normalize=cfg.normalize, k=cfg.k,
+                                        ids=names)
         banks[key] = bank
         train_scores = bank.train_scores(e, d, k=cfg.k, sample=cfg.threshold_sample)
         finite = train_scores[np.isfinite(train_scores)]
@@ -168,11 +174,14 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int, device: 
     score = np.full(n, np.inf, np.float32)
     s_src = np.full(n, np.inf, np.float32)
     s_tgt = np.full(n, np.inf, np.float32)
+    neighbour: list = [None] * n
     for key in sorted(set(keys)):
         if key not in banks:
             raise KeyError(f"no training clips for machine type {key[0]!r} section {key[1]!r}: cannot score it")
         idx = np.array([i for i, kk in enumerate(keys) if kk == key])
-        score[idx], s_src[idx], s_tgt[idx] = banks[key].score_parts(vec[idx], k=k, device=device)
+        score[idx], s_src[idx], s_tgt[idx], names = banks[key].score_nearest(vec[idx], k=k, device=device)
+        for i, name in zip(idx, names):
+            neighbour[i] = name
     thr = np.array([thresholds.get(kk, np.inf) for kk in keys], np.float32)
     return pa.table(
         {
@@ -186,6 +195,7 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int, device: 
             "score_target": pa.array(s_tgt, pa.float32()),
             "threshold": pa.array(thr, pa.float32()),
             "decision": pa.array((score > thr).astype(np.int8), pa.int8()),
+            "neighbour_clip_id": pa.array(neighbour, pa.string()),
         },
         schema=SCORE_SCHEMA,
     )
