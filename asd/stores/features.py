@@ -247,12 +247,14 @@ def duration_medians(root: str) -> dict[str, float]:
     return {mt: float(np.median(v)) for mt, v in sorted(out.items())}
 
 
-def fault_counts(table: pa.Table) -> dict[str, int]:
-    """Clips per sensor fault of a feature (or scores) table with a ``faults`` column, and under
-    ``"clips"`` the clips with any fault."""
+def fault_counts(table) -> dict[str, int]:
+    """Clips per sensor fault of a feature (or scores) table with a ``faults`` column (or of a list
+    of such values), and under ``"clips"`` the clips with any fault."""
+    if isinstance(table, pa.Table):
+        table = table.column("faults").to_pylist() if "faults" in table.column_names else []
     out: dict[str, int] = {}
     faulty = 0
-    for faults in (table.column("faults").to_pylist() if "faults" in table.column_names else []):
+    for faults in table:
         if faults:
             faulty += 1
             for f in faults:
