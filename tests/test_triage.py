@@ -85,7 +85,7 @@ def test_the_nights_page_ranks_anomalies_and_lists_sensor_faults_apart(triage_ni
     for src in page.images:
         data = (folder / src).read_bytes()
         assert data[:8] == PNG_SIGNATURE
-        assert_drawn_png(data, min_side=150)
+        assert_drawn_png(data, min_side=100)
     for href in page.links + page.images + [s for _, s in page.audio]:
         assert _is_relative(href) and (folder / href).resolve().exists(), href
     assert {"../scores.parquet", "../summary.json"} <= set(page.links) and page.scripts == 0

@@ -42,7 +42,8 @@ class PageConfig:
     top: int = 10  # anomalies shown with spectrograms and players (each copies 2 clips: it and its normal clip)
     listed: int = 200  # further anomalies listed as text (all of them are in the CSVs)
     faults_listed: int = 500  # sensor-fault clips listed (all of them are in scores.parquet)
-    audio_max_s: float = 10.0  # copied clips are cut to their first seconds beyond this (the page says so)
+    audio_max_s: float = 5.0  # copied clips are cut to their first 5 s (the page says so): 10 A/B pairs of
+    # 10-s DCASE clips are 3.2 MB of WAV at 16 kHz, 6.4 MB uncut
     trend_nights: int = 14  # nights of the anomaly-rate chart (nightly rescoring)
 
 
@@ -123,8 +124,7 @@ def write_page(folder: str, page: TriagePage, cfg: PageConfig | None = None, sam
     for rank, row in enumerate(page.anomalies[: cfg.top], start=1):
         item = {"row": row, "rank": rank}
         if row.fbank is not None:
-            item["img"] = put(f"img/spec-{rank:02d}.png", media.spectrogram_png(row.fbank, row.neighbour_fbank,
-                                                                                 _neighbour_text(row)))
+            item["img"] = put(f"img/spec-{rank:02d}.png", media.spectrogram_png(row.fbank, row.neighbour_fbank))
         for side, uri, name in (("clip", row.audio_uri, row.clip_id), ("normal", row.neighbour_audio_uri,
                                                                         row.neighbour_clip_id)):
             if side == "normal" and name is None:
@@ -173,8 +173,9 @@ h1{font-size:22px;margin:0}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px
 table{border-collapse:collapse;width:100%;margin:6px 0}th,td{border-bottom:1px solid #e4e4e4;padding:4px 6px;
 text-align:left;vertical-align:top}th{background:#f6f6f6;font-weight:600}td.num,th.num{text-align:right;
 font-variant-numeric:tabular-nums}.clip{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;
-word-break:break-all}.dec1{color:#b3261e;font-weight:600}.fault{color:#9a6700;font-weight:600}
-.media img{display:block;max-width:100%;height:auto;margin:4px 0}.ab{display:flex;gap:16px;flex-wrap:wrap}
+overflow-wrap:anywhere}.ab .clip{display:block;color:#444;margin:2px 0}.dec1{color:#b3261e;font-weight:600}.fault{color:#9a6700;font-weight:600}
+.media img{display:block;max-width:100%;height:auto;margin:2px 0}
+.spec{max-width:730px}.spec .cap{display:flex;font-size:12px;color:#444}.spec .cap span{flex:1}.ab{display:flex;gap:16px;flex-wrap:wrap}
 .ab div{flex:1;min-width:260px}.ab audio{width:100%}.note{color:#666;font-style:italic}
 footer{color:#666;font-size:12px;margin-top:30px;border-top:1px solid #ddd;padding-top:8px}
 """
@@ -235,8 +236,21 @@ def _player(item: dict, side: str, label: str) -> str:
     r = item["row"]
     clip = r.clip_id if side == "clip" else r.neighbour_clip_id
     cut = f' <span class="note">(its first {got[3]:g} s)</span>' if got[2] else ""
-    return (f'<div><b>{_e(label)}</b>{cut}<audio controls preload="none" data-side="{side}" data-clip="{_e(clip)}" '
+    return (f'<div><b>{_e(label)}</b>{cut}<span class="clip">{_e(clip)}</span>'
+            f'<audio controls preload="metadata" data-side="{side}" data-clip="{_e(clip)}" '
             f'src="{_e(got[1])}"><a href="{_e(got[1])}">{_e(got[1])}</a></audio></div>')
+
+
+def _spectrogram(item: dict) -> str:
+    r = item["row"]
+    if not item.get("img"):
+        return '<p class="note">No log-mel features were found for this clip.</p>'
+    seconds = r.fbank.shape[0] * 0.01  # 10 ms frames
+    right = "nearest normal clip" if r.neighbour_fbank is not None else f"nearest normal clip: {_neighbour_text(r)}"
+    return (f'<div class="spec"><div class="cap"><span>this clip</span><span>{_e(right)}</span></div>'
+            f'<img src="{_e(item["img"])}" alt="log-mel spectrogram of {_e(r.clip_id)} beside its nearest normal clip" '
+            f'width="730" height="{r.fbank.shape[1]}"><div class="cap note"><span>log-mel, {r.fbank.shape[1]} bins '
+            f"(low frequencies at the bottom), {seconds:g} s left to right, one colour scale</span></div></div>")
 
 
 def _anomalies(page: TriagePage, shown: list[dict], cfg: PageConfig) -> str:
@@ -255,11 +269,9 @@ def _anomalies(page: TriagePage, shown: list[dict], cfg: PageConfig) -> str:
             f'<td class="num">{_num(r.score)}</td><td class="num">{_num(r.threshold)}</td>'
             f'<td class="num">{_num(r.ratio, "{:.2f}")}×</td><td>{_decision(r.decision)}</td>'
             + (f"<td>{_e(r.label or '')}</td>" if truth else "") + "</tr>")
-        media = f'<img src="{_e(item["img"])}" alt="log-mel spectrogram of {_e(r.clip_id)} and its nearest normal clip" ' \
-                f'width="720" height="190">' if item.get("img") else ""
-        neighbour = f"nearest normal clip {r.neighbour_clip_id}" if r.neighbour_clip_id else "nearest normal clip"
+        media = _spectrogram(item)
         out.append(f'<tr class="media"><td></td><td colspan="{6 + truth}" class="media">{media}<div class="ab">'
-                   f'{_player(item, "clip", "this clip")}{_player(item, "normal", neighbour)}</div></td></tr>')
+                   f'{_player(item, "clip", "this clip")}{_player(item, "normal", "nearest normal clip")}</div></td></tr>')
     more = page.anomalies[len(shown): len(shown) + cfg.listed]
     for rank, r in enumerate(more, start=len(shown) + 1):
         out.append(
@@ -313,7 +325,7 @@ def _trend(page: TriagePage, img: str | None) -> str:
         cells = []
         for mt in types:
             c = t["types"][mt][i]
-            cells.append("<td></td>" if c is None else
+            cells.append('<td class="num">–</td>' if c is None else
                          f'<td class="num">{c[1]} / {c[0]}' + (f' <span class="fault">+{c[2]} sensor</span>' if c[2]
                                                                else "") + "</td>")
         rows.append(f"<tr><td>{_e(night)}</td>{''.join(cells)}</tr>")
