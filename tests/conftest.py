@@ -6,6 +6,8 @@
   ``AWS_ENDPOINT_URL``; a plain local ``pytest`` starts one in-process. The AWS
   variables are set before Ray starts, so Ray workers reach the same server.
 - ``small_corpus``: a generated DCASE-like corpus (session scoped).
+- ``triage_served``, ``triage_night``: a served log-mel root and a rescored night with anomalies and
+  sensor faults, for the triage pages' tests (``tests/triage_fixtures.py``).
 - ``real_data``: ``../shared/data/real`` (or ``ASD_REAL_DATA``) when present, else the test is skipped;
   ``toycar_dev``: the built DCASE 2023 ToyCar development set in it, else skipped.
 """
@@ -38,6 +40,8 @@ ray_data_defaults(cpus=2)  # the test session's Ray has 2 logical CPUs (ray_sess
 from jobs import schema  # noqa: E402
 
 schema.register()  # tests compose every job's config directly (as each job module does for its own)
+
+from tests.triage_fixtures import triage_night, triage_served  # noqa: E402, F401  (the triage pages' fixtures)
 
 
 def _free_port() -> int:

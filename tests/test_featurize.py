@@ -35,6 +35,7 @@ def test_features_match_a_direct_computation(ray_session, small_corpus, tmp_path
     assert res.n_quarantined == 0 and res.n_featurized == res.n_listed > 0
     t = read_features_table(str(tmp_path))
     assert t.num_rows == res.n_featurized
+    assert t.column("faults").to_pylist() == [[]] * t.num_rows  # the sensor checks flag no generated clip
     assert set(t.column("machine_type").to_pylist()) == {m.name for m in default_spec().machine_types}
     # one clip recomputed by hand: soundfile decode + Kaldi fbank
     import soundfile as sf

@@ -395,3 +395,52 @@ def test_fused_bank_sums_each_members_own_nearest_neighbour_distance():
         FusedBank.build(emb, domains, [{"dim": 8, "weight": 1.0}])
     with pytest.raises(ValueError, match="dimension"):
         fused.score_parts(qa)
+
+
+# ------------------------------------------------------- which training clip gave the score
+@pytest.mark.parametrize(("k", "device"), [(1, "cpu"), (3, "cpu"), (1, "cpu:0"), (3, "cpu:0")])
+def test_score_nearest_names_the_nearest_clip_of_the_winning_bank(k, device):
+    rng = np.random.default_rng(11)
+    emb = rng.normal(size=(40, 6)).astype(np.float32)
+    domains = ["source"] * 30 + ["target"] * 10
+    ids = [f"clip{i:02d}" for i in range(40)]
+    bank = MemoryBank.build(emb, domains, ids=ids)
+    q = rng.normal(size=(25, 6)).astype(np.float32)
+    score, src, tgt, names = bank.score_nearest(q, k=k, device=device)
+    np.testing.assert_array_equal(score, bank.score_parts(q, k=k, device=device)[0])  # the same scores as before
+    np.testing.assert_allclose(src, bank.score_by_bank(q, k=k)["source"], rtol=1e-5)
+    d = 1.0 - l2_normalize(q).astype(np.float64) @ l2_normalize(emb).astype(np.float64).T
+    for i in range(len(q)):
+        pool = range(30) if src[i] <= tgt[i] else range(30, 40)  # the bank that gave the minimum
+        assert names[i] == ids[min(pool, key=lambda j: d[i, j])]
+    assert {n[:4] for n in names} == {"clip"} and len({int(n[4:]) >= 30 for n in names}) == 2  # both banks win
+    # without ids: positions of the training rows
+    assert MemoryBank.build(emb, domains).score_nearest(q)[3] == [ids.index(n) for n in bank.score_nearest(q)[3]]
+
+
+def test_a_condensed_source_bank_names_no_clip():
+    rng = np.random.default_rng(12)
+    emb = rng.normal(size=(40, 6)).astype(np.float32)
+    domains = ["source"] * 30 + ["target"] * 10
+    bank = MemoryBank.build(emb, domains, condense_source=4, ids=[f"c{i}" for i in range(40)])
+    assert bank.condensed and bank.source_ids is None and len(bank.target_ids) == 10
+    _, src, tgt, names = bank.score_nearest(rng.normal(size=(30, 6)).astype(np.float32))
+    assert all((n is None) == (s <= t) for n, s, t in zip(names, src, tgt))
+    assert all(n is None or int(n[1:]) >= 30 for n in names) and any(n is None for n in names)
+    assert MemoryBank.build(emb[:0], []).score_nearest(emb[:2])[3] == [None, None]  # empty banks: nothing
+
+
+def test_a_fused_bank_names_the_heaviest_members_nearest_clip():
+    from asd.algorithms.knn import FusedBank
+
+    rng = np.random.default_rng(13)
+    a, b = rng.normal(size=(30, 5)).astype(np.float32), rng.normal(size=(30, 3)).astype(np.float32)
+    domains = ["source"] * 24 + ["target"] * 6
+    ids = [f"n{i}" for i in range(30)]
+    fused = FusedBank.build(np.hstack([a, b]), domains, [{"dim": 5, "weight": 0.2}, {"dim": 3, "weight": 1.0}], ids=ids)
+    qa, qb = rng.normal(size=(9, 5)).astype(np.float32), rng.normal(size=(9, 3)).astype(np.float32)
+    *parts, names = fused.score_nearest(np.hstack([qa, qb]))
+    for got, want in zip(parts, fused.score_parts(np.hstack([qa, qb]))):
+        np.testing.assert_array_equal(got, want)
+    assert names == MemoryBank.build(b, domains, ids=ids).score_nearest(qb)[3]  # member b weighs the most
+    assert names != MemoryBank.build(a, domains, ids=ids).score_nearest(qa)[3]

@@ -105,6 +105,9 @@ def test_test_clips_are_scored_against_the_min_of_both_banks(scored_run):
         assert s["score_target"] == pytest.approx(d_tgt, abs=1e-5)
         assert s["score"] == pytest.approx(min(d_src, d_tgt), abs=1e-5)
         assert s["decision"] == int(s["score"] > thresholds[(r["machine_type"], r["section"])])
+        # the training clip the score came from: the nearest clip of the bank that gave the minimum
+        pool = src if d_src <= d_tgt else tgt
+        assert s["neighbour_clip_id"] == rows[max(pool, key=lambda j: float(v[i] @ v[j]))]["clip_id"]
 
 
 def pq_filter_train():

@@ -96,6 +96,7 @@ def knn_distance(
     exclude_self: bool = False,
     device: str = "cpu",
     bank_normalized: bool = False,
+    nearest: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mean cosine distance from each query to its ``k`` nearest bank rows.
 
@@ -116,6 +117,9 @@ def knn_distance(
         bank_normalized: the bank is already a finite, L2-normalised float32 array
             (a :class:`MemoryBank`'s): skip re-checking and re-normalising it, which
             for a large bank costs more than the search of a small batch.
+        nearest: an ``(n,)`` integer array to fill with the row of each query's nearest bank
+            row (the closest of its ``k``), found in the same pass; ``-1`` where no bank row
+            is available.
 
     Returns:
         ``(n,)`` float32 distances in ``[0, 2]``; ``+inf`` where no bank row is
@@ -139,6 +143,8 @@ def knn_distance(
     k, chunk_size = int(k), int(chunk_size)
     n, m = q.shape[0], b.shape[0]
     available = m - 1 if exclude_self else m
+    if nearest is not None:
+        nearest[:] = -1
     if n == 0:
         return np.empty(0, dtype=np.float32)
     if available <= 0:
@@ -152,7 +158,8 @@ def knn_distance(
         k = available
 
     if str(device) == "cpu":
-        return _knn_numpy(l2_normalize(q), b if bank_normalized else l2_normalize(b), k, chunk_size, exclude_self)
+        return _knn_numpy(l2_normalize(q), b if bank_normalized else l2_normalize(b), k, chunk_size, exclude_self,
+                          nearest)
     import torch  # accelerators only: CPU scoring needs no torch import (actor start-up)
 
     dev = torch.device(device)
@@ -169,6 +176,8 @@ def knn_distance(
             top = torch.topk(sim, k, dim=1, largest=True, sorted=False).values
             dist = (1.0 - top).clamp_(0.0, 2.0).mean(dim=1)
             out[start:stop] = dist.cpu().numpy()
+            if nearest is not None:
+                nearest[start:stop] = sim.argmax(dim=1).cpu().numpy()
     return out
 
 
@@ -194,7 +203,8 @@ def device_copy(bank: np.ndarray, dev) -> Any:
     return t
 
 
-def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int, exclude_self: bool = False) -> np.ndarray:
+def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int, exclude_self: bool = False,
+               nearest: np.ndarray | None = None) -> np.ndarray:
     """CPU path of :func:`knn_distance` (normalised inputs): BLAS products, max or partition."""
     out = np.empty(q.shape[0], dtype=np.float32)
     for start in range(0, q.shape[0], chunk_size):
@@ -202,6 +212,8 @@ def _knn_numpy(q: np.ndarray, b: np.ndarray, k: int, chunk_size: int, exclude_se
         if exclude_self:
             rows = np.arange(sim.shape[0])
             sim[rows, rows + start] = -np.inf
+        if nearest is not None:
+            nearest[start : start + chunk_size] = sim.argmax(axis=1)
         if k == 1:
             top = sim.max(axis=1, keepdims=True)
         else:
@@ -227,6 +239,10 @@ class MemoryBank:
             dense source bank of hundreds of clips and a sparse target bank of ten meet on
             one scale: a test clip is judged by how far it lies from a bank relative to how
             far that bank's normal clips lie from one another.
+        source_ids, target_ids: what names each bank row (``build``'s ``ids``: the clip ids of
+            the training clips, else their positions), so :meth:`score_nearest` can say which
+            training clip a score came from; ``source_ids`` is ``None`` for a condensed source
+            bank, whose rows are centroids and no clip.
 
     Build with :meth:`build`; the instance is picklable (Ray object store).
     """
@@ -236,6 +252,8 @@ class MemoryBank:
     n_source_clips: int | None = None
     source_scale: float = 1.0
     target_scale: float = 1.0
+    source_ids: list | None = None
+    target_ids: list | None = None
 
     def __post_init__(self) -> None:
         self.source = _as_matrix(self.source, "source bank")
@@ -264,6 +282,7 @@ class MemoryBank:
         seed: int = 0,
         normalize: str | None = None,
         k: int = 1,
+        ids: Sequence | None = None,
     ) -> MemoryBank:
         """Build the banks from normal training embeddings and their domain labels.
 
@@ -281,11 +300,17 @@ class MemoryBank:
                 condensation). A bank of fewer than two clips has no such distance and
                 takes the other bank's scale (1.0 if neither has one).
             k: neighbours of the leave-one-out distances (the scoring ``k``).
+            ids: ``n`` names of the rows (clip ids), kept per bank row (default: row positions).
         """
         emb = l2_normalize(_as_matrix(embeddings, "embeddings"))
         is_target = _domain_mask(domains, emb.shape[0])
         source, target = emb[~is_target], emb[is_target]
         n_source = int(source.shape[0])
+        names = list(range(emb.shape[0])) if ids is None else list(ids)
+        if len(names) != emb.shape[0]:
+            raise ValueError(f"got {emb.shape[0]} embeddings but {len(names)} ids")
+        source_ids = [n for n, t in zip(names, is_target) if not t]
+        target_ids = [n for n, t in zip(names, is_target) if t]
         scales = bank_scales(source, target, normalize, k)
         if condense_source is not None:
             n_clusters = int(condense_source)
@@ -293,12 +318,15 @@ class MemoryBank:
                 raise ValueError(f"condense_source must be >= 1, got {condense_source}")
             if n_source > n_clusters:
                 source = _kmeans_centroids(source, n_clusters, seed)
+                source_ids = None  # centroids: no clip
         return cls(
             source=np.ascontiguousarray(source),
             target=np.ascontiguousarray(target),
             n_source_clips=n_source,
             source_scale=scales[SOURCE],
             target_scale=scales[TARGET],
+            source_ids=source_ids,
+            target_ids=target_ids,
         )
 
     # ----------------------------------------------------------------- properties
@@ -341,6 +369,25 @@ class MemoryBank:
         """``(score, source distance, target distance)`` of each query (score: their minimum)."""
         by_bank = self.score_by_bank(queries, k=k, chunk_size=chunk_size, device=device)
         return np.minimum(by_bank[SOURCE], by_bank[TARGET]), by_bank[SOURCE], by_bank[TARGET]
+
+    def score_nearest(self, queries: np.ndarray, k: int = 1, chunk_size: int = 4096, device: str = "cpu"
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """:meth:`score_parts` and, per query, the id of the training clip the score came from: the
+        nearest row of the bank that gave the minimum (the closest of its ``k``); ``None`` where
+        that bank is a condensed source bank (a centroid, no clip) or empty."""
+        dist, near = {}, {}
+        for name, bank, scale in ((SOURCE, self.source, self.source_scale), (TARGET, self.target, self.target_scale)):
+            near[name] = np.empty(len(queries), np.int64)
+            dist[name] = knn_distance(queries, bank, k=k, chunk_size=chunk_size, device=device, bank_normalized=True,
+                                      nearest=near[name]) / scale
+        ids = {SOURCE: self.source_ids, TARGET: self.target_ids}
+        from_target = dist[TARGET] < dist[SOURCE]
+        out = []
+        for i, t in enumerate(from_target):
+            name = TARGET if t else SOURCE
+            row = int(near[name][i])
+            out.append(None if ids[name] is None or row < 0 else ids[name][row])
+        return np.minimum(dist[SOURCE], dist[TARGET]), dist[SOURCE], dist[TARGET], out
 
     def train_scores(
         self,
@@ -429,7 +476,7 @@ class FusedBank:
     @classmethod
     def build(cls, embeddings: np.ndarray, domains: Sequence[str | None], blocks: Sequence[Mapping],
               condense_source: int | None = None, seed: int = 0, normalize: str | None = None,
-              k: int = 1) -> FusedBank:
+              k: int = 1, ids: Sequence | None = None) -> FusedBank:
         """``blocks``: ``[{"dim", "weight"}, ...]`` in order, adding up to the embedding width."""
         emb = _as_matrix(embeddings, "embeddings")
         dims = [int(b["dim"]) for b in blocks]
@@ -437,7 +484,7 @@ class FusedBank:
             raise ValueError(f"blocks of widths {dims} do not add up to the embedding width {emb.shape[1]}")
         bounds = np.cumsum([0, *dims])
         banks = [MemoryBank.build(emb[:, a:b], domains, condense_source=condense_source, seed=seed,
-                                  normalize=normalize, k=k) for a, b in zip(bounds[:-1], bounds[1:])]
+                                  normalize=normalize, k=k, ids=ids) for a, b in zip(bounds[:-1], bounds[1:])]
         return cls(banks=banks, weights=[float(b["weight"]) for b in blocks], dims=dims)
 
     def _parts(self, x: np.ndarray):
@@ -454,6 +501,23 @@ class FusedBank:
             for acc, part in zip(total, bank.score_parts(q, k=k, device=device)):
                 acc += w * part
         return tuple(t.astype(np.float32) for t in total)
+
+    def score_nearest(self, queries: np.ndarray, k: int = 1, device: str = "cpu"
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """:meth:`score_parts` and, per query, the training clip nearest to it in the heaviest member
+        (the first of equal weights; :meth:`MemoryBank.score_nearest`): each member finds its own
+        neighbours, and the one with the largest share of the score names the clip."""
+        heaviest = int(np.argmax(self.weights))
+        total = [np.zeros(len(queries), np.float64) for _ in range(3)]
+        names: list = [None] * len(queries)
+        for i, (bank, w, q) in enumerate(self._parts(queries)):
+            if i == heaviest:
+                *parts, names = bank.score_nearest(q, k=k, device=device)
+            else:
+                parts = bank.score_parts(q, k=k, device=device)
+            for acc, part in zip(total, parts):
+                acc += w * part
+        return (*(t.astype(np.float32) for t in total), names)
 
     def train_scores(self, embeddings: np.ndarray, domains: Sequence[str | None], k: int = 1,
                      sample: int | None = None, seed: int = 0) -> np.ndarray:

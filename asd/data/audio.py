@@ -23,6 +23,7 @@ NOT_WAV = "not_wav"
 TRUNCATED = "truncated"
 DECODE_ERROR = "decode_error"
 TOO_SHORT = "too_short"
+# a sensor fault (asd.data.sensor), not a quarantine reason: a silent clip is featurized and scored
 SILENT = "silent"
 
 
@@ -46,12 +47,15 @@ class WavInfo:
 
 @dataclass
 class Decoded:
-    """A decoded clip: mono float32 at ``sample_rate`` plus what was done to get there."""
+    """A decoded clip: mono float32 at ``sample_rate`` plus what was done to get there (``mono``: the
+    mono samples at the file's own rate ``source.sample_rate``, before resampling; the same array
+    when no resampling was needed)."""
 
     wave: np.ndarray
     sample_rate: int
     source: WavInfo
     warnings: list[str] = field(default_factory=list)
+    mono: np.ndarray | None = None
 
 
 def sha256(data: bytes) -> str:
@@ -140,6 +144,7 @@ def decode(
     if wave.shape[1] > 1:
         warnings.append(f"downmixed {wave.shape[1]} channels to mono")
     wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    mono = wave
     if sr != target_sr:
         warnings.append(f"resampled {sr} Hz to {target_sr} Hz")
         wave = resample(wave, sr, target_sr)
@@ -148,7 +153,8 @@ def decode(
         raise AudioError(TOO_SHORT, f"too short: {duration:.3f} s < minimum {min_duration_s:.3f} s")
     if not np.isfinite(wave).all():
         raise AudioError(DECODE_ERROR, "decoded samples contain NaN or inf")
-    return Decoded(np.ascontiguousarray(wave, dtype=np.float32), target_sr, info, warnings)
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    return Decoded(wave, target_sr, info, warnings, mono=wave if sr == target_sr else mono)
 
 
 def encode_wav(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:

@@ -25,6 +25,14 @@ def embeddings_dir(root: str, tag: str) -> str:
     return storage.join(root, "embeddings", tag)
 
 
+def root_of_embeddings(uri: str) -> str | None:
+    """The run root of an embeddings folder laid out by :func:`embeddings_dir` (None for any other path)."""
+    parent, _ = uri.rstrip("/").rsplit("/", 1) if "/" in uri.rstrip("/") else ("", uri)
+    if not parent or parent.rsplit("/", 1)[-1] != "embeddings":
+        return None
+    return parent.rsplit("/", 1)[0] if "/" in parent else "."
+
+
 def labels_dir(root: str, tag: str) -> str:
     """Pseudo-attribute labels clustered from one embedding (:mod:`asd.stages.pseudo_label`)."""
     return storage.join(root, "labels", tag)

@@ -175,7 +175,7 @@ def _baselines(root: str, cfg: EvaluateConfig, plan) -> dict[str, dict]:
     for m in cfg.baselines:
         table, thresholds = scored[m]
         res = write_results(table, thresholds, layout.scores_dir(root, m), replace(cfg.score, plots=cfg.plots),
-                            title=f"{m}: {BASELINES[m]}")
+                            title=f"{m}: {BASELINES[m]}", features_root=layout.ae_root(root))
         out[m] = _method(BASELINES[m], res, table, time.perf_counter() - t0, info)
     return out
 

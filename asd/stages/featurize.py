@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from asd.data import audio
+from asd.data import audio, sensor
 from asd.data.frontend import (
     FBANK_KINDS,
     FbankConfig,
@@ -49,15 +49,18 @@ from asd.data.frontend import (
     compute_spectrum,
 )
 from asd.data.manifest import PROBLEM_SCHEMA, build_manifest
+from asd.data.sensor import SensorConfig
 from asd.io import layout, storage
 from asd.stores.features import (
     ALIVE,
     FEATURE_SCHEMA,
     FEATURE_WRITE_OPTIONS,
     PARTITION_COLS,
+    SENSOR_COLUMNS,
     Heartbeat,
     commit_run,
     committed_keys,
+    duration_medians,
     feature_log,
     read_commits,
     staged_files,
@@ -75,6 +78,8 @@ class FeaturizeConfig:
     fbank: FbankConfig = field(default_factory=FbankConfig)
     modulation: ModulationConfig = field(default_factory=ModulationConfig)
     spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
+    # sensor-fault checks of every decoded clip (asd.data.sensor): flagged clips are still featurized
+    sensor: SensorConfig = field(default_factory=SensorConfig)
     min_duration_s: float = 0.5
     batch_size: int = 64  # clips per map_batches call (benchmarks/featurize.py measured 8-64)
     # clips per input block (one featurize task) at most; blocks shrink toward the end of a run,
@@ -145,6 +150,7 @@ def featurize_batch(
     run_id: str,
     rejected: dict[str, str | None] | None = None,
     attempts_dir: str | None = None,
+    usual_s: dict[str, float] | None = None,
 ) -> pa.Table:
     """Read, hash, check, decode and featurize one batch of manifest rows.
 
@@ -158,8 +164,12 @@ def featurize_batch(
     there, an earlier attempt's worker died, and this attempt marks each clip before decoding it
     and unmarks it after, so a clip left marked ``deaths_to_quarantine`` times is quarantined as
     ``worker_died`` (the first attempt pays one small write per batch, retries one per clip).
+
+    Every decoded clip gets the sensor-fault checks of ``cfg.sensor`` (:func:`asd.data.sensor.check`;
+    ``usual_s``: each machine type's usual clip length, for the ``short`` check).
     """
     rejected = rejected or {}
+    usual_s = usual_s or {}
     if cfg.kill_worker_once_marker and not storage.exists(cfg.kill_worker_once_marker):
         storage.atomic_write_text(cfg.kill_worker_once_marker, "killed\n")
         os._exit(1)  # the worker process dies mid-task, as on a lost node or an OOM kill
@@ -176,11 +186,11 @@ def featurize_batch(
     computed: dict[str, list] = {k: [] for k in ("sample_rate", "channels", "num_frames", "duration_s",
                                                  "content_sha256", "warnings", "fbank_frames", "fbank",
                                                  "mod_bands", "mod_bins", "mod_dtype", "mod",
-                                                 "spec_bins", "spec_dtype", "spec")}
+                                                 "spec_bins", "spec_dtype", "spec", *SENSOR_COLUMNS)}
     mcfg, scfg = cfg.modulation, cfg.spectrum
     sums, sumsqs = [], []
     bins = cfg.fbank.num_mel_bins
-    paths, warns = (batch.column(c).to_pylist() for c in ("path", "warnings"))
+    paths, warns, types = (batch.column(c).to_pylist() for c in ("path", "warnings", "machine_type"))
     mark = None  # the clip being featurized, on a careful attempt
     for i, (clip_id, path) in enumerate(zip(ids, paths)):
         if mark is not None:  # the clip before this one finished
@@ -223,6 +233,8 @@ def featurize_batch(
         mod = (compute_modulation(dec.wave, cfg.fbank.sample_rate, mcfg).astype(mcfg.dtype)
                if mcfg.enabled else None)
         spec = compute_spectrum(dec.wave, cfg.fbank.sample_rate, scfg).astype(scfg.dtype) if scfg.enabled else None
+        checked = (sensor.check(dec.mono, dec.source.sample_rate, usual_s.get(types[i]), cfg.sensor)
+                   if cfg.sensor.enabled else None)
         seen = fb.astype(np.float32, copy=False)  # statistics of the values readers will see
         sums.append(seen.sum(axis=0, dtype=np.float64))
         sumsqs.append(np.square(seen).sum(axis=0, dtype=np.float64))
@@ -237,7 +249,12 @@ def featurize_batch(
                      ("mod", None if mod is None else mod.tobytes()),
                      ("spec_bins", None if spec is None else spec.shape[0]),
                      ("spec_dtype", None if spec is None else scfg.dtype),
-                     ("spec", None if spec is None else spec.tobytes())):
+                     ("spec", None if spec is None else spec.tobytes()),
+                     ("faults", None if checked is None else checked.faults),
+                     ("rms_dbfs", None if checked is None else checked.rms_dbfs),
+                     ("clipped_share", None if checked is None else checked.clipped_share),
+                     ("zero_run_s", None if checked is None else checked.longest_zero_run_s),
+                     ("dc_offset", None if checked is None else checked.dc_offset)):
             computed[k].append(v)
     if mark is not None:
         storage.remove(mark)
@@ -287,19 +304,26 @@ def _feature_table(rows: pa.Table, computed: dict[str, list], sums: list, sumsqs
 # --------------------------------------------------------------------------------------
 
 
-def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig) -> dict:
+def _summary(fdir: str, commits: list[dict], last: dict, cfg: FeaturizeConfig, usual_s: dict) -> dict:
     counts: dict = {}
     rejects: dict = {}
+    faults: dict = {"clips": 0}
     for c in commits:
         for key, n in c.get("counts", {}).items():
             counts[key] = counts.get(key, 0) + n
         for reason, n in c.get("rejects", {}).items():
             rejects[reason] = rejects.get(reason, 0) + n
+        for name, n in c.get("faults", {}).items():  # commits from before the checks have none
+            faults[name] = faults.get(name, 0) + n
     return {
         "features": fdir,
         "clips": sum(counts.values()),
         "counts": dict(sorted(counts.items())),
         "rejected": dict(sorted(rejects.items())),
+        # clips featurized and flagged by the sensor checks ("clips": with any fault; per fault)
+        "sensor_faults": faults,
+        "usual_duration_s": usual_s,
+        "sensor": asdict(cfg.sensor),
         "runs": [c["run_id"] for c in commits],
         "last_run": last,
         "config": {**asdict(cfg.fbank), "modulation": asdict(cfg.modulation), "spectrum": asdict(cfg.spectrum)},
@@ -311,8 +335,12 @@ def featurize(
     input_uri: str,
     output_root: str,
     cfg: FeaturizeConfig | None = None,
+    reference_root: str | None = None,
 ) -> FeaturizeResult:
     """Featurize every new clip under ``input_uri`` into ``<output_root>/features``.
+
+    ``reference_root``: another root whose committed features tell each machine type's usual clip
+    length (nightly rescoring passes the served root: its training clips); see :func:`usual_lengths`.
 
     Fails with :class:`asd.io.storage.StorageError` before writing anything when the
     input is missing or storage is unreachable. Requires a running Ray (or starts a
@@ -341,6 +369,8 @@ def featurize(
 
     listing_problems = [p for p in manifest.problems if p.clip_id not in rejected]
     todo = manifest.table
+    usual_s = (usual_lengths(manifest.table, [r for r in (reference_root, output_root) if r], cfg.sensor)
+               if cfg.sensor.enabled and todo.num_rows else {})
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     run_dir = storage.join(fdir, "_staging", run_id)
     # side outputs (quarantine parts, attempt markers) live beside the Parquet sink's folder, never inside it
@@ -370,7 +400,8 @@ def featurize(
             # input ends as a quarantine entry instead of a loop.
             ds = ray.data.from_arrow(blocks).map_batches(
                 _featurize_udf,
-                fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id, attempts_dir=attempts),
+                fn_kwargs=dict(cfg=cfg, known_ref=known_ref, quarantine_dir=qdir, run_id=run_id, attempts_dir=attempts,
+                               usual_s=usual_s),
                 batch_size=cfg.batch_size,
                 batch_format="pyarrow",
                 num_cpus=cfg.num_cpus,
@@ -393,7 +424,7 @@ def featurize(
     elapsed = time.perf_counter() - t0
     last = {"run_id": run_id, "featurized": n_rows, "quarantined": n_quar, "lost_race": n_lost,
             "seconds": round(elapsed, 3), "clips_per_s": round(n_rows / elapsed, 3) if elapsed else 0.0}
-    summary_uri = storage.atomic_write_json(storage.join(fdir, "_SUMMARY.json"), _summary(fdir, commits, last, cfg))
+    summary_uri = storage.atomic_write_json(storage.join(fdir, "_SUMMARY.json"), _summary(fdir, commits, last, cfg, usual_s))
     for p in committed_problems:
         log.warning("quarantined %s: %s: %s", p["path"], p["reason"], p["error"])
     if n_lost:
@@ -413,6 +444,31 @@ def featurize(
         commit_seq=commit["seq"] if commit else None,
         quarantine_uri=commit.get("quarantine") if commit else None,
     )
+
+
+def usual_lengths(manifest: pa.Table, roots: list[str], cfg: SensorConfig) -> dict[str, float]:
+    """Each machine type's usual clip length in seconds, for the ``short`` sensor check: the median
+    length of its committed clips in the first of ``roots`` that has any; for a type none has (a
+    corpus's first run), the median of the header lengths of ``cfg.probe_clips`` of its clips in
+    the manifest, evenly spread over its training clips (else all of its clips)."""
+    out: dict[str, float] = {}
+    for root in roots:
+        for mt, median in duration_medians(root).items():
+            out.setdefault(mt, median)
+    rows = manifest.select(["machine_type", "split", "path"]).to_pylist()
+    for mt in sorted({r["machine_type"] for r in rows} - set(out)):
+        own = [r for r in rows if r["machine_type"] == mt]
+        pool = [r for r in own if r["split"] == "train"] or own
+        picks = pool[:: max(1, -(-len(pool) // max(1, cfg.probe_clips)))][: cfg.probe_clips]
+        lengths = []
+        for r in picks:
+            try:
+                lengths.append(audio.probe(storage.read_bytes(r["path"])).duration_s)
+            except (audio.AudioError, OSError):
+                continue  # a bad clip is quarantined by its task; it tells no length
+        if lengths:
+            out[mt] = float(np.median(lengths))
+    return out
 
 
 def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[int]:
@@ -439,7 +495,7 @@ def block_sizes(n_rows: int, slots: int, max_rows: int, min_rows: int) -> list[i
 _WORKER_KNOWN: dict[str, tuple] = {}
 
 
-def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id, attempts_dir=None):
+def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id, attempts_dir=None, usual_s=None):
     import ray
 
     if isinstance(known_ref, tuple):
@@ -450,7 +506,7 @@ def _featurize_udf(batch, cfg, known_ref, quarantine_dir, run_id, attempts_dir=N
             _WORKER_KNOWN.clear()
             _WORKER_KNOWN[key] = ray.get(known_ref)
         known, rejected = _WORKER_KNOWN[key]
-    return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected, attempts_dir)
+    return featurize_batch(batch, cfg, known, quarantine_dir, run_id, rejected, attempts_dir, usual_s)
 
 
 def _read_staged_quarantine(qdir: str) -> list[dict]:

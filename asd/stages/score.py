@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -30,10 +30,10 @@ from asd.algorithms import knn
 from asd.algorithms.thresholds import fit_threshold
 
 # asd.reports.metrics and asd.reports.plots (scipy.stats, sklearn, matplotlib: ~1.2 s of imports) are imported
-from asd.io import commitlog, storage
-from asd.resources import require as require_resources
-
 # where results are written, not here: every scoring worker imports this module.
+from asd.io import commitlog, layout, storage
+from asd.reports.triage import PageConfig
+from asd.resources import require as require_resources
 from asd.stores.embeddings import embedding_blocks, read_embeddings, vectors
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ SCORE_SCHEMA = pa.schema(
         ("score_target", pa.float32()),
         ("threshold", pa.float32()),
         ("decision", pa.int8()),
+        # the training clip the score came from (the nearest normal clip, asd.algorithms.knn's
+        # score_nearest); null where there is none: a condensed source bank's centroid, or a
+        # scorer without neighbours (the autoencoder)
+        ("neighbour_clip_id", pa.string()),
     ]
 )
 
@@ -66,8 +70,9 @@ class ScoreConfig:
     concurrency: int | None = None  # most scoring tasks at once (None: as many as the CPUs allow)
     num_cpus: float = 0.5
     num_gpus: float = 0.0  # per scoring task; > 0: the kNN products run on the task's GPU (torch)
-    plots: bool = True
+    plots: bool = True  # ROC, histograms and the triage page (report/index.html)
     progress: bool = True
+    page: PageConfig = field(default_factory=PageConfig)  # the triage page of a scoring run and of every night
 
 
 @dataclass
@@ -78,6 +83,8 @@ class ScoreResult:
     metrics: dict | None
     report: str | None
     seconds: float
+    sensor_faults: dict | None = None  # test clips with a sensor fault (and per fault); None: no feature store named
+    page: str | None = None  # the triage page
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +102,7 @@ def build_banks(train: pa.Table, cfg: ScoreConfig,
     banks: dict[Group, knn.MemoryBank] = {}
     thresholds: dict[Group, float] = {}
     vec = vectors(train)
+    ids = train.column("clip_id").to_pylist()
     mt = train.column("machine_type").to_pylist()
     sec = train.column("section").to_pylist()
     dom = train.column("domain").to_pylist()
@@ -102,12 +110,13 @@ def build_banks(train: pa.Table, cfg: ScoreConfig,
     for i, key in enumerate(zip(mt, sec)):
         groups.setdefault(key, []).append(i)
     for key, idx in sorted(groups.items()):
-        e, d = vec[idx], [dom[i] for i in idx]
+        e, d, names = vec[idx], [dom[i] for i in idx], [ids[i] for i in idx]
         if blocks:
             bank = knn.FusedBank.build(e, d, blocks, condense_source=cfg.condense_source, normalize=cfg.normalize,
-                                       k=cfg.k)
+                                       k=cfg.k, ids=names)
         else:
-            bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source, normalize=cfg.normalize, k=cfg.k)
+            bank = knn.MemoryBank.build(e, d, condense_source=cfg.condense_source, normalize=cfg.normalize, k=cfg.k,
+                                        ids=names)
         banks[key] = bank
         train_scores = bank.train_scores(e, d, k=cfg.k, sample=cfg.threshold_sample)
         finite = train_scores[np.isfinite(train_scores)]
@@ -168,11 +177,14 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int, device: 
     score = np.full(n, np.inf, np.float32)
     s_src = np.full(n, np.inf, np.float32)
     s_tgt = np.full(n, np.inf, np.float32)
+    neighbour: list = [None] * n
     for key in sorted(set(keys)):
         if key not in banks:
             raise KeyError(f"no training clips for machine type {key[0]!r} section {key[1]!r}: cannot score it")
         idx = np.array([i for i, kk in enumerate(keys) if kk == key])
-        score[idx], s_src[idx], s_tgt[idx] = banks[key].score_parts(vec[idx], k=k, device=device)
+        score[idx], s_src[idx], s_tgt[idx], names = banks[key].score_nearest(vec[idx], k=k, device=device)
+        for i, name in zip(idx, names):
+            neighbour[i] = name
     thr = np.array([thresholds.get(kk, np.inf) for kk in keys], np.float32)
     return pa.table(
         {
@@ -186,6 +198,7 @@ def score_table(batch: pa.Table, banks: dict, thresholds: dict, k: int, device: 
             "score_target": pa.array(s_tgt, pa.float32()),
             "threshold": pa.array(thr, pa.float32()),
             "decision": pa.array((score > thr).astype(np.int8), pa.int8()),
+            "neighbour_clip_id": pa.array(neighbour, pa.string()),
         },
         schema=SCORE_SCHEMA,
     )
@@ -282,7 +295,8 @@ def score(
         bs = max(1, cfg.batch_size)
         test = ray.data.from_arrow([rows.slice(i, bs) for i in range(0, rows.num_rows, bs)] or [rows])
     scores = score_dataset(test, banks, thresholds, cfg)
-    return write_results(scores, thresholds, out_uri, cfg, title=title, t0=t0)
+    return write_results(scores, thresholds, out_uri, cfg, title=title, t0=t0,
+                         features_root=layout.root_of_embeddings(embeddings_uri))
 
 
 def write_results(
@@ -292,9 +306,15 @@ def write_results(
     cfg: ScoreConfig,
     title: str | None = None,
     t0: float | None = None,
+    features_root: str | None = None,
 ) -> ScoreResult:
-    """Write scores, DCASE CSVs, thresholds, metrics, report and plots; publish the folder."""
+    """Write scores, DCASE CSVs, thresholds, metrics, report, plots and the triage page; publish the folder.
+
+    ``features_root``: the root whose features hold the scored clips (their sensor faults, recordings
+    and spectrograms for the report and the page); None: the report counts no sensor faults and the
+    page has no media."""
     from asd.reports import metrics, plots, tables
+    from asd.stages import triage
 
     t0 = t0 if t0 is not None else time.perf_counter()
     staging = storage.staging_dir(out_uri)
@@ -305,8 +325,13 @@ def write_results(
         storage.join(staging, "thresholds.json"),
         {f"{mt}/section_{sec}": v for (mt, sec), v in sorted(thresholds.items())},
     )
+    with_faults = None
+    if features_root is not None:
+        with_faults = triage.with_faults(scores, triage.clip_facts(features_root, scores.column("clip_id").to_pylist()))
+    counted = triage.counts(with_faults) if with_faults is not None else None
     labelled = [r for r in rows if r["label"] in ("normal", "anomaly")]
     result_metrics, official, report_uri = None, None, None
+    files, figures = ["scores.parquet", "thresholds.json"], []
     if labelled:
         m = metrics.evaluate(
             [r["machine_type"] for r in labelled], [r["section"] for r in labelled],
@@ -315,18 +340,43 @@ def write_results(
         result_metrics = m.to_dict()
         official = None if not np.isfinite(m.official_score) else float(m.official_score)
         storage.atomic_write_json(storage.join(staging, "metrics.json"), result_metrics)
-        md = tables.metrics_markdown(m, title=title)
+        md = tables.metrics_markdown(m, title=title) + _decisions_markdown(len(rows), scores, counted, cfg)
         storage.atomic_write_text(storage.join(staging, "report.md"), md + "\n")
         report_uri = storage.join(out_uri, "report.md")
+        files += ["report.md", "metrics.json"]
         if cfg.plots:
             cols = ([r["machine_type"] for r in labelled], [r["domain"] for r in labelled],
                     [r["label"] for r in labelled], [r["score"] for r in labelled])
             plots.plot_roc(storage.join(staging, "roc.png"), *cols)
             thr_by_type = {mt: v for (mt, _), v in thresholds.items() if np.isfinite(v)}
             plots.plot_score_histograms(storage.join(staging, "histograms.png"), *cols, threshold=thr_by_type)
+            figures += ["roc.png", "histograms.png"]
+    page = None
+    if cfg.plots and cfg.page.enabled:
+        from asd.reports.triage import write_page
+
+        built = triage.run_page(with_faults if with_faults is not None else scores, features_root,
+                                f"Scoring run: {title or out_uri}", cfg.page, cfg.condense_source is not None,
+                                files, figures)
+        write_page(storage.join(staging, triage.REPORT_DIR), built, cfg.page)
+        page = storage.join(out_uri, triage.REPORT_DIR, "index.html")
     commitlog.publish_dir(staging, out_uri, {"rows": len(rows), "official_score": official})
     elapsed = time.perf_counter() - t0
     log.info("scored %d test clips into %s in %.1f s (official score %s)", len(rows), out_uri, elapsed,
              "n/a" if official is None else f"{100 * official:.2f} %")
     return ScoreResult(scores=out_uri, n_scored=len(rows), official_score=official, metrics=result_metrics,
-                       report=report_uri, seconds=elapsed)
+                       report=report_uri, seconds=elapsed, page=page,
+                       sensor_faults=None if counted is None else counted["sensor_faults"])
+
+
+def _decisions_markdown(n: int, scores: pa.Table, counted: dict | None, cfg: ScoreConfig) -> str:
+    """The report's lines on decisions: anomalies above threshold, sensor faults apart."""
+    above = int(np.asarray(scores.column("decision").to_numpy(zero_copy_only=False)).sum()) if n else 0
+    if counted is None:
+        return f"\nDecisions: {above} of {n} test clips above their threshold (no feature store named: no sensor checks).\n"
+    faults = counted["sensor_faults"]
+    kinds = ", ".join(f"{k} {v}" for k, v in faults.items() if k != "clips") or "none"
+    page = " (listed on report/index.html)" if cfg.plots and cfg.page.enabled else ""
+    return (f"\nDecisions: {counted['anomalies']} of {n} test clips are anomalies above their threshold without a "
+            f"sensor fault ({above} above it in all); **sensor faults: {faults['clips']}** ({kinds}), scored like "
+            f"the others and counted apart{page}.\n")

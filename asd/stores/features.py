@@ -51,9 +51,19 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("spec_bins", pa.int32()),
         pa.field("spec_dtype", pa.string()),
         pa.field("spec", pa.binary()),
+        # sensor-fault checks (asd.data.sensor) of the decoded clip: the faults found (names of
+        # asd.data.sensor.FAULTS; [] none, null not checked) and what was measured; stores featurized
+        # before the checks read as null (read_features_table)
+        pa.field("faults", pa.list_(pa.string())),
+        pa.field("rms_dbfs", pa.float32()),
+        pa.field("clipped_share", pa.float32()),
+        pa.field("zero_run_s", pa.float32()),
+        pa.field("dc_offset", pa.float32()),
         pa.field("run_id", pa.string()),
     ]
 )
+
+SENSOR_COLUMNS = ["faults", "rms_dbfs", "clipped_share", "zero_run_s", "dc_offset"]
 
 
 # The feature matrix is raw float16/float32 bytes, a different value for every clip: dictionary
@@ -225,8 +235,39 @@ def read_features_table(root: str, columns: list[str] | None = None, filter=None
     afs, base = storage.arrow_filesystem(layout.features_dir(root))
     paths = [storage.arrow_filesystem(f)[1] for f in files]
     dset = pds.dataset(paths, filesystem=afs, format="parquet", partitioning=partitioning(), partition_base_dir=base)
+    missing = [f for f in FEATURE_SCHEMA if f.name not in dset.schema.names]
+    if missing:  # the first file was written before these columns existed: they read as null
+        schema = pa.schema(list(dset.schema) + missing)
+        dset = pds.dataset(paths, schema=schema, filesystem=afs, format="parquet", partitioning=partitioning(),
+                           partition_base_dir=base)
     table = dset.to_table(columns=columns, filter=filter)
     return table.sort_by("clip_id") if "clip_id" in table.column_names else table
+
+
+def duration_medians(root: str) -> dict[str, float]:
+    """The median clip length (seconds) of each machine type among the committed features of ``root``
+    (a type's usual length, for the ``short`` sensor check)."""
+    t = read_features_table(root, columns=["machine_type", "duration_s"])
+    out: dict[str, list[float]] = {}
+    for mt, d in zip(t.column("machine_type").to_pylist(), t.column("duration_s").to_pylist()):
+        if d is not None:
+            out.setdefault(mt, []).append(float(d))
+    return {mt: float(np.median(v)) for mt, v in sorted(out.items())}
+
+
+def fault_counts(table) -> dict[str, int]:
+    """Clips per sensor fault of a feature (or scores) table with a ``faults`` column (or of a list
+    of such values), and under ``"clips"`` the clips with any fault."""
+    if isinstance(table, pa.Table):
+        table = table.column("faults").to_pylist() if "faults" in table.column_names else []
+    out: dict[str, int] = {}
+    faulty = 0
+    for faults in table:
+        if faults:
+            faulty += 1
+            for f in faults:
+                out[f] = out.get(f, 0) + 1
+    return {"clips": faulty, **dict(sorted(out.items()))}
 
 
 def read_features_ray(root: str, columns: list[str] | None = None):
@@ -384,7 +425,7 @@ def commit_run(fdir: str, staging: str, files: list[str], problems: list[dict], 
         fs, src_path = storage.filesystem(storage.join(staging, rel))
         fs.mv(src_path, storage.ensure_parent(storage.join(fdir, dst_rel))[1])
         moved.append(dst_rel)
-    keys = files_table(fdir, moved, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label"])
+    keys = files_table(fdir, moved, ["clip_id", "content_sha256", "machine_type", "split", "domain", "label", "faults"])
     state = {"files": moved, "keys": keys, "problems": problems, "stats": None, "lost": set()}
 
     def make(entries: list[tuple[int, dict]]) -> dict | None:
@@ -417,6 +458,7 @@ def commit_run(fdir: str, staging: str, files: list[str], problems: list[dict], 
             "rejected": {p["clip_id"]: p.get("content_sha256") for p in problems},
             "counts": clip_counts(keys),
             "rejects": reason_counts(problems),
+            "faults": fault_counts(keys),
             "stats": state["stats"],
             "config_hash": config_hash,
             "quarantine": quarantine,

@@ -223,7 +223,7 @@ def run_baseline(input_uri: str, root: str, cfg: AEConfig | None = None, fcfg: F
     results = {}
     for name, (table, thresholds) in scored.items():
         res = write_results(table, thresholds, layout.scores_dir(root, name), ScoreConfig(plots=plots),
-                            title=f"DCASE autoencoder baseline, {name}")
+                            title=f"DCASE autoencoder baseline, {name}", features_root=layout.ae_root(root))
         results[name] = res.to_dict()
     return BaselineResult(frontend=feat.to_dict(), train=trained.to_dict(), scores=results)
 

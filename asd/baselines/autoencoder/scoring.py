@@ -98,6 +98,7 @@ def score_tables(raw: pa.Table, models: dict[str, TypeModel]) -> dict[str, tuple
             "score_target": raw.column(tgt).cast(pa.float32()) if tgt else pa.nulls(len(rows), pa.float32()),
             "threshold": pa.array(thr, pa.float32()),
             "decision": pa.array((score > thr).astype(np.int8), pa.int8()),
+            "neighbour_clip_id": pa.nulls(len(rows), pa.string()),  # a reconstruction score has no neighbour
         }, schema=SCORE_SCHEMA)
         thresholds = {(r["machine_type"], r["section"]): float(models[r["machine_type"]].thresholds[name])
                       for r in rows}
