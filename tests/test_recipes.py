@@ -38,7 +38,7 @@ def test_an_ensemble_shares_its_entrys_weight_and_each_architecture_counts_once(
 
 
 def test_a_recipe_that_cannot_work_is_refused_with_a_reason():
-    with pytest.raises(ValueError, match="neither logmel, pretrained nor one of its models"):
+    with pytest.raises(ValueError, match="neither logmel, spectrum, pretrained nor one of its models"):
         Recipe(name="r", embed=[EmbedEntry(source="cnn")])
     with pytest.raises(ValueError, match="models need labels"):
         Recipe(name="r", models={"cnn": Model(FinetuneConfig(model="cnn"))}, embed=[EmbedEntry(source="cnn")])
