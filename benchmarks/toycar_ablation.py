@@ -72,7 +72,7 @@ def main() -> None:
                                                            if s["n"] > 1 else "")
                         for m, s in summary.items())
             + f"; better baseline {100 * base:.2f}")
-    write_result("toycar_ablation", {"runs": runs, "summary": summary, "better_baseline": base,
+    write_result("toycar_ablation", {"runs": runs, "per_method": summary, "better_baseline": base,
                                      "seeds": args.seeds, "ae": not args.no_ae}, line)
     print(line)
 
