@@ -299,6 +299,6 @@ def embedder_blocks(name: str, params: dict[str, Any] | None = None) -> list[dic
     return factory.blocks_for(**(params or {})) if hasattr(factory, "blocks_for") else None
 
 
-__all__ = ["FEATURE_EMBEDDERS", "EMBEDDERS", "ConcatEmbedder", "Embedder", "EncoderEmbedder", "LogMelStats", "embedder_blocks",
-           "Spectrum", "embedder_inputs", "l2n", "make_embedder", "register", "resolve_device", "windows"]
+__all__ = ["EMBEDDERS", "FEATURE_EMBEDDERS", "ConcatEmbedder", "Embedder", "EncoderEmbedder", "LogMelStats", "Spectrum",
+           "embedder_blocks", "embedder_inputs", "l2n", "make_embedder", "register", "resolve_device", "windows"]
 

@@ -41,7 +41,8 @@ from asd.stages.pseudo_label import LABEL_SOURCES, PseudoLabelConfig
 from asd.training.loop import TrainConfig
 
 LOGMEL, SPECTRUM, PRETRAINED = "logmel", "spectrum", "pretrained"  # embedding sources that are not trained models
-FIXED_SOURCES = (LOGMEL, SPECTRUM)  # computed from the features alone
+FIXED_EMBEDDERS = {LOGMEL: "logmel_stats", SPECTRUM: "spectrum"}  # sources computed from the features alone
+FIXED_SOURCES = tuple(FIXED_EMBEDDERS)
 LABELS = ("section", "domain", "real", "pseudo", "real_else_pseudo")
 CLUSTERED = (LOGMEL, PRETRAINED)
 FUSIONS = ("score", "embedding")
@@ -182,8 +183,8 @@ class Recipe:
 def source_member(source: str, pretrained: str | None = None, params: dict | None = None, weight: float = 1.0) -> dict:
     """The embedder member of ``logmel``, ``spectrum`` or ``pretrained`` (``pretrained``: the encoder file)."""
     if source in FIXED_SOURCES:
-        name = {LOGMEL: "logmel_stats", SPECTRUM: "spectrum"}[source]
-        return {"embedder": name, "params": {**SOURCE_PARAMS[source], **(params or {})}, "weight": weight}
+        return {"embedder": FIXED_EMBEDDERS[source], "params": {**SOURCE_PARAMS[source], **(params or {})},
+                "weight": weight}
     return {"embedder": "encoder", "params": {**SOURCE_PARAMS[PRETRAINED], **(params or {}), "checkpoint": pretrained},
             "weight": weight}
 
@@ -212,5 +213,6 @@ def embedder(members_: list[dict], fusion: str = "score") -> tuple[str, dict]:
     return "concat", {"members": members_, "fusion": fusion}
 
 
-__all__ = ["CLUSTERED", "EmbedEntry", "FIXED_SOURCES", "LABELS", "LOGMEL", "Labels", "Model", "PRETRAINED", "Pretrain", "Recipe",
-           "SCORE_RULES", "SOURCE_PARAMS", "SPECTRUM", "embedder", "members", "source_member"]
+__all__ = ["CLUSTERED", "EmbedEntry", "FIXED_EMBEDDERS", "FIXED_SOURCES", "LABELS", "LOGMEL", "Labels", "Model",
+           "PRETRAINED", "Pretrain", "Recipe", "SCORE_RULES", "SOURCE_PARAMS", "SPECTRUM", "embedder", "members",
+           "source_member"]
